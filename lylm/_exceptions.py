@@ -1,0 +1,81 @@
+"""The exceptions lylm raises.
+
+Every error lylm raises on purpose derives from :class:`LylmError`::
+
+    LylmError
+    ├── ConfigError              a configuration value is wrong (also a ValueError)
+    ├── UnknownModelError        a request names a model the pool does not serve (also a LookupError)
+    ├── EngineStartError         an engine instance failed to start
+    ├── NoHealthyEngineError     every instance of the requested model is unhealthy
+    ├── InvalidRequestError      the engine rejected the request itself (also a ValueError)
+    └── EngineError              an engine failed while serving a request
+        └── EngineDeadError      ... and will not serve again
+
+Foreign errors (vLLM's ``EngineDeadError``, ``EngineGenerateError``) are translated
+into this tree at one boundary, the vLLM engine adapter; the original stays
+available as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class LylmError(Exception):
+    """Base class of every error lylm raises on purpose."""
+
+
+class ConfigError(LylmError, ValueError):
+    """A configuration value is wrong; the message starts with the path of the value.
+
+    ``path`` is the location of the offending value, such as
+    ``models["Qwen/Qwen2.5-7B-Instruct"][1].devices.weight``, or ``""`` when the
+    whole document is at fault (invalid JSON, wrong top-level type).
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        self.reason = message
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class UnknownModelError(LylmError, LookupError):
+    """A request named a model that the pool does not serve."""
+
+    def __init__(self, model: str, served: Iterable[str]) -> None:
+        self.model = model
+        self.served = tuple(served)
+        listing = ", ".join(repr(name) for name in self.served) or "none"
+        super().__init__(f"model {model!r} is not served here; served models: {listing}")
+
+    def __str__(self) -> str:
+        # LookupError (like KeyError) would otherwise repr() the message.
+        return str(self.args[0])
+
+
+class EngineStartError(LylmError):
+    """An engine instance failed to start; ``instance`` names it (``models["m"][0]``)."""
+
+    def __init__(self, instance: str, message: str) -> None:
+        self.instance = instance
+        super().__init__(f"{instance}: engine failed to start: {message}")
+
+
+class NoHealthyEngineError(LylmError):
+    """Every instance of the requested model is unhealthy (or none is running)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        super().__init__(f"no healthy engine serves model {model!r}")
+
+
+class InvalidRequestError(LylmError, ValueError):
+    """The engine rejected the request itself: a prompt too long, a bad parameter."""
+
+
+class EngineError(LylmError):
+    """An engine failed while serving a request."""
+
+
+class EngineDeadError(EngineError):
+    """The engine has died and will not serve again until it is restarted."""

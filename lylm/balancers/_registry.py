@@ -1,0 +1,11 @@
+"""Built-in balancers by name, imported lazily ("name": "module:Class")."""
+
+from __future__ import annotations
+
+BALANCERS: dict[str, str] = {
+    "least_outstanding": "lylm.balancers.least_outstanding:LeastOutstanding",
+    "token_aware": "lylm.balancers.token_aware:TokenAware",
+    "weighted_random": "lylm.balancers.weighted_random:WeightedRandom",
+}
+
+DEFAULT_BALANCER = "weighted_random"
