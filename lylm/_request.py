@@ -1,0 +1,33 @@
+"""What a balancer knows about one request."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import attrs
+
+
+@attrs.frozen
+class RequestInfo:
+    """One request as the pool sees it after rendering, before an engine is chosen.
+
+    ``prompt_tokens`` is exact: the prompt was tokenized by an engine of the model,
+    with its own tokenizer and chat template. ``max_tokens`` is the decode budget of
+    each of the ``n`` sequences. ``prefix_hashes`` and ``session_key`` are room for
+    cache- and session-aware balancers; the pool fills ``session_key`` from the
+    caller and leaves ``prefix_hashes`` empty unless a balancer asks for them.
+    """
+
+    model: str
+    request_id: str
+    prompt_tokens: int
+    max_tokens: int
+    n: int = 1
+    prompt_token_ids: Sequence[int] = attrs.field(default=(), repr=False, eq=False)
+    prefix_hashes: tuple[int, ...] = attrs.field(default=(), repr=False)
+    session_key: str | None = None
+
+    @property
+    def token_budget(self) -> int:
+        """Tokens this request may occupy at most: prompt plus every sequence's budget."""
+        return self.prompt_tokens + self.max_tokens * self.n

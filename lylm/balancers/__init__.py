@@ -1,0 +1,17 @@
+"""Built-in balancers and the name registry configs use (``"balancer": "token_aware"``)."""
+
+from __future__ import annotations
+
+from ._registry import BALANCERS as BALANCERS
+from ._resolve import resolve_balancer as resolve_balancer
+from .least_outstanding import LeastOutstanding as LeastOutstanding
+from .token_aware import TokenAware as TokenAware
+from .weighted_random import WeightedRandom as WeightedRandom
+
+__all__ = [
+    "BALANCERS",
+    "LeastOutstanding",
+    "TokenAware",
+    "WeightedRandom",
+    "resolve_balancer",
+]
