@@ -1,0 +1,62 @@
+"""lylm: run many vLLM engines as one.
+
+The public surface is re-exported here; everything else is private. Importing
+lylm does not import vLLM, torch or Starlette: vLLM loads when an engine starts.
+"""
+
+from __future__ import annotations
+
+from ._balancer import Balancer as Balancer
+from ._config import EngineSpec as EngineSpec
+from ._config import ModelSpec as ModelSpec
+from ._config import PoolConfig as PoolConfig
+from ._engine import Engine as Engine
+from ._engine import EngineSignals as EngineSignals
+from ._engine import EngineStep as EngineStep
+from ._engine import RenderedPrompt as RenderedPrompt
+from ._exceptions import ConfigError as ConfigError
+from ._exceptions import EngineDeadError as EngineDeadError
+from ._exceptions import EngineError as EngineError
+from ._exceptions import EngineStartError as EngineStartError
+from ._exceptions import InvalidRequestError as InvalidRequestError
+from ._exceptions import LylmError as LylmError
+from ._exceptions import NoHealthyEngineError as NoHealthyEngineError
+from ._exceptions import UnknownModelError as UnknownModelError
+from ._instance import EngineStats as EngineStats
+from ._instance import Instance as Instance
+from ._instance import Outcome as Outcome
+from ._pool import EngineFactory as EngineFactory
+from ._pool import EnginePool as EnginePool
+from ._pool import Prompt as Prompt
+from ._request import RequestInfo as RequestInfo
+from ._vllm_engine import VLLMEngine as VLLMEngine
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Balancer",
+    "ConfigError",
+    "Engine",
+    "EngineDeadError",
+    "EngineError",
+    "EngineFactory",
+    "EnginePool",
+    "EngineSignals",
+    "EngineSpec",
+    "EngineStartError",
+    "EngineStats",
+    "EngineStep",
+    "Instance",
+    "InvalidRequestError",
+    "LylmError",
+    "ModelSpec",
+    "NoHealthyEngineError",
+    "Outcome",
+    "PoolConfig",
+    "Prompt",
+    "RenderedPrompt",
+    "RequestInfo",
+    "UnknownModelError",
+    "VLLMEngine",
+    "__version__",
+]

@@ -1,0 +1,338 @@
+"""EnginePool: several engine instances of several models, driven as one."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import uuid
+from contextlib import aclosing
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Union
+
+import anyio
+
+from ._balancer import Balancer
+from ._config import EngineSpec, PoolConfig
+from ._engine import Engine, RenderedPrompt
+from ._exceptions import (
+    EngineDeadError,
+    EngineStartError,
+    LylmError,
+    NoHealthyEngineError,
+    UnknownModelError,
+)
+from ._instance import EngineStats, Instance, Outcome
+from ._request import RequestInfo
+from .balancers import resolve_balancer
+
+if TYPE_CHECKING:
+    from .balancers._resolve import BalancerLike
+
+EngineFactory = Callable[[EngineSpec], Engine]
+"""Builds an (unstarted) engine for one instance spec."""
+
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], Mapping[str, Any]]
+"""A plain prompt, token ids, chat messages, or ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``."""
+
+ConfigSource = Union[PoolConfig, Mapping[str, Any], str, "os.PathLike[str]", Iterable[EngineSpec]]
+
+
+def _vllm_engine_factory(spec: EngineSpec) -> Engine:
+    from ._vllm_engine import VLLMEngine
+
+    return VLLMEngine(spec)
+
+
+class EnginePool:
+    """Runs several engine instances of one or more models as one, with a Balancer per model.
+
+    Build it with :meth:`from_config`, then use it as an async context manager::
+
+        async with EnginePool.from_config("config.json") as pool:
+            async for out in pool.generate("tiny", "Hello", SamplingParams(max_tokens=8)):
+                print(out.outputs[0].text)
+
+    ``balancer`` (for every model) or ``balancers`` (by model name) override the
+    config's choice; each is a registered name, a ``"module:Class"`` string, a
+    Balancer subclass or instance. ``rng`` seeds the built-in balancers.
+    ``engine_factory`` builds engines from specs (default: vLLM engines).
+    """
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        balancer: BalancerLike | None = None,
+        balancers: Mapping[str, BalancerLike] | None = None,
+        engine_factory: EngineFactory | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._config = config
+        self._engine_factory = engine_factory or _vllm_engine_factory
+        rng = rng if rng is not None else random.Random()
+        overrides = dict(balancers or {})
+        for name in overrides:
+            if name not in config.model_names:
+                raise UnknownModelError(name, config.model_names)
+        # Resolved here, before any engine starts, so a bad name costs nothing.
+        self._balancers: dict[str, Balancer] = {}
+        for model in config.models:
+            choice = overrides.get(model.name, balancer)
+            quoted = json.dumps(model.name)
+            path = f"balancers[{quoted}]" if model.name in overrides else "balancer"
+            if choice is None:
+                choice, path = model.balancer, f"models[{quoted}].balancer"
+            child_rng = random.Random(rng.getrandbits(64))
+            self._balancers[model.name] = resolve_balancer(choice, rng=child_rng, path=path)
+        self._instances: dict[str, list[Instance]] = {}
+        self._state = "new"
+        self._lock = anyio.Lock()
+
+    @classmethod
+    def from_config(cls, source: ConfigSource, **options: Any) -> EnginePool:
+        """Build a pool from a config file path, a dict, a PoolConfig or a list of EngineSpecs."""
+        return cls(PoolConfig.load(source), **options)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    async def __aenter__(self) -> EnginePool:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Start every engine, one after another; on any failure stop those already started.
+
+        Raises :class:`EngineStartError` naming the instance that failed. Engines
+        that share a GPU must start one at a time (each measures free memory), and
+        a failed start must leave no process behind.
+        """
+        async with self._lock:
+            if self._state == "running":
+                return
+            if self._state == "closed":
+                raise LylmError("the pool is closed; build a new one")
+            started: list[Instance] = []
+            try:
+                for model in self._config.models:
+                    for spec in model.instances:
+                        started.append(Instance(spec, await self._start_engine(spec)))
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    for instance in reversed(started):
+                        await instance.engine.shutdown()
+                raise
+            for instance in started:
+                self._instances.setdefault(instance.model, []).append(instance)
+            self._state = "running"
+
+    async def _start_engine(self, spec: EngineSpec) -> Engine:
+        engine = self._engine_factory(spec)
+        try:
+            await engine.start()
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                await engine.shutdown()
+            if isinstance(exc, Exception) and not isinstance(exc, LylmError):
+                raise EngineStartError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+            raise
+        return engine
+
+    async def aclose(self) -> None:
+        """Shut every engine down. Safe to call more than once."""
+        async with self._lock:
+            if self._state == "closed":
+                return
+            self._state = "closed"
+            instances = [i for group in self._instances.values() for i in group]
+            with anyio.CancelScope(shield=True):
+                for instance in reversed(instances):
+                    await instance.engine.shutdown()
+
+    # -- introspection ---------------------------------------------------------
+
+    @property
+    def config(self) -> PoolConfig:
+        """The validated configuration the pool was built from."""
+        return self._config
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """The served model names, in config order."""
+        return self._config.model_names
+
+    def instances(self, model: str | None = None) -> tuple[Instance, ...]:
+        """The running instances of ``model``, or of every model."""
+        if model is None:
+            return tuple(i for group in self._instances.values() for i in group)
+        return tuple(self._group(model))
+
+    def balancer(self, model: str) -> Balancer:
+        """The balancer that chooses among ``model``'s instances."""
+        if model not in self._balancers:
+            raise UnknownModelError(model, self.models)
+        return self._balancers[model]
+
+    def stats(self) -> dict[str, list[EngineStats]]:
+        """A snapshot of every instance's books, by model."""
+        return {m: [i.stats() for i in group] for m, group in self._instances.items()}
+
+    def _group(self, model: str) -> list[Instance]:
+        if model not in self._balancers:
+            raise UnknownModelError(model, self.models)
+        if self._state != "running":
+            raise LylmError(f"the pool is {self._state}; use 'async with pool' or 'await pool.start()'")
+        return self._instances[model]
+
+    # -- requests --------------------------------------------------------------
+
+    async def render(
+        self,
+        model: str,
+        prompt: Prompt | RenderedPrompt,
+        *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> RenderedPrompt:
+        """Tokenize ``prompt`` (applying the chat template to messages) with ``model``'s tokenizer."""
+        engine = _first_healthy(model, self._group(model)).engine
+        if isinstance(prompt, str):
+            return await engine.render_text(prompt)
+        if isinstance(prompt, Mapping):
+            if "prompt_token_ids" in prompt:
+                return RenderedPrompt(list(prompt["prompt_token_ids"]))
+            if "prompt" in prompt:
+                return await engine.render_text(prompt["prompt"])
+            raise TypeError('a dict prompt needs "prompt" or "prompt_token_ids"')
+        if isinstance(prompt, RenderedPrompt):
+            return prompt
+        items: list[Any] = list(prompt)
+        if not items:
+            raise ValueError("the prompt is empty")
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+            return RenderedPrompt(items)
+        if all(isinstance(m, Mapping) for m in items):
+            return await engine.render_chat(items, chat_template_kwargs=chat_template_kwargs)
+        raise TypeError(
+            "a prompt is a string, a list of token ids, or a list of chat messages (dicts)"
+        )
+
+    async def generate(
+        self,
+        model: str,
+        prompt: Prompt | RenderedPrompt,
+        sampling_params: Any = None,
+        *,
+        request_id: str | None = None,
+        session_key: str | None = None,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> AsyncIterator[Any]:
+        """Serve one request on an instance of ``model`` chosen by its balancer; stream the outputs.
+
+        ``prompt`` is a string, token ids, or chat messages (rendered with the
+        model's chat template). Outputs are the engine's own (vLLM's
+        ``RequestOutput``). Closing the iterator early aborts the request in the
+        engine; use ``contextlib.aclosing`` to make that immediate.
+        """
+        group = self._group(model)
+        rendered = await self.render(model, prompt, chat_template_kwargs=chat_template_kwargs)
+        if sampling_params is None:
+            sampling_params = _first_healthy(model, group).engine.default_sampling_params()
+        prompt_tokens = len(rendered.token_ids)
+        n = getattr(sampling_params, "n", 1) or 1
+        max_tokens = getattr(sampling_params, "max_tokens", None)
+        if max_tokens is None:
+            max_tokens = max(group[0].engine.max_model_len - prompt_tokens, 0)
+        request = RequestInfo(
+            model=model,
+            request_id=request_id or uuid.uuid4().hex,
+            prompt_tokens=prompt_tokens,
+            max_tokens=max_tokens,
+            n=n,
+            prompt_token_ids=rendered.token_ids,
+            session_key=session_key,
+        )
+        instance = self._choose(group, request)
+        # aclosing: when our caller closes us early, the inner stream (and the
+        # engine's request) must close now, not whenever the GC gets to it.
+        async with aclosing(self._serve(instance, request, rendered, sampling_params)) as outputs:
+            async for output in outputs:
+                yield output
+
+    def _choose(self, group: list[Instance], request: RequestInfo) -> Instance:
+        candidates = [i for i in group if i.healthy]
+        if not candidates:
+            raise NoHealthyEngineError(request.model)
+        balancer = self._balancers[request.model]
+        chosen = balancer.choose(candidates, request)
+        if not any(chosen is c for c in candidates):
+            raise LylmError(
+                f"{type(balancer).__name__}.choose() returned {chosen!r}, "
+                "which is not one of the candidates it was given"
+            )
+        return chosen
+
+    async def _serve(
+        self,
+        instance: Instance,
+        request: RequestInfo,
+        rendered: RenderedPrompt,
+        sampling_params: Any,
+    ) -> AsyncGenerator[Any, None]:
+        books = instance._books
+        remaining = request.token_budget
+        books.in_flight_requests += 1
+        books.in_flight_tokens += remaining
+        books.dispatched += 1
+        outcome: Outcome = "failed"
+        prefilled = False
+        steps = instance.engine.generate(request.request_id, rendered, sampling_params)
+        try:
+            async for step in steps:
+                done = step.new_tokens
+                if not prefilled:
+                    prefilled = True
+                    done += request.prompt_tokens
+                    books.prompt_tokens += request.prompt_tokens
+                books.generated_tokens += step.new_tokens
+                done = min(done, remaining)
+                remaining -= done
+                books.in_flight_tokens -= done
+                yield step.output
+            outcome = "completed"
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            outcome = "aborted"
+            raise
+        except EngineDeadError:
+            instance._dead = True
+            raise
+        finally:
+            if outcome != "completed":
+                # Closing the engine's stream aborts the request there; shielded so a
+                # cancelled caller still frees the engine's slot.
+                with anyio.CancelScope(shield=True):
+                    await steps.aclose()
+            books.in_flight_requests -= 1
+            books.in_flight_tokens -= remaining
+            if outcome == "completed":
+                books.completed += 1
+            elif outcome == "aborted":
+                books.aborted += 1
+            else:
+                books.failed += 1
+            self._balancers[request.model].on_finish(instance, request, outcome)
+
+
+def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:
+    for instance in group:
+        if instance.healthy:
+            return instance
+    raise NoHealthyEngineError(model)

@@ -1,0 +1,36 @@
+"""The public surface: what lylm exports, and that importing it stays light."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lylm
+import lylm.balancers
+import lylm.testing
+
+
+def test_all_is_sorted_and_every_name_exists() -> None:
+    for module in (lylm, lylm.balancers, lylm.testing):
+        assert module.__all__ == sorted(module.__all__), module
+        for name in module.__all__:
+            assert hasattr(module, name), (module, name)
+
+
+def test_public_names_live_in_private_modules_and_are_documented() -> None:
+    for name in lylm.__all__:
+        obj = getattr(lylm, name)
+        if isinstance(obj, type):
+            assert obj.__module__.startswith("lylm._"), name
+            assert obj.__doc__ and obj.__doc__.strip(), name
+
+
+def test_import_lylm_does_not_import_heavy_packages() -> None:
+    code = (
+        "import sys, lylm, lylm.balancers, lylm.testing\n"
+        "heavy = [m for m in ('vllm', 'torch', 'starlette', 'transformers', 'tokenizers')"
+        " if m in sys.modules]\n"
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
