@@ -1,0 +1,200 @@
+"""The Engine implementation for vLLM, wrapping one ``AsyncLLM``.
+
+vLLM is imported only when an engine starts, so ``import lylm`` stays light.
+Every vLLM exception is translated here, at one boundary, into lylm's tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from typing import Any
+
+import anyio
+
+from ._config import EngineSpec
+from ._engine import Engine, EngineStep, RenderedPrompt
+from ._exceptions import (
+    ConfigError,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    LylmError,
+)
+from ._vllm_stats import stat_logger_factory
+
+# Defaults lylm applies unless the config sets them: vLLM's periodic stats log
+# would print one "Engine 000" line per engine and mean nothing per instance.
+_DEFAULT_ENGINE_ARGS: dict[str, Any] = {"disable_log_stats": True}
+
+
+def _has_base(exc: BaseException, *names: str) -> bool:
+    # Matched by name so that vLLM versions that moved these classes still map.
+    return any(cls.__name__ in names for cls in type(exc).__mro__)
+
+
+def translate_error(exc: Exception) -> LylmError:
+    """Map an exception raised by vLLM to lylm's exception tree."""
+    if isinstance(exc, LylmError):
+        return exc
+    if _has_base(exc, "EngineDeadError"):
+        return EngineDeadError(f"the engine died: {exc}")
+    if _has_base(exc, "VLLMClientError", "ValueError", "TypeError"):
+        return InvalidRequestError(str(exc))
+    return EngineError(f"{type(exc).__name__}: {exc}")
+
+
+class VLLMEngine(Engine):
+    """One vLLM ``AsyncLLM`` engine instance built from an :class:`EngineSpec`.
+
+    The spec's ``gpu_ids`` become vLLM's ``device_ids`` engine argument; the
+    process-wide ``CUDA_VISIBLE_DEVICES`` is never touched.
+    """
+
+    def __init__(self, spec: EngineSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self._llm: Any = None
+        self._closed = False
+
+    def engine_args(self) -> dict[str, Any]:
+        """The keyword arguments for vLLM's ``AsyncEngineArgs``."""
+        args = {**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}
+        if self.spec.gpu_ids:
+            args["device_ids"] = list(self.spec.gpu_ids)
+        return args
+
+    async def start(self) -> None:
+        """Build the AsyncLLM in a worker thread: it blocks until the engine is ready."""
+        if self._llm is not None:
+            return
+        await anyio.to_thread.run_sync(self._build)
+
+    def _build(self) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = self.engine_args()
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        for key in args:
+            if key not in known:
+                raise ConfigError(
+                    f"{self.spec.name}.engine_args.{key}",
+                    "not an engine argument of the installed vLLM",
+                )
+        factory = stat_logger_factory(self.signals)
+        loggers = [factory] if factory is not None else None
+        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
+
+    def _require(self) -> Any:
+        if self._llm is None:
+            raise EngineDeadError(f"{self.spec.name} is not running")
+        return self._llm
+
+    @property
+    def llm(self) -> Any:
+        """The underlying ``vllm.v1.engine.async_llm.AsyncLLM`` (None before start)."""
+        return self._llm
+
+    @property
+    def healthy(self) -> bool:
+        """True while the engine runs and vLLM has not flagged it as errored."""
+        return self._llm is not None and not self._closed and not self._llm.errored
+
+    @property
+    def max_model_len(self) -> int:
+        """The engine's context length."""
+        return int(self._require().model_config.max_model_len)
+
+    def default_sampling_params(self) -> Any:
+        """vLLM's defaults, with the model's generation config applied (as ``vllm serve``)."""
+        from vllm import SamplingParams
+
+        defaults = self._require().model_config.get_diff_sampling_param()
+        return SamplingParams.from_optional(**defaults) if defaults else SamplingParams()
+
+    async def render_text(self, text: str) -> RenderedPrompt:
+        """Tokenize a completion prompt the way vLLM's completions endpoint does."""
+        llm = self._require()
+        renderer = getattr(llm, "renderer", None)
+        try:
+            if renderer is not None and hasattr(renderer, "render_cmpl_async"):
+                (engine_input,) = await renderer.render_cmpl_async([{"prompt": text}])
+                return RenderedPrompt(engine_input["prompt_token_ids"], engine_input)
+            tokenizer = llm.get_tokenizer()
+            ids = await anyio.to_thread.run_sync(tokenizer.encode, text)
+            return RenderedPrompt(ids)
+        except Exception as exc:
+            raise translate_error(exc) from exc
+
+    async def render_chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        chat_template_kwargs: Mapping[str, Any] | None = None,
+    ) -> RenderedPrompt:
+        """Apply the model's chat template the way vLLM's chat endpoint does, then tokenize."""
+        llm = self._require()
+        kwargs: dict[str, Any] = {"add_generation_prompt": True, "continue_final_message": False}
+        kwargs.update(chat_template_kwargs or {})
+        conversation = [dict(m) for m in messages]
+        renderer = getattr(llm, "renderer", None)
+        try:
+            if renderer is not None and hasattr(renderer, "render_chat_async"):
+                from vllm.renderers.params import ChatParams
+
+                _, (engine_input,) = await renderer.render_chat_async(
+                    [conversation], ChatParams(chat_template_kwargs=kwargs)
+                )
+                return RenderedPrompt(engine_input["prompt_token_ids"], engine_input)
+            tokenizer = llm.get_tokenizer()
+            ids = await anyio.to_thread.run_sync(
+                lambda: tokenizer.apply_chat_template(conversation, tokenize=True, **kwargs)
+            )
+            return RenderedPrompt(list(ids))
+        except Exception as exc:
+            raise translate_error(exc) from exc
+
+    async def generate(
+        self, request_id: str, prompt: RenderedPrompt, sampling_params: Any
+    ) -> AsyncGenerator[EngineStep, None]:
+        """Stream vLLM's RequestOutputs with the number of tokens each one added."""
+        llm = self._require()
+        engine_prompt = prompt.payload
+        if engine_prompt is None:
+            engine_prompt = {"prompt_token_ids": list(prompt.token_ids)}
+        delta = _is_delta(sampling_params)
+        seen = 0
+        stream = llm.generate(engine_prompt, sampling_params, request_id)
+        try:
+            async for output in stream:
+                total = sum(len(c.token_ids) for c in output.outputs)
+                new = total if delta else total - seen
+                seen = total
+                yield EngineStep(output, new, output.finished)
+        except Exception as exc:
+            raise translate_error(exc) from exc
+        finally:
+            # Closing vLLM's generator early is what aborts the request there.
+            await stream.aclose()
+
+    async def abort(self, request_id: str) -> None:
+        """Abort the request in vLLM; unknown or finished ids are ignored."""
+        if self._llm is not None:
+            await self._llm.abort(request_id)
+
+    def num_unfinished_requests(self) -> int:
+        """Requests vLLM's front end still tracks for this engine."""
+        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+
+    async def shutdown(self) -> None:
+        """Stop the engine core process; idempotent."""
+        llm, self._llm = self._llm, None
+        self._closed = True
+        if llm is not None:
+            await anyio.to_thread.run_sync(llm.shutdown)
+
+
+def _is_delta(sampling_params: Any) -> bool:
+    kind = getattr(sampling_params, "output_kind", None)
+    return getattr(kind, "name", None) == "DELTA"

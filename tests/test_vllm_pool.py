@@ -1,0 +1,222 @@
+"""The pool on real vLLM engines (the CPU build) serving the offline tiny model.
+
+Engines take ~17 s each to start on a CPU, so one two-engine pool (weights 1:2)
+is shared by the whole session; tests that need it measure deltas of its books.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+import pytest
+
+from lylm import ConfigError, EnginePool, EngineStartError, VLLMEngine
+from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+vllm = pytest.importorskip("vllm")
+from vllm import SamplingParams  # noqa: E402
+from vllm.sampling_params import RequestOutputKind  # noqa: E402
+
+pytestmark = pytest.mark.anyio
+
+MODEL = "tiny"
+
+
+def instance(model_dir: Path, weight: float, **extra: Any) -> dict[str, Any]:
+    args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS, **extra}
+    return {"devices": {"weight": weight}, "engine_args": args}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+async def pool(tiny_model: Path) -> AsyncIterator[EnginePool]:
+    config = {"models": {MODEL: [instance(tiny_model, 1), instance(tiny_model, 2)]}}
+    async with EnginePool.from_config(config, rng=random.Random(2026)) as pool:
+        yield pool
+
+
+def dispatched(pool: EnginePool) -> list[int]:
+    return [s.dispatched for s in pool.stats()[MODEL]]
+
+
+def assert_idle(pool: EnginePool) -> None:
+    for inst in pool.instances(MODEL):
+        assert (inst.in_flight_requests, inst.in_flight_tokens) == (0, 0), inst
+        assert inst.engine.num_unfinished_requests() == 0, inst
+
+
+async def count_tokens(pool: EnginePool, prompt: Any, params: Any) -> tuple[int, Any]:
+    """Run one request; return how many tokens it generated and its last output."""
+    delta = params.output_kind == RequestOutputKind.DELTA
+    total = 0
+    last = None
+    async for out in pool.generate(MODEL, prompt, params):
+        n = len(out.outputs[0].token_ids)
+        total = total + n if delta else n
+        last = out
+    return total, last
+
+
+async def test_300_requests_complete_split_by_weight_and_books_return_to_zero(
+    pool: EnginePool,
+) -> None:
+    rng = random.Random(300)
+    before = dispatched(pool)
+    limit = anyio.Semaphore(16)
+    failures: list[str] = []
+    peak_running = [0, 0]
+    instances = pool.instances(MODEL)
+
+    async def one(i: int) -> None:
+        want = rng.randint(1, 24)
+        kind = RequestOutputKind.DELTA if i % 2 else RequestOutputKind.CUMULATIVE
+        params = SamplingParams(max_tokens=want, ignore_eos=True, output_kind=kind, seed=i)
+        prompt = " ".join(rng.choice(["the", "pool", "serves", "tokens"]) for _ in range(rng.randint(1, 40)))
+        async with limit:
+            got, last = await count_tokens(pool, prompt, params)
+            for k, inst in enumerate(instances):
+                peak_running[k] = max(peak_running[k], inst.running)
+        if got != want or not last.finished or last.outputs[0].finish_reason != "length":
+            failures.append(f"request {i}: wanted {want} tokens, got {got}")
+
+    async with anyio.create_task_group() as tg:
+        for i in range(300):
+            tg.start_soon(one, i)
+
+    assert failures == []
+    counts = [after - b for after, b in zip(dispatched(pool), before)]
+    assert sum(counts) == 300
+    share = counts[0] / 300 * 100
+    print(f"\nweighted 1:2 split over 300 real requests: {counts} ({share:.1f}% / {100 - share:.1f}%)")
+    # 3 sigma of a 300-draw binomial at p=1/3 is 8.2 points; the seed makes it repeatable.
+    assert abs(share - 100 / 3) <= 8.2, counts
+    # Each engine's own stat logger reported its scheduler: neither clobbered the other.
+    assert all(p > 0 for p in peak_running), peak_running
+    assert_idle(pool)
+
+
+async def test_cancelled_streams_are_aborted_in_the_engines(pool: EnginePool) -> None:
+    before = [(s.aborted, s.generated_tokens) for s in pool.stats()[MODEL]]
+    params = SamplingParams(max_tokens=800, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    started = anyio.Event()
+    reading = 0
+
+    async def stream(i: int) -> None:
+        nonlocal reading
+        async with aclosing(pool.generate(MODEL, f"long story {i}", params)) as outs:
+            seen = 0
+            async for _ in outs:
+                seen += 1
+                if seen == 3:
+                    reading += 1
+                    if reading == 20:
+                        started.set()
+                    await started.wait()  # all 20 are mid-stream before any stops
+                    break
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for i in range(20):
+                tg.start_soon(stream, i)
+
+    after = pool.stats()[MODEL]
+    aborted = sum(s.aborted - b[0] for s, b in zip(after, before))
+    generated = sum(s.generated_tokens - b[1] for s, b in zip(after, before))
+    assert aborted == 20
+    assert generated < 20 * 800 / 4, generated  # they stopped long before their budget
+    assert_idle(pool)  # vLLM's own count of unfinished requests is back to 0 too
+
+    # The freed slots serve new work at once.
+    with anyio.fail_after(30):
+        got, _ = await count_tokens(pool, "again", SamplingParams(max_tokens=5, ignore_eos=True))
+    assert got == 5
+
+
+async def test_chat_messages_go_through_the_models_chat_template(
+    pool: EnginePool, tiny_model: Path
+) -> None:
+    from transformers import AutoTokenizer
+
+    messages = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Say hi."}]},
+    ]
+    expected = AutoTokenizer.from_pretrained(str(tiny_model)).apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    rendered = await pool.render(MODEL, messages)
+    assert list(rendered.token_ids) == list(expected)
+    got, last = await count_tokens(pool, messages, SamplingParams(max_tokens=4, ignore_eos=True))
+    assert got == 4
+    assert list(last.prompt_token_ids) == list(expected)
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
+    assert tokenizer.decode(last.prompt_token_ids).endswith("<|im_start|>assistant\n")
+
+
+async def test_token_id_prompts_are_served_as_given(pool: EnginePool) -> None:
+    ids = [5, 17, 200, 33, 64]
+    _, last = await count_tokens(pool, ids, SamplingParams(max_tokens=3, ignore_eos=True))
+    assert list(last.prompt_token_ids) == ids
+
+
+def _children() -> dict[int, str]:
+    found = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmdline = " ".join(p.cmdline())
+        except psutil.Error:  # exited while we looked
+            continue
+        # multiprocessing's resource tracker is one helper per Python process,
+        # started on first use and kept until exit; it belongs to no engine.
+        if "resource_tracker" not in cmdline:
+            found[p.pid] = cmdline
+    return found
+
+
+async def test_failed_start_stops_started_engines_and_leaves_no_process(tiny_model: Path) -> None:
+    before = _children()
+    config = {
+        "models": {
+            MODEL: [
+                instance(tiny_model, 1),
+                # Far too little KV cache for one sequence: vLLM's engine core process
+                # starts, loads the model, then fails.
+                instance(tiny_model, 1, kv_cache_memory_bytes=4096),
+            ]
+        }
+    }
+    pool = EnginePool.from_config(config)
+    with pytest.raises(EngineStartError) as info:
+        await pool.start()
+    assert info.value.instance == 'models["tiny"][1]'
+    assert str(info.value).startswith('models["tiny"][1]: engine failed to start: ')
+    # Shutdown is synchronous, so nothing should be left even a moment later.
+    left = {pid: cmd for pid, cmd in _children().items() if pid not in before}
+    assert left == {}
+
+
+async def test_unknown_engine_argument_names_its_path(tiny_model: Path) -> None:
+    config = {"models": {MODEL: [instance(tiny_model, 1, max_model_length=64)]}}
+    with pytest.raises(ConfigError) as info:
+        await EnginePool.from_config(config).start()
+    assert str(info.value) == (
+        'models["tiny"][0].engine_args.max_model_length: not an engine argument of the installed vLLM'
+    )
+
+
+async def test_vllm_prometheus_metrics_are_not_registered_by_pool_engines(pool: EnginePool) -> None:
+    from prometheus_client import REGISTRY
+
+    names = [n for n in REGISTRY._names_to_collectors if n.startswith("vllm:")]
+    assert names == []
+    assert all(isinstance(i.engine, VLLMEngine) for i in pool.instances(MODEL))
