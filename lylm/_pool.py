@@ -244,13 +244,15 @@ class EnginePool:
         """
         group = self._group(model)
         rendered = await self.render(model, prompt, chat_template_kwargs=chat_template_kwargs)
+        # Instances of one model share tokenizer, defaults and context length.
+        reference = _first_healthy(model, group).engine
         if sampling_params is None:
-            sampling_params = _first_healthy(model, group).engine.default_sampling_params()
+            sampling_params = reference.default_sampling_params()
         prompt_tokens = len(rendered.token_ids)
         n = getattr(sampling_params, "n", 1) or 1
         max_tokens = getattr(sampling_params, "max_tokens", None)
         if max_tokens is None:
-            max_tokens = max(group[0].engine.max_model_len - prompt_tokens, 0)
+            max_tokens = max(reference.max_model_len - prompt_tokens, 0)
         request = RequestInfo(
             model=model,
             request_id=request_id or uuid.uuid4().hex,

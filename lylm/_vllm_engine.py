@@ -110,7 +110,9 @@ class VLLMEngine(Engine):
         """vLLM's defaults, with the model's generation config applied (as ``vllm serve``)."""
         from vllm import SamplingParams
 
-        defaults = self._require().model_config.get_diff_sampling_param()
+        defaults = dict(self._require().model_config.get_diff_sampling_param())
+        if "max_new_tokens" in defaults:  # generation_config.json's name for it
+            defaults["max_tokens"] = defaults.pop("max_new_tokens")
         return SamplingParams.from_optional(**defaults) if defaults else SamplingParams()
 
     async def render_text(self, text: str) -> RenderedPrompt:

@@ -169,6 +169,12 @@ async def test_token_id_prompts_are_served_as_given(pool: EnginePool) -> None:
     assert list(last.prompt_token_ids) == ids
 
 
+async def test_default_sampling_params_come_from_the_engine(pool: EnginePool) -> None:
+    outs = [out async for out in pool.generate(MODEL, "no params given")]
+    assert outs[-1].finished
+    assert 1 <= len(outs[-1].outputs[0].token_ids) <= 16  # vLLM's default max_tokens
+
+
 def _children() -> dict[int, str]:
     found = {}
     for p in psutil.Process().children(recursive=True):
