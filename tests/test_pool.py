@@ -149,34 +149,28 @@ async def test_failed_request_releases_its_books() -> None:
         assert_books_idle(pool)
 
 
+def only_engine(pool: EnginePool) -> FakeEngine:
+    (instance,) = pool.instances("m")
+    assert isinstance(instance.engine, FakeEngine)
+    return instance.engine
+
+
 async def test_closing_the_stream_aborts_in_the_engine() -> None:
-    engines: list[FakeEngine] = []
-
-    def make(spec: EngineSpec) -> FakeEngine:
-        engines.append(FakeEngine(token_delay=0.01))
-        return engines[-1]
-
-    async with fake_pool([1.0], make=make) as pool:
+    async with fake_pool([1.0], make=lambda spec: FakeEngine(token_delay=0.01)) as pool:
         async with aclosing(pool.generate("m", "hi", FakeSamplingParams(max_tokens=100), request_id="r1")) as outs:
             async for _ in outs:
                 break
-        assert engines[0].aborted == ["r1"]
-        assert engines[0].num_unfinished_requests() == 0
+        assert only_engine(pool).aborted == ["r1"]
+        assert only_engine(pool).num_unfinished_requests() == 0
         assert pool.stats()["m"][0].aborted == 1
         assert_books_idle(pool)
 
 
 async def test_cancelled_consumer_aborts_in_the_engine() -> None:
-    engines: list[FakeEngine] = []
-
-    def make(spec: EngineSpec) -> FakeEngine:
-        engines.append(FakeEngine(token_delay=0.05))
-        return engines[-1]
-
-    async with fake_pool([1.0], make=make) as pool:
+    async with fake_pool([1.0], make=lambda spec: FakeEngine(token_delay=0.05)) as pool:
         with anyio.move_on_after(0.1):
             await run(pool, max_tokens=1000, request_id="slow")
-        assert engines[0].aborted == ["slow"]
+        assert only_engine(pool).aborted == ["slow"]
         assert pool.stats()["m"][0].aborted == 1
         assert_books_idle(pool)
 
