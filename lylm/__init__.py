@@ -29,6 +29,7 @@ from ._pool import EngineFactory as EngineFactory
 from ._pool import EnginePool as EnginePool
 from ._pool import Prompt as Prompt
 from ._request import RequestInfo as RequestInfo
+from ._request import RequestRecord as RequestRecord
 from ._vllm_engine import VLLMEngine as VLLMEngine
 
 __version__ = "0.1.0"
@@ -56,6 +57,7 @@ __all__ = [
     "Prompt",
     "RenderedPrompt",
     "RequestInfo",
+    "RequestRecord",
     "UnknownModelError",
     "VLLMEngine",
     "__version__",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
+import time
 import uuid
 from contextlib import aclosing
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
@@ -24,11 +26,13 @@ from ._exceptions import (
     UnknownModelError,
 )
 from ._instance import EngineStats, Instance, Outcome
-from ._request import RequestInfo
+from ._request import RequestInfo, RequestRecord
 from .balancers import resolve_balancer
 
 if TYPE_CHECKING:
     from .balancers._resolve import BalancerLike
+
+logger = logging.getLogger("lylm")
 
 EngineFactory = Callable[[EngineSpec], Engine]
 """Builds an (unstarted) engine for one instance spec."""
@@ -58,6 +62,7 @@ class EnginePool:
     config's choice; each is a registered name, a ``"module:Class"`` string, a
     Balancer subclass or instance. ``rng`` seeds the built-in balancers.
     ``engine_factory`` builds engines from specs (default: vLLM engines).
+    ``clock`` (seconds, monotonic) times requests for observers.
     """
 
     def __init__(
@@ -68,8 +73,11 @@ class EnginePool:
         balancers: Mapping[str, BalancerLike] | None = None,
         engine_factory: EngineFactory | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._config = config
+        self._clock = clock
+        self._observers: list[Callable[[RequestRecord], None]] = []
         self._engine_factory = engine_factory or _vllm_engine_factory
         rng = rng if rng is not None else random.Random()
         overrides = dict(balancers or {})
@@ -181,6 +189,18 @@ class EnginePool:
         if model not in self._balancers:
             raise UnknownModelError(model, self.models)
         return self._balancers[model]
+
+    def add_observer(self, observer: Callable[[RequestRecord], None]) -> None:
+        """Call ``observer`` with a :class:`RequestRecord` whenever a dispatched request ends.
+
+        Observers run on the event loop, synchronously: keep them cheap (count,
+        observe a histogram). An observer that raises is logged and ignored.
+        """
+        self._observers.append(observer)
+
+    def remove_observer(self, observer: Callable[[RequestRecord], None]) -> None:
+        """Stop calling ``observer``."""
+        self._observers.remove(observer)
 
     def stats(self) -> dict[str, list[EngineStats]]:
         """A snapshot of every instance's books, by model."""
@@ -296,10 +316,16 @@ class EnginePool:
         books.dispatched += 1
         outcome: Outcome = "failed"
         prefilled = False
+        started = self._clock()
+        first_token: float | None = None
+        generated = 0
         steps = instance.engine.generate(request.request_id, rendered, sampling_params)
         try:
             async for step in steps:
                 done = step.new_tokens
+                generated += step.new_tokens
+                if first_token is None and step.new_tokens:
+                    first_token = self._clock() - started
                 if not prefilled:
                     prefilled = True
                     done += request.prompt_tokens
@@ -331,6 +357,15 @@ class EnginePool:
             else:
                 books.failed += 1
             self._balancers[request.model].on_finish(instance, request, outcome)
+            if self._observers:
+                record = RequestRecord(
+                    request, instance, outcome, first_token, self._clock() - started, generated
+                )
+                for observer in self._observers:
+                    try:
+                        observer(record)
+                    except Exception:
+                        logger.exception("request observer %r failed", observer)
 
 
 def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import attrs
+
+if TYPE_CHECKING:
+    from ._instance import Instance, Outcome
 
 
 @attrs.frozen
@@ -31,3 +35,19 @@ class RequestInfo:
     def token_budget(self) -> int:
         """Tokens this request may occupy at most: prompt plus every sequence's budget."""
         return self.prompt_tokens + self.max_tokens * self.n
+
+
+@attrs.frozen
+class RequestRecord:
+    """How one dispatched request went: handed to the pool's request observers.
+
+    Times are seconds from dispatch; ``time_to_first_token`` is None when the
+    request ended before its first output.
+    """
+
+    request: RequestInfo
+    instance: Instance
+    outcome: Outcome
+    time_to_first_token: float | None
+    latency: float
+    generated_tokens: int

@@ -348,3 +348,33 @@ async def test_bad_prompts_are_rejected_before_dispatch(prompt: Any, error: type
         with pytest.raises(error):
             await run(pool, prompt)
         assert pool.stats()["m"][0].dispatched == 0
+
+
+async def test_observers_get_a_timed_record_of_every_request() -> None:
+    now = [100.0]
+    records: list[Any] = []
+
+    class Ticking(FakeEngine):
+        async def generate(self, request_id: str, prompt: Any, params: Any) -> Any:
+            async for step in super().generate(request_id, prompt, params):
+                now[0] += 0.5  # each step takes half a second on the fake clock
+                yield step
+
+    pool = EnginePool.from_config(
+        fake_specs([1.0]), engine_factory=lambda s: Ticking(), clock=lambda: now[0]
+    )
+
+    def broken(record: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    pool.add_observer(records.append)
+    pool.add_observer(broken)  # logged, and it does not break the request
+    async with pool:
+        await run(pool, max_tokens=4)
+        pool.remove_observer(records.append)
+        await run(pool, max_tokens=4)
+        (instance,) = pool.instances("m")
+    (record,) = records
+    assert record.outcome == "completed"
+    assert record.instance is instance
+    assert (record.time_to_first_token, record.latency, record.generated_tokens) == (0.5, 2.0, 4)
