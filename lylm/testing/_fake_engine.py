@@ -28,16 +28,18 @@ class FakeCompletion:
     text: str
     token_ids: list[int]
     finish_reason: str | None
+    logprobs: None = None
 
 
 @attrs.frozen
 class FakeOutput:
-    """One streamed step, shaped like vLLM's RequestOutput (DELTA kind: new tokens only)."""
+    """One streamed step, shaped like vLLM's RequestOutput."""
 
     request_id: str
     prompt_token_ids: Sequence[int]
     outputs: list[FakeCompletion]
     finished: bool
+    num_cached_tokens: int = 0
 
 
 class FakeEngine(Engine):
@@ -134,6 +136,11 @@ class FakeEngine(Engine):
                 f"prompt of {len(prompt.token_ids)} tokens plus {max_tokens} exceeds "
                 f"the context of {self._max_model_len}"
             )
+        # vLLM's output kinds: DELTA (new tokens only; the default here), CUMULATIVE,
+        # FINAL_ONLY (one output at the end).
+        kind = getattr(getattr(sampling_params, "output_kind", None), "name", "DELTA")
+        generated: list[int] = []
+        reported = 0
         self.requests.append(request_id)
         wake = self._active[request_id] = anyio.Event()
         try:
@@ -150,12 +157,17 @@ class FakeEngine(Engine):
                 if self.fail_after is not None and step >= self.fail_after:
                     raise EngineError(f"scripted failure after {step} steps")
                 last = step == max_tokens - 1
-                token = 32 + step % 90
+                generated.append(32 + step % 90)
+                if kind == "FINAL_ONLY" and not last:
+                    continue
+                tokens = generated if kind != "DELTA" else generated[-1:]
+                reason = "length" if last else None
                 outputs = [
-                    FakeCompletion(i, chr(token), [token], "length" if last else None)
-                    for i in range(n)
+                    FakeCompletion(i, "".join(map(chr, tokens)), list(tokens), reason) for i in range(n)
                 ]
-                yield EngineStep(FakeOutput(request_id, prompt.token_ids, outputs, last), n, last)
+                new = n * (len(generated) - reported)
+                reported = len(generated)
+                yield EngineStep(FakeOutput(request_id, prompt.token_ids, outputs, last), new, last)
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             self.aborted.append(request_id)
             raise
