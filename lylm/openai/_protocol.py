@@ -1,0 +1,445 @@
+"""OpenAI request bodies, validated: decoded JSON in, request objects (or a 400) out.
+
+Everything here is pure; only :func:`build_sampling_params` imports vLLM, lazily, so
+validation needs no engine stack and fails before any engine is involved.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import attrs
+
+from ._errors import OpenAIError, bad_request
+
+MAX_N = 16
+"""The most choices (``n``) one request may ask for: each is a sequence on the engine."""
+
+MAX_STOP = 16
+"""The most stop strings one request may give."""
+
+MAX_TOP_LOGPROBS = 20
+"""Chat's ``top_logprobs`` limit (OpenAI's, and vLLM's default ``max_logprobs``)."""
+
+MAX_COMPLETION_LOGPROBS = 5
+"""Completions' integer ``logprobs`` limit (OpenAI's)."""
+
+# The engine's msgpack transport carries 64-bit integers only: a bigger one would
+# fail deep in the engine client instead of here, as a 400.
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+_ROLES = ("system", "user", "assistant", "developer")
+_RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+
+_COMMON_KEYS = frozenset(
+    {
+        "model", "stream", "stream_options", "n", "user", "max_tokens", "stop", "seed",
+        "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "ignore_eos", "response_format",
+    }
+)  # fmt: skip
+_CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
+_COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs"}
+
+# (name, low, high, low excluded): numbers passed to vLLM under the same name.
+_NUMBERS = (
+    ("temperature", 0.0, 2.0, False),
+    ("top_p", 0.0, 1.0, True),
+    ("min_p", 0.0, 1.0, False),
+    ("presence_penalty", -2.0, 2.0, False),
+    ("frequency_penalty", -2.0, 2.0, False),
+    ("repetition_penalty", 0.0, 2.0, True),
+)
+
+
+@attrs.frozen
+class ChatRequest:
+    """A validated ``/v1/chat/completions`` body."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool
+    n: int
+    logprobs: bool
+    top_logprobs: int
+    user: str | None
+    sampling: Mapping[str, Any]
+
+
+@attrs.frozen
+class CompletionRequest:
+    """A validated ``/v1/completions`` body."""
+
+    model: str
+    prompts: list[str | list[int]]
+    stream: bool
+    include_usage: bool
+    n: int
+    logprobs: int | None
+    user: str | None
+    sampling: Mapping[str, Any]
+
+
+def parse_chat_request(body: Any) -> ChatRequest:
+    """Validate a decoded chat completions body; a 400 :class:`OpenAIError` names what is wrong."""
+    obj = _body(body, _CHAT_KEYS)
+    model = _model(obj)
+    messages = _messages(obj.get("messages"))
+    stream, include_usage = _stream(obj)
+    sampling = _sampling(obj)
+    max_completion = _int(obj.get("max_completion_tokens"), "max_completion_tokens", 1)
+    if max_completion is not None:
+        given = sampling.setdefault("max_tokens", max_completion)
+        if given != max_completion:
+            raise bad_request(
+                f"'max_tokens' ({given}) and 'max_completion_tokens' ({max_completion}) differ; "
+                "give one of them",
+                param="max_tokens",
+            )
+    logprobs = _bool(obj.get("logprobs"), "logprobs") or False
+    top_logprobs = _int(obj.get("top_logprobs"), "top_logprobs", 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=stream,
+        include_usage=include_usage,
+        n=_int(obj.get("n"), "n", 1, MAX_N) or 1,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs or 0,
+        user=_str(obj.get("user"), "user"),
+        sampling=MappingProxyType(sampling),
+    )
+
+
+def parse_completion_request(body: Any) -> CompletionRequest:
+    """Validate a decoded completions body; a 400 :class:`OpenAIError` names what is wrong."""
+    obj = _body(body, _COMPLETION_KEYS)
+    model = _model(obj)
+    prompts = _prompts(obj.get("prompt"))
+    stream, include_usage = _stream(obj)
+    sampling = _sampling(obj)
+    return CompletionRequest(
+        model=model,
+        prompts=prompts,
+        stream=stream,
+        include_usage=include_usage,
+        n=_int(obj.get("n"), "n", 1, MAX_N) or 1,
+        logprobs=_int(obj.get("logprobs"), "logprobs", 0, MAX_COMPLETION_LOGPROBS),
+        user=_str(obj.get("user"), "user"),
+        sampling=MappingProxyType(sampling),
+    )
+
+
+def build_sampling_params(
+    request: ChatRequest | CompletionRequest,
+    *,
+    stream: bool,
+    defaults: Mapping[str, Any] | None = None,
+) -> Any:
+    """The request's ``vllm.SamplingParams``; ``defaults`` fill in what the client left out."""
+    from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
+
+    try:
+        from vllm.exceptions import VLLMValidationError  # not a ValueError
+    except ImportError:  # older vLLM raises plain ValueErrors
+        VLLMValidationError = ValueError
+
+    # No max_tokens means "up to the context length" (OpenAI's meaning): None lets the
+    # pool and the engine size it, where SamplingParams' own default would be 16.
+    kwargs: dict[str, Any] = {"max_tokens": None, **(defaults or {}), **request.sampling}
+    if isinstance(request, ChatRequest):
+        # vLLM's logprobs=k returns the sampled token's logprob plus the top k.
+        kwargs["logprobs"] = request.top_logprobs if request.logprobs else None
+    else:
+        kwargs["logprobs"] = request.logprobs
+    kwargs["n"] = request.n
+    kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
+    try:
+        structured = kwargs.get("structured_outputs")
+        if isinstance(structured, Mapping):
+            kwargs["structured_outputs"] = StructuredOutputsParams(**structured)
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError, VLLMValidationError) as exc:
+        # What vLLM refuses and OpenAI allows (e.g. n > 1 with temperature 0).
+        raise bad_request(str(exc), param=getattr(exc, "parameter", None)) from exc
+
+
+# -- the body and the fields both endpoints share -------------------------------------
+
+
+def _body(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    _check_keys(body, allowed, "")
+    return body
+
+
+def _check_keys(obj: dict[Any, Any], allowed: frozenset[str], prefix: str) -> None:
+    # Refuse what we cannot honour rather than drop it: a client asking for tools or
+    # logit_bias must learn that it did not get them.
+    for key in obj:
+        if key not in allowed:
+            param = prefix + _clip(str(key))
+            raise bad_request(
+                f"Unsupported parameter: '{param}'. lylm does not support it.",
+                param=param,
+                code="unsupported_parameter",
+            )
+
+
+def _model(obj: dict[str, Any]) -> str:
+    model = _required(obj, "model", "model")
+    if not isinstance(model, str) or not model:
+        raise _invalid("model", "a non-empty string", model)
+    return model
+
+
+def _stream(obj: dict[str, Any]) -> tuple[bool, bool]:
+    """``stream`` and ``stream_options.include_usage``."""
+    stream = _bool(obj.get("stream"), "stream") or False
+    if obj.get("stream_options") is None:
+        return stream, False
+    if not stream:
+        message = "'stream_options' is only allowed when 'stream' is true"
+        raise bad_request(message, param="stream_options")
+    options = _object(obj["stream_options"], "stream_options", {"include_usage"})
+    return stream, _bool(options.get("include_usage"), "stream_options.include_usage") or False
+
+
+def _sampling(obj: dict[str, Any]) -> dict[str, Any]:
+    """The vLLM SamplingParams kwargs the client set, from the fields both endpoints share."""
+    values: dict[str, Any] = {
+        name: _number(obj.get(name), name, low, high, low_open)
+        for name, low, high, low_open in _NUMBERS
+    }
+    values["max_tokens"] = _int(obj.get("max_tokens"), "max_tokens", 1)
+    top_k = "-1, 0 (both disable it) or a positive integer"
+    values["top_k"] = _int(obj.get("top_k"), "top_k", -1, expect=top_k)
+    values["seed"] = _int(obj.get("seed"), "seed", _INT64_MIN, expect="a 64-bit integer")
+    values["ignore_eos"] = _bool(obj.get("ignore_eos"), "ignore_eos")
+    values["stop"] = _stop(obj.get("stop"))
+    values["structured_outputs"] = _response_format(obj.get("response_format"))
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _stop(value: Any) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, list) and len(value) <= MAX_STOP:
+        if all(isinstance(s, str) and s for s in value):
+            return list(value)
+    expect = f"a non-empty string or a list of at most {MAX_STOP} non-empty strings"
+    raise _invalid("stop", expect, value)
+
+
+def _response_format(value: Any) -> dict[str, Any] | None:
+    """``response_format`` as StructuredOutputsParams kwargs; None when unconstrained."""
+    if value is None:
+        return None
+    fmt = _object(value, "response_format")
+    kind = _required(fmt, "type", "response_format.type")
+    if not isinstance(kind, str) or kind not in _RESPONSE_FORMATS:
+        raise _invalid("response_format.type", _one_of(_RESPONSE_FORMATS), kind)
+    if kind != "json_schema":
+        _check_keys(fmt, frozenset({"type"}), "response_format.")
+        return {"json_object": True} if kind == "json_object" else None
+    _check_keys(fmt, frozenset({"type", "json_schema"}), "response_format.")
+    path = "response_format.json_schema"
+    keys = {"name", "schema", "strict", "description"}
+    spec = _object(_required(fmt, "json_schema", path), path, keys)
+    _str(_required(spec, "name", f"{path}.name"), f"{path}.name")
+    schema = _required(spec, "schema", f"{path}.schema")
+    if not isinstance(schema, dict):
+        raise _invalid(f"{path}.schema", "a JSON Schema object", schema)
+    # strict is accepted but moot: vLLM's structured outputs always enforce the schema.
+    _bool(spec.get("strict"), f"{path}.strict")
+    _str(spec.get("description"), f"{path}.description")
+    return {"json": schema}
+
+
+# -- chat messages and completion prompts ---------------------------------------------
+
+
+def _messages(value: Any) -> list[dict[str, Any]]:
+    if value is None:
+        raise _missing("messages")
+    if not isinstance(value, list) or not value:
+        raise _invalid("messages", "a non-empty list of messages", value)
+    return [_message(item, f"messages[{i}]") for i, item in enumerate(value)]
+
+
+def _message(item: Any, path: str) -> dict[str, Any]:
+    """A normalized copy of one message: role, content (and name)."""
+    # Role first: a tool message is refused for its role, not for its tool_call_id.
+    role = _required(_object(item, path), "role", f"{path}.role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise _invalid(f"{path}.role", _one_of(_ROLES), role)
+    _check_keys(item, frozenset({"role", "content", "name"}), f"{path}.")
+    content = item.get("content")
+    if content is None:
+        # OpenAI lets an assistant turn go without content (it had tool calls instead).
+        if role != "assistant":
+            raise _missing(f"{path}.content")
+        content = ""
+    message: dict[str, Any] = {"role": role, "content": _content(content, f"{path}.content")}
+    name = _str(item.get("name"), f"{path}.name")
+    if name is not None:
+        message["name"] = name
+    return message
+
+
+def _content(content: Any, path: str) -> str | list[dict[str, Any]]:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not content:
+        raise _invalid(path, "a string or a non-empty list of text parts", content)
+    parts: list[dict[str, Any]] = []
+    for j, item in enumerate(content):
+        where = f"{path}[{j}]"
+        kind = _required(_object(item, where), "type", f"{where}.type")
+        if kind != "text":
+            raise bad_request(
+                f"'{where}.type' must be 'text' (got {_show(kind)}); lylm serves text only",
+                param=f"{where}.type",
+            )
+        _check_keys(item, frozenset({"type", "text"}), f"{where}.")
+        text = _str(_required(item, "text", f"{where}.text"), f"{where}.text")
+        parts.append({"type": "text", "text": text})
+    return parts
+
+
+def _prompts(value: Any) -> list[str | list[int]]:
+    """``prompt`` as one entry per prompt: a string or a list of token ids."""
+    if value is None:
+        raise _missing("prompt")
+    if isinstance(value, str):
+        if not value:  # OpenAI allows it, vLLM does not
+            raise bad_request("'prompt' must not be empty", param="prompt")
+        return [value]
+    # Shape errors name 'prompt'; an empty or out-of-range element names itself.
+    if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
+        for i, text in enumerate(value):
+            if not text:
+                raise bad_request(f"'prompt[{i}]' must not be empty", param=f"prompt[{i}]")
+        return list(value)
+    if isinstance(value, list) and value and _is_list_of_ints(value):
+        return [_token_ids(value, "prompt")]
+    if isinstance(value, list) and value and all(_is_list_of_ints(p) for p in value):
+        return [_token_ids(ids, f"prompt[{i}]") for i, ids in enumerate(value)]
+    shape = "a string, or a non-empty list of strings, of token ids or of token-id lists"
+    raise _invalid("prompt", shape, value)
+
+
+def _token_ids(ids: list[int], path: str) -> list[int]:
+    if not ids:
+        raise bad_request(f"'{path}' must not be empty", param=path)
+    for j, token in enumerate(ids):
+        if not 0 <= token <= _INT64_MAX:
+            raise _invalid(f"{path}[{j}]", "a token id (a non-negative integer)", token)
+    return list(ids)
+
+
+# -- scalars and small pieces -----------------------------------------------------------
+
+
+def _is_int(value: Any) -> bool:
+    # JSON true/false decode to bools, which Python counts as ints; OpenAI does not.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_list_of_ints(value: Any) -> bool:
+    return isinstance(value, list) and all(_is_int(t) for t in value)
+
+
+def _object(value: Any, param: str, keys: set[str] | None = None) -> dict[str, Any]:
+    """``value`` as an object; with ``keys``, one holding no other keys."""
+    if not isinstance(value, dict):
+        raise _invalid(param, "an object", value)
+    if keys is not None:
+        _check_keys(value, frozenset(keys), f"{param}.")
+    return value
+
+
+def _required(obj: dict[str, Any], key: str, param: str) -> Any:
+    # null counts as absent, for required fields as for optional ones.
+    value = obj.get(key)
+    if value is None:
+        raise _missing(param)
+    return value
+
+
+def _bool(value: Any, param: str) -> bool | None:
+    if value is None or isinstance(value, bool):
+        return value
+    raise _invalid(param, "a boolean", value)
+
+
+def _str(value: Any, param: str) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise _invalid(param, "a string", value)
+
+
+def _int(
+    value: Any, param: str, low: int, high: int = _INT64_MAX, *, expect: str | None = None
+) -> int | None:
+    if value is None:
+        return None
+    if _is_int(value) and low <= value <= high:
+        return int(value)
+    if expect is None:
+        bounds = f"of at least {low}" if high == _INT64_MAX else f"between {low} and {high}"
+        expect = f"an integer {bounds}"
+    raise _invalid(param, expect, value)
+
+
+def _number(value: Any, param: str, low: float, high: float, low_open: bool) -> float | None:
+    if value is None:
+        return None
+    # Compare before converting: float() of a huge int overflows.
+    if (_is_int(value) or (isinstance(value, float) and math.isfinite(value))) and (
+        (low < value if low_open else low <= value) and value <= high
+    ):
+        return float(value)
+    bounds = f"between {low:g} and {high:g}"
+    if low_open:
+        bounds = f"greater than {low:g} and at most {high:g}"
+    raise _invalid(param, f"a number {bounds}", value)
+
+
+def _invalid(param: str, expect: str, value: Any) -> OpenAIError:
+    return bad_request(f"'{param}' must be {expect} (got {_show(value)})", param=param)
+
+
+def _missing(param: str) -> OpenAIError:
+    message = f"Missing required parameter: '{param}'."
+    return bad_request(message, param=param, code="missing_required_parameter")
+
+
+def _one_of(options: tuple[str, ...]) -> str:
+    return "one of " + ", ".join(f"'{o}'" for o in options)
+
+
+def _clip(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    """A short JSON rendering of a rejected value, for error messages."""
+    if isinstance(value, str):
+        value = _clip(value, 200)  # rather than dump a huge string only to cut it
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):  # not JSON, or an int too long to print
+        text = f"<{type(value).__name__}>"
+    return _clip(text)
