@@ -9,7 +9,7 @@ import random
 import time
 import uuid
 from contextlib import aclosing
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Union
 
@@ -184,6 +184,10 @@ class EnginePool:
             return tuple(i for group in self._instances.values() for i in group)
         return tuple(self._group(model))
 
+    def max_model_len(self, model: str) -> int:
+        """The context length of ``model``'s engines (prompt plus output, in tokens)."""
+        return _first_healthy(model, self._group(model)).engine.max_model_len
+
     def balancer(self, model: str) -> Balancer:
         """The balancer that chooses among ``model``'s instances."""
         if model not in self._balancers:
@@ -254,7 +258,7 @@ class EnginePool:
         request_id: str | None = None,
         session_key: str | None = None,
         chat_template_kwargs: Mapping[str, Any] | None = None,
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         """Serve one request on an instance of ``model`` chosen by its balancer; stream the outputs.
 
         ``prompt`` is a string, token ids, or chat messages (rendered with the

@@ -1,0 +1,136 @@
+"""The Starlette app and routes: OpenAI's API over an EnginePool."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from .._pool import EnginePool
+from ._chat import chat_completion
+from ._completions import completion
+from ._errors import OpenAIError, bad_request
+from ._json import json_response
+from ._metrics import PoolMetrics
+from ._protocol import parse_chat_request, parse_completion_request
+
+logger = logging.getLogger("lylm.openai")
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+async def _read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+def _error_response(error: OpenAIError) -> Response:
+    return json_response(error.body(), status=error.status)
+
+
+def routes(pool: EnginePool, *, metrics: PoolMetrics | None = None) -> list[BaseRoute]:
+    """The adapter's routes, to mount in your own Starlette (or FastAPI) app.
+
+    The pool's lifecycle stays yours: start it before serving (``async with pool``
+    in your app's lifespan). Pass ``metrics`` to share one :class:`PoolMetrics`;
+    by default the routes get their own registry, exported at ``/metrics``.
+    """
+    metrics = metrics if metrics is not None else PoolMetrics(pool)
+    created = int(time.time())
+
+    def endpoint(route: str, handler: Handler) -> Handler:
+        async def wrapped(request: Request) -> Response:
+            try:
+                response = await handler(request)
+            except OpenAIError as error:
+                response = _error_response(error)
+            except Exception:
+                logger.exception("unexpected error serving %s", route)
+                response = _error_response(OpenAIError(500, "internal error", type="server_error"))
+            metrics.http_responses.labels(route, str(response.status_code)).inc()
+            return response
+
+        return wrapped
+
+    async def list_models(request: Request) -> Response:
+        data = [{"id": m, "object": "model", "created": created, "owned_by": "lylm"} for m in pool.models]
+        return json_response({"object": "list", "data": data})
+
+    async def chat(request: Request) -> Response:
+        return await chat_completion(pool, parse_chat_request(await _read_json(request)))
+
+    async def completions(request: Request) -> Response:
+        return await completion(pool, parse_completion_request(await _read_json(request)))
+
+    async def health(request: Request) -> Response:
+        models: dict[str, Any] = {}
+        for model in pool.models:
+            engines = [
+                {
+                    "engine": instance.index,
+                    "name": instance.name,
+                    "healthy": instance.healthy,
+                    "weight": instance.weight,
+                    "in_flight_requests": instance.in_flight_requests,
+                    "in_flight_tokens": instance.in_flight_tokens,
+                }
+                for instance in pool.instances()
+                if instance.model == model
+            ]
+            models[model] = {"healthy": any(e["healthy"] for e in engines), "engines": engines}
+        ok = bool(models) and all(m["healthy"] for m in models.values())
+        return json_response({"status": "ok" if ok else "unavailable", "models": models}, status=200 if ok else 503)
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return [
+        Route("/v1/models", endpoint("/v1/models", list_models), methods=["GET"]),
+        Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
+        Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
+        Route("/health", endpoint("/health", health), methods=["GET"]),
+        Route("/metrics", endpoint("/metrics", prometheus), methods=["GET"]),
+    ]
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error = OpenAIError(exc.status_code, str(exc.detail), code="not_found" if exc.status_code == 404 else None)
+    return _error_response(error)
+
+
+def create_app(pool: EnginePool, *, manage_pool: bool = True, debug: bool = False) -> Starlette:
+    """A Starlette app serving OpenAI's API over ``pool``.
+
+    With ``manage_pool`` (the default) the app starts the pool's engines in its
+    lifespan startup and shuts them down at exit; otherwise the pool's lifecycle
+    is yours. Unknown paths and wrong methods get OpenAI-shaped 404/405 errors.
+    """
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if manage_pool:
+            async with pool:
+                yield
+        else:
+            yield
+
+    return Starlette(
+        debug=debug,
+        routes=routes(pool),
+        lifespan=lifespan,
+        exception_handlers={HTTPException: _http_error},
+    )

@@ -1,0 +1,104 @@
+"""Prometheus metrics for one pool, per model and engine, in the app's own registry.
+
+Counters that the pool's books already hold (requests by outcome, tokens, in
+flight, health) are read from the books at scrape time, so they can never drift
+from what balancers see; latencies are observed per request through the pool's
+observer hook. Nothing is registered in prometheus_client's global registry, so
+two apps (or vLLM's own metrics) in one process never clash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .._pool import EnginePool
+from .._request import RequestRecord
+
+LABELS = ["model", "engine"]
+
+# Seconds; from a tiny CPU model's milliseconds up to a long generation on a big one.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class _BooksCollector(Collector):
+    def __init__(self, pool: EnginePool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily(
+            "lylm_requests", "Requests that ended, by outcome.", labels=[*LABELS, "outcome"]
+        )
+        prompt = CounterMetricFamily("lylm_prompt_tokens", "Prompt tokens prefilled.", labels=LABELS)
+        generated = CounterMetricFamily("lylm_generated_tokens", "Tokens generated.", labels=LABELS)
+        in_flight = GaugeMetricFamily("lylm_in_flight_requests", "Requests in flight.", labels=LABELS)
+        in_flight_tokens = GaugeMetricFamily(
+            "lylm_in_flight_tokens",
+            "Prompt tokens not yet prefilled plus decode budget not yet used.",
+            labels=LABELS,
+        )
+        healthy = GaugeMetricFamily("lylm_engine_healthy", "1 if the engine takes requests.", labels=LABELS)
+        weight = GaugeMetricFamily("lylm_engine_weight", "The engine's configured weight.", labels=LABELS)
+        running = GaugeMetricFamily("lylm_engine_running", "Requests the engine's scheduler runs.", labels=LABELS)
+        waiting = GaugeMetricFamily("lylm_engine_waiting", "Requests queued in the engine.", labels=LABELS)
+        kv = GaugeMetricFamily("lylm_engine_kv_cache_usage", "Fraction of KV cache in use.", labels=LABELS)
+        for instance in self._pool.instances():
+            s = instance.stats()
+            labels = [s.model, str(instance.index)]
+            for outcome, count in (("completed", s.completed), ("failed", s.failed), ("aborted", s.aborted)):
+                requests.add_metric([*labels, outcome], count)
+            prompt.add_metric(labels, s.prompt_tokens)
+            generated.add_metric(labels, s.generated_tokens)
+            in_flight.add_metric(labels, s.in_flight_requests)
+            in_flight_tokens.add_metric(labels, s.in_flight_tokens)
+            healthy.add_metric(labels, 1 if s.healthy else 0)
+            weight.add_metric(labels, instance.weight)
+            running.add_metric(labels, s.running)
+            waiting.add_metric(labels, s.waiting)
+            kv.add_metric(labels, s.kv_cache_usage)
+        yield from (requests, prompt, generated, in_flight, in_flight_tokens)
+        yield from (healthy, weight, running, waiting, kv)
+
+
+class PoolMetrics:
+    """The Prometheus metrics of one pool and the HTTP adapter in front of it."""
+
+    def __init__(self, pool: EnginePool, *, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.registry.register(_BooksCollector(pool))
+        self._ttft = Histogram(
+            "lylm_time_to_first_token_seconds",
+            "From dispatch to an engine until its first token.",
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            "lylm_request_latency_seconds",
+            "From dispatch to an engine until the request ended.",
+            LABELS,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_responses = Counter(
+            "lylm_http_responses",
+            "HTTP responses by route and status (errors before dispatch included).",
+            ["route", "status"],
+            registry=self.registry,
+        )
+        pool.add_observer(self.observe)
+
+    def observe(self, record: RequestRecord) -> None:
+        """Record one finished request's latencies."""
+        labels = (record.request.model, str(record.instance.index))
+        if record.time_to_first_token is not None:
+            self._ttft.labels(*labels).observe(record.time_to_first_token)
+        if record.outcome == "completed":
+            self._latency.labels(*labels).observe(record.latency)
+
+    def render(self) -> bytes:
+        """The registry in Prometheus' text format."""
+        return generate_latest(self.registry)
