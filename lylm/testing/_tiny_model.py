@@ -24,6 +24,9 @@ TINY_MODEL_ENGINE_ARGS: dict[str, Any] = {
     "kv_cache_memory_bytes": 64 * 1024 * 1024,
     "max_num_seqs": 64,
     "seed": 0,
+    # Random weights pad structured (JSON) output with whitespace until max_tokens;
+    # compact JSON always closes. vLLM reads this per engine, not per request.
+    "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
 }
 
 # Bumped whenever the files written below change, so stale directories get rebuilt.

@@ -1,0 +1,95 @@
+"""Serve an EnginePool over OpenAI's API with uvicorn.
+
+    python examples/serve.py --config config.json [--host 127.0.0.1] [--port 8000]
+
+The config is LyLM's format (see README); CONFIG_PATH works in place of --config.
+Without either, it serves the embedded default: a tiny demo model generated
+offline on first run, with RANDOM WEIGHTS, on two engines weighted 1:2. It shows
+the machinery (balancing, streaming, metrics); the words it writes are noise.
+
+SIGINT/SIGTERM: stop accepting, let in-flight requests finish (at most
+--drain-timeout seconds), shut every engine down, exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from lylm import EnginePool
+from lylm.openai import create_app
+from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+DEMO_MODEL = "lylm-tiny-demo"
+
+logger = logging.getLogger("lylm.serve")
+
+
+def _on_gpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cuda_alike())
+
+
+def default_config() -> dict[str, Any]:
+    """Two engines (weights 1:2) of an offline tiny model, on GPU 0 if there is one."""
+    cache = Path(os.environ.get("LYLM_CACHE_DIR") or Path.home() / ".cache" / "lylm")
+    model_dir = build_tiny_model(cache / "tiny-model")
+    engine_args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS}
+    devices: dict[str, Any] = {}
+    if _on_gpu():
+        # Both share GPU 0; a small memory share each leaves room for the other.
+        devices["gpu_ids"] = [0]
+        engine_args["gpu_memory_utilization"] = 0.2
+    return {
+        "models": {
+            DEMO_MODEL: [
+                {"devices": {**devices, "weight": 1}, "engine_args": engine_args},
+                {"devices": {**devices, "weight": 2}, "engine_args": engine_args},
+            ]
+        }
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Serve OpenAI's API over a pool of vLLM engines.")
+    parser.add_argument("--config", default=os.environ.get("CONFIG_PATH"), help="config JSON (or CONFIG_PATH)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args()
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    if args.config:
+        pool = EnginePool.from_config(args.config)
+        logger.info("serving %s from %s", ", ".join(pool.models), args.config)
+    else:
+        # The demo must run with no network at all.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        pool = EnginePool.from_config(default_config())
+        logger.warning(
+            "no --config given: serving the embedded demo model %r on two engines (weights 1:2). "
+            "It has RANDOM WEIGHTS: it demonstrates the machinery, its words are noise. "
+            "Pass --config (or CONFIG_PATH) to serve real models.",
+            DEMO_MODEL,
+        )
+    app = create_app(pool)
+    logger.info("engines start before the server listens on http://%s:%d", args.host, args.port)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.drain_timeout,
+    )
+
+
+if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required
+    main()
