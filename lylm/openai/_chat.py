@@ -14,6 +14,7 @@ from ._dispatch import Started, drain, start, to_openai_error
 from ._errors import OpenAIError
 from ._logprobs import chat_logprobs
 from ._protocol import ChatRequest
+from . import _sse as sse
 from ._sse import DONE, event, usage
 from ._json import json_response
 
@@ -62,18 +63,10 @@ async def chat_completion(pool: EnginePool, request: ChatRequest) -> Response:
 async def _chunks(
     request: ChatRequest, started: Started, request_id: str, created: int
 ) -> AsyncIterator[bytes]:
+    head = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": request.model}
+
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        payload = {
-            "id": request_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": request.model,
-            "choices": choices,
-        }
-        if request.include_usage:
-            payload["usage"] = None
-        payload.update(extra)
-        return event(payload)
+        return sse.chunk(head, choices, include_usage=request.include_usage, **extra)
 
     # OpenAI opens every choice with an empty assistant delta carrying the role.
     for index in range(request.n):

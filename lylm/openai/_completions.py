@@ -19,6 +19,7 @@ from ._dispatch import Started, drain, start, to_openai_error
 from ._json import json_response
 from ._logprobs import completion_logprobs
 from ._protocol import CompletionRequest
+from . import _sse as sse
 from ._sse import DONE, event, usage
 
 
@@ -71,18 +72,10 @@ async def completion(pool: EnginePool, request: CompletionRequest) -> Response:
 async def _chunks(
     request: CompletionRequest, started: list[Started], request_id: str, created: int
 ) -> AsyncIterator[bytes]:
+    head = {"id": request_id, "object": "text_completion", "created": created, "model": request.model}
+
     def chunk(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        payload = {
-            "id": request_id,
-            "object": "text_completion",
-            "created": created,
-            "model": request.model,
-            "choices": choices,
-        }
-        if request.include_usage:
-            payload["usage"] = None
-        payload.update(extra)
-        return event(payload)
+        return sse.chunk(head, choices, include_usage=request.include_usage, **extra)
 
     prompt_tokens = completion_tokens = cached = 0
     try:

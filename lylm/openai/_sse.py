@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -22,3 +23,16 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None)
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens or 0},
     }
+
+
+def chunk(head: Mapping[str, Any], choices: list[dict[str, Any]], *, include_usage: bool, **extra: Any) -> bytes:
+    """One streamed chunk: ``head`` (id, object, created, model) plus ``choices``.
+
+    With ``stream_options.include_usage`` OpenAI puts ``"usage": null`` on every
+    chunk and the totals on a last chunk without choices (pass ``usage=``).
+    """
+    payload = {**head, "choices": choices}
+    if include_usage:
+        payload["usage"] = None
+    payload.update(extra)
+    return event(payload)
