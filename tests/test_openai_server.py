@@ -94,6 +94,8 @@ def test_chat_stream_matches_the_non_streamed_answer(client: openai.OpenAI) -> N
     assert chunks[0].choices[0].delta.role == "assistant"
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
+    middle = [c.choices[0].delta.content for c in chunks[1:] if c.choices and not c.choices[0].finish_reason]
+    assert all(middle), middle  # no empty deltas (tokens ending mid-character wait for the rest)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
     assert chunks[-1].choices == [] and chunks[-1].usage is not None

@@ -80,7 +80,9 @@ async def _chunks(
         async for output in drain(started):
             for c in output.outputs:
                 generated += len(c.token_ids)
-                if c.text or c.token_ids:
+                # A token that ends mid-character has no text yet: nothing to send
+                # unless the client wants each token's logprob.
+                if c.text or (request.logprobs and c.token_ids):
                     logprobs = None
                     if request.logprobs and c.logprobs is not None:
                         logprobs = {"content": chat_logprobs(c.token_ids, c.logprobs, request.top_logprobs)}

@@ -92,6 +92,8 @@ async def _chunks(
                             c.token_ids, c.logprobs, request.logprobs, offsets[c.index]
                         )
                     offsets[c.index] += len(c.text)
+                    if not (c.text or logprobs or c.finish_reason):
+                        continue  # a token that ends mid-character: no text yet
                     choice = {
                         "index": p * request.n + c.index,
                         "text": c.text,
