@@ -313,11 +313,10 @@ class EnginePool:
         rendered: RenderedPrompt,
         sampling_params: Any,
     ) -> AsyncGenerator[Any, None]:
-        books = instance._books
         remaining = request.token_budget
-        books.in_flight_requests += 1
-        books.in_flight_tokens += remaining
-        books.dispatched += 1
+        instance.in_flight_requests += 1
+        instance.in_flight_tokens += remaining
+        instance.dispatched += 1
         outcome: Outcome = "failed"
         prefilled = False
         started = self._clock()
@@ -333,11 +332,11 @@ class EnginePool:
                 if not prefilled:
                     prefilled = True
                     done += request.prompt_tokens
-                    books.prompt_tokens += request.prompt_tokens
-                books.generated_tokens += step.new_tokens
+                    instance.prompt_tokens += request.prompt_tokens
+                instance.generated_tokens += step.new_tokens
                 done = min(done, remaining)
                 remaining -= done
-                books.in_flight_tokens -= done
+                instance.in_flight_tokens -= done
                 yield step.output
             outcome = "completed"
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
@@ -352,14 +351,14 @@ class EnginePool:
                 # cancelled caller still frees the engine's slot.
                 with anyio.CancelScope(shield=True):
                     await steps.aclose()
-            books.in_flight_requests -= 1
-            books.in_flight_tokens -= remaining
+            instance.in_flight_requests -= 1
+            instance.in_flight_tokens -= remaining
             if outcome == "completed":
-                books.completed += 1
+                instance.completed += 1
             elif outcome == "aborted":
-                books.aborted += 1
+                instance.aborted += 1
             else:
-                books.failed += 1
+                instance.failed += 1
             self._balancers[request.model].on_finish(instance, request, outcome)
             if self._observers:
                 record = RequestRecord(

@@ -39,8 +39,8 @@ def test_choice_is_always_one_of_the_candidates(balancer: Balancer, weights: lis
     rng = random.Random(7)
     for _ in range(300):
         for inst in instances:  # arbitrary, changing loads
-            inst._books.in_flight_requests = rng.randrange(0, 20)
-            inst._books.in_flight_tokens = rng.randrange(0, 5000)
+            inst.in_flight_requests = rng.randrange(0, 20)
+            inst.in_flight_tokens = rng.randrange(0, 5000)
         chosen = balancer.choose(instances, request(rng.randrange(1, 500), rng.randrange(1, 200)))
         assert any(chosen is c for c in instances)
 
@@ -95,10 +95,10 @@ def test_weighted_random_follows_weights() -> None:
 def test_least_outstanding_picks_fewest_requests_per_weight() -> None:
     b = LeastOutstanding(rng=random.Random(0))
     a, c = make_instances([1.0, 2.0])
-    a._books.in_flight_requests = 2  # score (2+1)/1 = 3
-    c._books.in_flight_requests = 4  # score (4+1)/2 = 2.5
+    a.in_flight_requests = 2  # score (2+1)/1 = 3
+    c.in_flight_requests = 4  # score (4+1)/2 = 2.5
     assert b.choose([a, c], request()) is c
-    c._books.in_flight_requests = 6  # score 3.5
+    c.in_flight_requests = 6  # score 3.5
     assert b.choose([a, c], request()) is a
 
 
@@ -111,8 +111,8 @@ def test_least_outstanding_prefers_heavier_instance_at_idle() -> None:
 def test_token_aware_counts_tokens_not_requests() -> None:
     b = TokenAware(rng=random.Random(0))
     a, c = make_instances([1.0, 1.0])
-    a._books.in_flight_requests, a._books.in_flight_tokens = 1, 4000  # one long prompt
-    c._books.in_flight_requests, c._books.in_flight_tokens = 5, 500  # five short ones
+    a.in_flight_requests, a.in_flight_tokens = 1, 4000  # one long prompt
+    c.in_flight_requests, c.in_flight_tokens = 5, 500  # five short ones
     assert b.choose([a, c], request()) is c
     assert LeastOutstanding(rng=random.Random(0)).choose([a, c], request()) is a
 
@@ -120,8 +120,8 @@ def test_token_aware_counts_tokens_not_requests() -> None:
 def test_token_aware_respects_weights() -> None:
     b = TokenAware(rng=random.Random(0))
     a, c = make_instances([1.0, 3.0])
-    a._books.in_flight_tokens = 1000  # (1000 + 30) / 1
-    c._books.in_flight_tokens = 2500  # (2500 + 30) / 3
+    a.in_flight_tokens = 1000  # (1000 + 30) / 1
+    c.in_flight_tokens = 2500  # (2500 + 30) / 3
     assert b.choose([a, c], request()) is c
 
 
