@@ -6,6 +6,7 @@ from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import attrs
 
 from .._engine import Engine, EngineStep, RenderedPrompt
@@ -145,8 +146,14 @@ class FakeEngine(Engine):
         wake = self._active[request_id] = anyio.Event()
         try:
             for step in range(max_tokens):
-                with anyio.move_on_after(self.prefill_delay if step == 0 else self.token_delay):
-                    await wake.wait()
+                delay = self.prefill_delay if step == 0 else self.token_delay
+                if delay > 0:
+                    with anyio.move_on_after(delay):
+                        await wake.wait()
+                else:
+                    # Zero latency: yield to the loop once, without a timer and a cancel
+                    # scope per token (they cost more than the pool's own work).
+                    await anyio.lowlevel.checkpoint()
                 if self._dead:
                     raise EngineDeadError("fake engine was killed")
                 if request_id in self._abort_requested:
