@@ -259,7 +259,6 @@ def test_cell_time_limit(fake_server: tuple[str, FakeBooks]) -> None:
     s = cells[0].summary()
     assert s["timed_out"] and s["success_rate"] == 0.0
     assert s["errors"] == {"unfinished at the cell time limit": 6}
-    assert cells[0].wall_s < 2
 
 
 def test_seed_table_reads_engine_metrics() -> None:
