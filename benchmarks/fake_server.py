@@ -25,7 +25,7 @@ def main() -> None:
     # The adapter builds vLLM SamplingParams; with real engines vLLM is imported long
     # before the first request, so import it here too, or the first request would
     # pay (and the profile would show) a 10 s import.
-    import vllm  # noqa: F401
+    import vllm.sampling_params  # noqa: F401
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
