@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
-import socket
 import sys
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -23,11 +20,12 @@ from typing import Any
 import anyio
 import numpy as np
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+
+from _server import uvicorn_thread
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,23 +196,8 @@ def fake_app(books: FakeBooks) -> Starlette:
 @pytest.fixture()
 def fake_server() -> Iterator[tuple[str, FakeBooks]]:
     books = FakeBooks()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    server = uvicorn.Server(uvicorn.Config(fake_app(books), host="127.0.0.1", port=port, log_level="error"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    # Generous: on a loaded 2-core CI machine a thread can wait seconds to run.
-    deadline = time.monotonic() + 60
-    while not server.started:  # bounded by the deadline
-        if time.monotonic() > deadline:
-            raise TimeoutError("fake server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", books
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    with uvicorn_thread(fake_app(books)) as url:
+        yield url, books
 
 
 @pytest.mark.parametrize("api", ["completions", "chat"])

@@ -4,21 +4,18 @@ uvicorn on 127.0.0.1 and called with the openai client (FakeEngines behind it)."
 from __future__ import annotations
 
 import contextlib
-import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
 from starlette.routing import Mount, Route
 
 from _helpers import fake_specs
-from _server import free_port
+from _server import uvicorn_thread
 from lylm import EnginePool
 from lylm.openai import routes
 from lylm.testing import FakeEngine
@@ -39,19 +36,8 @@ def mounted() -> Iterator[tuple[str, EnginePool]]:
         return PlainTextResponse("the user's own app")
 
     app = Starlette(routes=[Route("/", home), Mount("/llm", routes=routes(pool))], lifespan=lifespan)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}", pool
-    finally:
-        server.should_exit = True
-        thread.join(20)
+    with uvicorn_thread(app) as url:
+        yield url, pool
 
 
 def test_routes_serve_under_the_users_prefix(mounted: tuple[str, EnginePool]) -> None:
