@@ -63,6 +63,14 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--api-key",
+        action="append",
+        default=[k for k in os.environ.get("LYLM_API_KEYS", "").split(",") if k],
+        help="require 'Authorization: Bearer KEY' (repeat for several; or LYLM_API_KEYS=k1,k2)",
+    )
+    parser.add_argument("--keys-for-health", action="store_true", help="/health and /metrics need a key too")
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
@@ -80,7 +88,15 @@ def main() -> None:
             "Pass --config (or CONFIG_PATH) to serve real models.",
             DEMO_MODEL,
         )
-    app = create_app(pool)
+    if args.api_key:
+        # The count only: keys are never logged.
+        logger.info("API keys required: %d key(s) configured", len(args.api_key))
+    app = create_app(
+        pool,
+        api_keys=args.api_key or None,
+        keys_for_health=args.keys_for_health,
+        max_body_bytes=args.max_body_bytes,
+    )
     logger.info("engines start before the server listens on http://%s:%d", args.host, args.port)
     uvicorn.run(
         app,

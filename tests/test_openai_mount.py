@@ -17,7 +17,7 @@ from starlette.routing import Mount, Route
 from _helpers import fake_specs
 from _server import uvicorn_thread
 from lylm import EnginePool
-from lylm.openai import routes
+from lylm.openai import create_app, routes
 from lylm.testing import FakeEngine
 
 
@@ -62,3 +62,88 @@ def test_no_healthy_engine_is_a_503(mounted: tuple[str, EnginePool]) -> None:
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "no_healthy_engine"
     assert httpx.get(f"{url}/llm/health").status_code == 503
+
+
+@pytest.fixture(scope="module")
+def guarded() -> Iterator[str]:
+    pool = EnginePool.from_config(fake_specs([1.0], model="fake"), engine_factory=lambda spec: FakeEngine())
+    app = create_app(pool, api_keys=["key-one", "key-two"], max_body_bytes=2048)
+    with uvicorn_thread(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 401),
+        ({"authorization": "Bearer wrong"}, 401),
+        ({"authorization": "key-one"}, 401),  # no scheme
+        ({"authorization": "Basic key-one"}, 401),
+        ({"authorization": "Bearer key-one"}, 200),
+        ({"authorization": "Bearer key-two"}, 200),
+    ],
+)
+def test_api_keys(guarded: str, headers: dict[str, str], status: int) -> None:
+    r = httpx.post(f"{guarded}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}, headers=headers)
+    assert r.status_code == status, r.text
+    if status == 401:
+        assert r.json()["error"]["code"] == "invalid_api_key"
+        assert "key-one" not in r.text
+    # Health and metrics stay open unless keys_for_health is set.
+    assert httpx.get(f"{guarded}/health").status_code == 200
+
+
+def test_api_keys_are_compared_in_constant_time(guarded: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hmac
+
+    from lylm.openai import _guard
+
+    calls: list[tuple[bytes, bytes]] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(_guard.hmac, "compare_digest", spy)
+    r = httpx.get(f"{guarded}/v1/models", headers={"authorization": "Bearer key-one"})
+    assert r.status_code == 200
+    # Every key is compared, even after the first one matched.
+    assert calls == [(b"key-one", b"key-one"), (b"key-one", b"key-two")]
+
+
+def test_openai_client_with_a_key(guarded: str) -> None:
+    good = openai.OpenAI(base_url=f"{guarded}/v1", api_key="key-two", max_retries=0)
+    assert [m.id for m in good.models.list()] == ["fake"]
+    bad = openai.OpenAI(base_url=f"{guarded}/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+def test_keys_for_health_covers_health_and_metrics() -> None:
+    pool = EnginePool.from_config(fake_specs([1.0], model="fake"), engine_factory=lambda spec: FakeEngine())
+    with uvicorn_thread(create_app(pool, api_keys=["k"], keys_for_health=True)) as url:
+        assert httpx.get(f"{url}/health").status_code == 401
+        assert httpx.get(f"{url}/metrics").status_code == 401
+        assert httpx.get(f"{url}/health", headers={"authorization": "Bearer k"}).status_code == 200
+
+
+def test_body_limit_and_hostile_json(guarded: str) -> None:
+    auth = {"authorization": "Bearer key-one"}
+    big = {"model": "fake", "prompt": "x" * 4096}
+    r = httpx.post(f"{guarded}/v1/completions", json=big, headers=auth)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit must hold while reading
+        yield b'{"model": "fake", "prompt": "'
+        for _ in range(8):
+            yield b"x" * 512
+        yield b'"}'
+
+    r = httpx.post(f"{guarded}/v1/completions", content=chunks(), headers=auth)
+    assert r.status_code == 413
+    deep = b"[" * 40 + b"]" * 40
+    r = httpx.post(f"{guarded}/v1/completions", content=deep, headers=auth)
+    assert r.status_code == 400 and "nests deeper" in r.json()["error"]["message"]
+    r = httpx.post(f"{guarded}/v1/completions", content=b'{"model": "\xff\xfe"}', headers=auth)
+    assert r.status_code == 400

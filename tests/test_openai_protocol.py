@@ -596,3 +596,18 @@ def test_any_json_is_a_request_or_a_400(body: Any) -> None:
             assert error.message
         else:
             assert isinstance(result, (ChatRequest, CompletionRequest))
+
+
+def test_message_and_prompt_counts_are_bounded() -> None:
+    from lylm.openai._protocol import MAX_MESSAGES, MAX_PROMPTS
+
+    messages = [{"role": "user", "content": "hi"}] * (MAX_MESSAGES + 1)
+    with pytest.raises(OpenAIError) as info:
+        parse_chat_request({"model": "m", "messages": messages})
+    assert (info.value.status, info.value.param) == (400, "messages")
+    parse_chat_request({"model": "m", "messages": messages[:MAX_MESSAGES]})
+    with pytest.raises(OpenAIError) as info:
+        parse_completion_request({"model": "m", "prompt": ["p"] * (MAX_PROMPTS + 1)})
+    assert (info.value.status, info.value.param) == (400, "prompt")
+    # A long list of token ids is one prompt, not many.
+    assert len(parse_completion_request({"model": "m", "prompt": [1] * 500}).prompts) == 1

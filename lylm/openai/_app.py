@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -19,7 +18,8 @@ from starlette.routing import BaseRoute, Route
 from .._pool import EnginePool
 from ._chat import chat_completion
 from ._completions import completion
-from ._errors import OpenAIError, bad_request
+from ._errors import OpenAIError
+from ._guard import ApiKeys, read_json
 from ._json import json_response
 from ._metrics import PoolMetrics
 from ._protocol import parse_chat_request, parse_completion_request
@@ -29,31 +29,41 @@ logger = logging.getLogger("lylm.openai")
 Handler = Callable[[Request], Awaitable[Response]]
 
 
-async def _read_json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+#: The default cap on a request body: far above any prompt a model's context holds.
+DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 def _error_response(error: OpenAIError) -> Response:
     return json_response(error.body(), status=error.status)
 
 
-def routes(pool: EnginePool, *, metrics: PoolMetrics | None = None) -> list[BaseRoute]:
+def routes(
+    pool: EnginePool,
+    *,
+    metrics: PoolMetrics | None = None,
+    api_keys: Iterable[str] | None = None,
+    keys_for_health: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> list[BaseRoute]:
     """The adapter's routes, to mount in your own Starlette (or FastAPI) app.
 
     The pool's lifecycle stays yours: start it before serving (``async with pool``
     in your app's lifespan). Pass ``metrics`` to share one :class:`PoolMetrics`;
     by default the routes get their own registry, exported at ``/metrics``.
+
+    ``api_keys``: if given, every ``/v1`` request needs ``Authorization: Bearer
+    <one of them>`` (401 otherwise); ``/health`` and ``/metrics`` too when
+    ``keys_for_health``. Bodies over ``max_body_bytes`` get a 413.
     """
     metrics = metrics if metrics is not None else PoolMetrics(pool)
+    keys = ApiKeys(api_keys) if api_keys is not None else None
     created = int(time.time())
 
-    def endpoint(route: str, handler: Handler) -> Handler:
+    def endpoint(route: str, handler: Handler, *, public: bool = False) -> Handler:
         async def wrapped(request: Request) -> Response:
             try:
+                if keys is not None and not (public and not keys_for_health):
+                    keys.check(request)
                 response = await handler(request)
             except OpenAIError as error:
                 response = _error_response(error)
@@ -70,10 +80,10 @@ def routes(pool: EnginePool, *, metrics: PoolMetrics | None = None) -> list[Base
         return json_response({"object": "list", "data": data})
 
     async def chat(request: Request) -> Response:
-        return await chat_completion(pool, parse_chat_request(await _read_json(request)))
+        return await chat_completion(pool, parse_chat_request(await read_json(request, max_body_bytes)))
 
     async def completions(request: Request) -> Response:
-        return await completion(pool, parse_completion_request(await _read_json(request)))
+        return await completion(pool, parse_completion_request(await read_json(request, max_body_bytes)))
 
     async def health(request: Request) -> Response:
         models: dict[str, Any] = {}
@@ -101,8 +111,8 @@ def routes(pool: EnginePool, *, metrics: PoolMetrics | None = None) -> list[Base
         Route("/v1/models", endpoint("/v1/models", list_models), methods=["GET"]),
         Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
         Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
-        Route("/health", endpoint("/health", health), methods=["GET"]),
-        Route("/metrics", endpoint("/metrics", prometheus), methods=["GET"]),
+        Route("/health", endpoint("/health", health, public=True), methods=["GET"]),
+        Route("/metrics", endpoint("/metrics", prometheus, public=True), methods=["GET"]),
     ]
 
 
@@ -112,12 +122,21 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     return _error_response(error)
 
 
-def create_app(pool: EnginePool, *, manage_pool: bool = True, debug: bool = False) -> Starlette:
+def create_app(
+    pool: EnginePool,
+    *,
+    manage_pool: bool = True,
+    debug: bool = False,
+    api_keys: Iterable[str] | None = None,
+    keys_for_health: bool = False,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> Starlette:
     """A Starlette app serving OpenAI's API over ``pool``.
 
     With ``manage_pool`` (the default) the app starts the pool's engines in its
     lifespan startup and shuts them down at exit; otherwise the pool's lifecycle
     is yours. Unknown paths and wrong methods get OpenAI-shaped 404/405 errors.
+    ``api_keys``, ``keys_for_health`` and ``max_body_bytes`` are as in :func:`routes`.
     """
 
     @contextlib.asynccontextmanager
@@ -130,7 +149,9 @@ def create_app(pool: EnginePool, *, manage_pool: bool = True, debug: bool = Fals
 
     return Starlette(
         debug=debug,
-        routes=routes(pool),
+        routes=routes(
+            pool, api_keys=api_keys, keys_for_health=keys_for_health, max_body_bytes=max_body_bytes
+        ),
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},
     )

@@ -20,6 +20,9 @@ MAX_N = 16
 """The most choices (``n``) one request may ask for: each is a sequence on the engine."""
 
 MAX_STOP = 16
+#: The most messages one chat request may carry, and prompts one completions request.
+MAX_MESSAGES = 1024
+MAX_PROMPTS = 64
 """The most stop strings one request may give."""
 
 MAX_TOP_LOGPROBS = 20
@@ -275,6 +278,10 @@ def _messages(value: Any) -> list[dict[str, Any]]:
         raise _missing("messages")
     if not isinstance(value, list) or not value:
         raise _invalid("messages", "a non-empty list of messages", value)
+    if len(value) > MAX_MESSAGES:
+        raise bad_request(
+            f"'messages' has {len(value)} messages; at most {MAX_MESSAGES} are accepted", param="messages"
+        )
     return [_message(item, f"messages[{i}]") for i, item in enumerate(value)]
 
 
@@ -326,6 +333,8 @@ def _prompts(value: Any) -> list[str | list[int]]:
         if not value:  # OpenAI allows it, vLLM does not
             raise bad_request("'prompt' must not be empty", param="prompt")
         return [value]
+    if isinstance(value, list) and len(value) > MAX_PROMPTS and not _is_list_of_ints(value):
+        raise bad_request(f"'prompt' has {len(value)} prompts; at most {MAX_PROMPTS} are accepted", param="prompt")
     # Shape errors name 'prompt'; an empty or out-of-range element names itself.
     if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
         for i, text in enumerate(value):

@@ -1,0 +1,79 @@
+"""What a request must pass before any handler runs: its API key and its body size."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+
+from ._errors import OpenAIError, bad_request
+
+#: JSON nested deeper than this is refused: no valid request comes near it, and
+#: recursive handling of hostile depth is a cheap way to hurt a server.
+MAX_JSON_DEPTH = 32
+
+
+class ApiKeys:
+    """The accepted API keys; checked in constant time, never logged or shown."""
+
+    def __init__(self, keys: Iterable[str]) -> None:
+        self._keys = [k.encode() for k in keys if k]
+        if not self._keys:
+            raise ValueError("api_keys is empty: pass None to serve without keys")
+
+    def __repr__(self) -> str:
+        return f"<ApiKeys: {len(self._keys)} key(s)>"
+
+    def check(self, request: Request) -> None:
+        """Raise a 401 unless the request carries ``Authorization: Bearer <a valid key>``."""
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        given = token.strip().encode()
+        # Compare against every key, without stopping early, so timing reveals nothing.
+        ok = False
+        for key in self._keys:
+            ok |= hmac.compare_digest(given, key)
+        if scheme.lower() != "bearer" or not given or not ok:
+            raise OpenAIError(
+                401,
+                "Incorrect or missing API key: send 'Authorization: Bearer <key>'.",
+                code="invalid_api_key",
+            )
+
+
+def _depth_ok(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return False
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return True
+
+
+async def read_json(request: Request, max_bytes: int) -> Any:
+    """The request body as JSON: 413 past ``max_bytes``, 400 if it is not (sane) JSON."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_bytes:  # a lying or missing Content-Length
+            raise _too_large(max_bytes)
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not _depth_ok(data):
+        raise bad_request(f"the request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+    return data
+
+
+def _too_large(max_bytes: int) -> OpenAIError:
+    return OpenAIError(413, f"the request body exceeds {max_bytes} bytes", code="request_too_large")
