@@ -4,6 +4,7 @@ uvicorn on 127.0.0.1 and called with the openai client (FakeEngines behind it)."
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
@@ -52,6 +53,25 @@ def test_routes_serve_under_the_users_prefix(mounted: tuple[str, EnginePool]) ->
     assert [c.choices[0].text for c in r2] == [" ", "!", '"']
     assert httpx.get(f"{url}/llm/health").json()["status"] == "ok"
     assert "lylm_requests_total" in httpx.get(f"{url}/llm/metrics").text
+
+
+def test_non_streaming_request_is_aborted_when_the_client_leaves(mounted: tuple[str, EnginePool]) -> None:
+    url, pool = mounted
+    engines = [i.engine for i in pool.instances()]
+    for e in engines:
+        e.token_delay = 0.01  # type: ignore[attr-defined]
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            # 2,000 tokens take 20 s; the client gives up after 0.5 s.
+            httpx.post(f"{url}/llm/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2000}, timeout=0.5)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and any(i.in_flight_requests for i in pool.instances()):
+            time.sleep(0.02)
+        assert [i.in_flight_requests for i in pool.instances()] == [0, 0]
+        assert sum(i.aborted for i in pool.instances()) == 1
+    finally:
+        for e in engines:
+            e.token_delay = 0.001  # type: ignore[attr-defined]
 
 
 def test_no_healthy_engine_is_a_503(mounted: tuple[str, EnginePool]) -> None:

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
 
+import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -31,6 +32,37 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 #: The default cap on a request body: far above any prompt a model's context holds.
 DEFAULT_MAX_BODY_BYTES = 8 * 1024 * 1024
+
+
+async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Response]]) -> Response:
+    """Run ``work``; if the client hangs up first, cancel it, which aborts its engine requests.
+
+    Streaming responses watch for disconnects themselves once they start; this
+    covers the wait before them and the whole of a non-streaming request. The
+    body has been read already, so the next ASGI message can only be the disconnect.
+    """
+    result: list[Response] = []
+    errors: list[Exception] = []
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            tg.cancel_scope.cancel()
+
+        async def run() -> None:
+            try:
+                result.append(await work())
+            except Exception as exc:  # raised below as itself, not inside an ExceptionGroup
+                errors.append(exc)
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        tg.start_soon(run)
+    if errors:
+        raise errors[0]
+    # 499 (nginx's "client closed request"): nobody is left to read it; metrics count it.
+    return result[0] if result else Response(status_code=499)
 
 
 def _error_response(error: OpenAIError) -> Response:
@@ -80,10 +112,12 @@ def routes(
         return json_response({"object": "list", "data": data})
 
     async def chat(request: Request) -> Response:
-        return await chat_completion(pool, parse_chat_request(await read_json(request, max_body_bytes)))
+        body = parse_chat_request(await read_json(request, max_body_bytes))
+        return await _unless_disconnected(request, lambda: chat_completion(pool, body))
 
     async def completions(request: Request) -> Response:
-        return await completion(pool, parse_completion_request(await read_json(request, max_body_bytes)))
+        body = parse_completion_request(await read_json(request, max_body_bytes))
+        return await _unless_disconnected(request, lambda: completion(pool, body))
 
     async def health(request: Request) -> Response:
         models: dict[str, Any] = {}
