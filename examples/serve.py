@@ -71,17 +71,20 @@ def main() -> None:
     )
     parser.add_argument("--keys-for-health", action="store_true", help="/health and /metrics need a key too")
     parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None, help="per model: requests beyond it get 429 + Retry-After"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
     if args.config:
-        pool = EnginePool.from_config(args.config)
+        pool = EnginePool.from_config(args.config, max_in_flight_requests=args.max_in_flight)
         logger.info("serving %s from %s", ", ".join(pool.models), args.config)
     else:
         # The demo must run with no network at all.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        pool = EnginePool.from_config(default_config())
+        pool = EnginePool.from_config(default_config(), max_in_flight_requests=args.max_in_flight)
         logger.warning(
             "no --config given: serving the embedded demo model %r on two engines (weights 1:2). "
             "It has RANDOM WEIGHTS: it demonstrates the machinery, its words are noise. "

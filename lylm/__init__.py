@@ -21,6 +21,7 @@ from ._exceptions import EngineStartError as EngineStartError
 from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LylmError as LylmError
 from ._exceptions import NoHealthyEngineError as NoHealthyEngineError
+from ._exceptions import OverloadedError as OverloadedError
 from ._exceptions import UnknownModelError as UnknownModelError
 from ._instance import EngineStats as EngineStats
 from ._instance import Instance as Instance
@@ -53,6 +54,7 @@ __all__ = [
     "ModelSpec",
     "NoHealthyEngineError",
     "Outcome",
+    "OverloadedError",
     "PoolConfig",
     "Prompt",
     "RenderedPrompt",

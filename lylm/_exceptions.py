@@ -7,6 +7,7 @@ Every error lylm raises on purpose derives from :class:`LylmError`::
     ├── UnknownModelError        a request names a model the pool does not serve (also a LookupError)
     ├── EngineStartError         an engine instance failed to start
     ├── NoHealthyEngineError     every instance of the requested model is unhealthy
+    ├── OverloadedError          the model is at its admission limit; retry later
     ├── InvalidRequestError      the engine rejected the request itself (also a ValueError)
     └── EngineError              an engine failed while serving a request
         └── EngineDeadError      ... and will not serve again
@@ -67,6 +68,15 @@ class NoHealthyEngineError(LylmError):
     def __init__(self, model: str) -> None:
         self.model = model
         super().__init__(f"no healthy engine serves model {model!r}")
+
+
+class OverloadedError(LylmError):
+    """The model already has as many requests (or tokens) in flight as its limit allows."""
+
+    def __init__(self, model: str, message: str, *, retry_after: float = 1.0) -> None:
+        self.model = model
+        self.retry_after = retry_after
+        super().__init__(f"model {model!r} is at capacity: {message}")
 
 
 class InvalidRequestError(LylmError, ValueError):

@@ -23,6 +23,7 @@ from ._exceptions import (
     EngineStartError,
     LylmError,
     NoHealthyEngineError,
+    OverloadedError,
     UnknownModelError,
 )
 from ._instance import EngineStats, Instance, Outcome
@@ -63,6 +64,11 @@ class EnginePool:
     Balancer subclass or instance. ``rng`` seeds the built-in balancers.
     ``engine_factory`` builds engines from specs (default: vLLM engines).
     ``clock`` (seconds, monotonic) times requests for observers.
+
+    Admission control: ``max_in_flight_requests`` and ``max_in_flight_tokens``
+    (one number for every model, or a dict by model name) bound what a model may
+    have in flight across its instances; a request beyond them raises
+    :class:`OverloadedError` at once instead of queueing without bound.
     """
 
     def __init__(
@@ -74,8 +80,12 @@ class EnginePool:
         engine_factory: EngineFactory | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.monotonic,
+        max_in_flight_requests: int | Mapping[str, int] | None = None,
+        max_in_flight_tokens: int | Mapping[str, int] | None = None,
     ) -> None:
         self._config = config
+        self._max_requests = _per_model(max_in_flight_requests, config, "max_in_flight_requests")
+        self._max_tokens = _per_model(max_in_flight_tokens, config, "max_in_flight_tokens")
         self._clock = clock
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._engine_factory = engine_factory or _vllm_engine_factory
@@ -286,12 +296,28 @@ class EnginePool:
             prompt_token_ids=rendered.token_ids,
             session_key=session_key,
         )
+        self._admit(group, request)
         instance = self._choose(group, request)
         # aclosing: when our caller closes us early, the inner stream (and the
         # engine's request) must close now, not whenever the GC gets to it.
         async with aclosing(self._serve(instance, request, rendered, sampling_params)) as outputs:
             async for output in outputs:
                 yield output
+
+    def _admit(self, group: list[Instance], request: RequestInfo) -> None:
+        limit = self._max_requests.get(request.model)
+        if limit is not None:
+            in_flight = sum(i.in_flight_requests for i in group)
+            if in_flight >= limit:
+                raise OverloadedError(request.model, f"{in_flight} requests in flight (limit {limit})")
+        limit = self._max_tokens.get(request.model)
+        if limit is not None:
+            tokens = sum(i.in_flight_tokens for i in group)
+            # One request alone may exceed the limit; it is admitted when nothing else runs.
+            if tokens and tokens + request.token_budget > limit:
+                raise OverloadedError(
+                    request.model, f"{tokens} tokens in flight + {request.token_budget} > limit {limit}"
+                )
 
     def _choose(self, group: list[Instance], request: RequestInfo) -> Instance:
         candidates = [i for i in group if i.healthy]
@@ -369,6 +395,22 @@ class EnginePool:
                         observer(record)
                     except Exception:
                         logger.exception("request observer %r failed", observer)
+
+
+def _per_model(value: int | Mapping[str, int] | None, config: PoolConfig, name: str) -> dict[str, int]:
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        for model in value:
+            if model not in config.model_names:
+                raise UnknownModelError(model, config.model_names)
+        limits = dict(value)
+    else:
+        limits = {model: value for model in config.model_names}
+    for model, limit in limits.items():
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"{name}[{model!r}] must be a positive integer (got {limit!r})")
+    return limits
 
 
 def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:

@@ -167,3 +167,23 @@ def test_body_limit_and_hostile_json(guarded: str) -> None:
     assert r.status_code == 400 and "nests deeper" in r.json()["error"]["message"]
     r = httpx.post(f"{guarded}/v1/completions", content=b'{"model": "\xff\xfe"}', headers=auth)
     assert r.status_code == 400
+
+
+def test_past_the_admission_limit_is_a_429_with_retry_after() -> None:
+    pool = EnginePool.from_config(
+        fake_specs([1.0], model="fake"),
+        engine_factory=lambda spec: FakeEngine(token_delay=0.01),
+        max_in_flight_requests=1,
+    )
+    with uvicorn_thread(create_app(pool)) as url:
+        body = {"model": "fake", "prompt": "hi", "max_tokens": 100, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as first:
+            lines = first.iter_lines()
+            next(lines)  # the first request holds the only slot
+            r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2})
+            assert r.status_code == 429
+            assert r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "model_at_capacity"
+            assert [line for line in lines if line][-1] == "data: [DONE]"  # the admitted one finishes
+        r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 200

@@ -21,6 +21,7 @@ from lylm import (
     Instance,
     LylmError,
     NoHealthyEngineError,
+    OverloadedError,
     RequestInfo,
     UnknownModelError,
 )
@@ -378,3 +379,45 @@ async def test_observers_get_a_timed_record_of_every_request() -> None:
     assert record.outcome == "completed"
     assert record.instance is instance
     assert (record.time_to_first_token, record.latency, record.generated_tokens) == (0.5, 2.0, 4)
+
+
+async def test_admission_limits_refuse_at_once_and_admit_again() -> None:
+    pool = EnginePool.from_config(
+        fake_specs([1.0, 1.0]),
+        engine_factory=lambda s: FakeEngine(token_delay=0.01),
+        max_in_flight_requests=2,
+        max_in_flight_tokens=10_000,
+    )
+    async with pool:
+        outcomes: list[str] = []
+
+        async def one(max_tokens: int) -> None:
+            try:
+                await run(pool, max_tokens=max_tokens)
+                outcomes.append("done")
+            except OverloadedError as exc:
+                assert exc.retry_after > 0
+                outcomes.append("refused")
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 30)
+            tg.start_soon(one, 30)
+            await anyio.sleep(0.05)  # both are in flight now
+            await one(5)  # refused, not queued: the pool never waits for a slot
+        assert sorted(outcomes) == ["done", "done", "refused"]
+        await run(pool, max_tokens=3)  # capacity is back
+        # The token limit: one request alone may exceed it, a second one may not.
+        pool._max_tokens["m"] = 100
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(one, 200)
+            await anyio.sleep(0.05)
+            await one(50)
+        assert outcomes[-2:] == ["refused", "done"]
+        assert_books_idle(pool)
+
+
+def test_admission_limits_are_validated() -> None:
+    with pytest.raises(ValueError, match=r"max_in_flight_requests\['m'\] must be a positive integer"):
+        EnginePool.from_config(fake_specs([1.0]), max_in_flight_requests=0)
+    with pytest.raises(UnknownModelError):
+        EnginePool.from_config(fake_specs([1.0]), max_in_flight_tokens={"other": 5})

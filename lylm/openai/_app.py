@@ -66,7 +66,7 @@ async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Re
 
 
 def _error_response(error: OpenAIError) -> Response:
-    return json_response(error.body(), status=error.status)
+    return json_response(error.body(), status=error.status, headers=error.headers or None)
 
 
 def routes(

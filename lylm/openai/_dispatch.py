@@ -14,6 +14,7 @@ from .._exceptions import (
     InvalidRequestError,
     LylmError,
     NoHealthyEngineError,
+    OverloadedError,
     UnknownModelError,
 )
 from .._pool import EnginePool, Prompt
@@ -37,6 +38,14 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         return exc
     if isinstance(exc, UnknownModelError):
         return OpenAIError(404, str(exc), param="model", code="model_not_found")
+    if isinstance(exc, OverloadedError):
+        return OpenAIError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="model_at_capacity",
+            headers={"Retry-After": str(max(1, round(exc.retry_after)))},
+        )
     if isinstance(exc, NoHealthyEngineError):
         return OpenAIError(503, str(exc), type="service_unavailable", code="no_healthy_engine")
     if isinstance(exc, (InvalidRequestError, ValueError, TypeError)):
