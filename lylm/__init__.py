@@ -22,15 +22,18 @@ from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LylmError as LylmError
 from ._exceptions import NoHealthyEngineError as NoHealthyEngineError
 from ._exceptions import OverloadedError as OverloadedError
+from ._exceptions import ShuttingDownError as ShuttingDownError
 from ._exceptions import UnknownModelError as UnknownModelError
 from ._instance import EngineStats as EngineStats
 from ._instance import Instance as Instance
 from ._instance import Outcome as Outcome
+from ._instance import State as State
 from ._pool import EngineFactory as EngineFactory
 from ._pool import EnginePool as EnginePool
 from ._pool import Prompt as Prompt
 from ._request import RequestInfo as RequestInfo
 from ._request import RequestRecord as RequestRecord
+from ._supervisor import RestartPolicy as RestartPolicy
 from ._vllm_engine import VLLMEngine as VLLMEngine
 
 __version__ = "0.1.0"
@@ -60,6 +63,9 @@ __all__ = [
     "RenderedPrompt",
     "RequestInfo",
     "RequestRecord",
+    "RestartPolicy",
+    "ShuttingDownError",
+    "State",
     "UnknownModelError",
     "VLLMEngine",
     "__version__",

@@ -22,8 +22,9 @@ from .balancers._registry import BALANCERS, DEFAULT_BALANCER
 __all__ = ["EngineSpec", "ModelSpec", "PoolConfig"]
 
 _TOP_KEYS = ("common", "models")
-_COMMON_KEYS = ("balancer", "engine_args")
-_MODEL_KEYS = ("instances", "balancer")
+_COMMON_KEYS = ("balancer", "engine_args", "limits")
+_MODEL_KEYS = ("instances", "balancer", "limits")
+_LIMIT_KEYS = ("max_in_flight_requests", "max_in_flight_tokens")
 _INSTANCE_KEYS = ("devices", "engine_args")
 _DEVICE_KEYS = ("gpu_ids", "weight")
 _MODELS_SHAPE = 'must be a list of instances or {"instances": [...], "balancer": ...}'
@@ -53,11 +54,13 @@ class EngineSpec:
 
 @attrs.frozen
 class ModelSpec:
-    """A served model: its instances and (optionally) its balancer name."""
+    """A served model: its instances, balancer name and admission limits (None: unlimited)."""
 
     name: str
     instances: tuple[EngineSpec, ...]
     balancer: str
+    max_in_flight_requests: int | None = None
+    max_in_flight_tokens: int | None = None
 
 
 @attrs.frozen
@@ -300,15 +303,33 @@ def _instance(
     return EngineSpec(model=model, engine_args=args, gpu_ids=gpu_ids, weight=weight, index=index)
 
 
-def _model(name: Any, raw: Any, *, common_args: Mapping[str, Any], default_balancer: str) -> ModelSpec:
+def _limits(value: Any, path: str) -> dict[str, int]:
+    limits = _object(value, path)
+    _check_keys(limits, _LIMIT_KEYS, path)
+    for key, limit in limits.items():
+        if not _is_int(limit) or limit < 1:
+            _fail(_join(path, key), f"must be a positive integer (got {_show(limit)})")
+    return dict(limits)
+
+
+def _model(
+    name: Any,
+    raw: Any,
+    *,
+    common_args: Mapping[str, Any],
+    default_balancer: str,
+    common_limits: Mapping[str, int],
+) -> ModelSpec:
     if not isinstance(name, str) or not name:
         _fail("models", f"model names must be non-empty strings (got {_show(name)})")
     path = _model_path(name)
     balancer = default_balancer
+    limits = dict(common_limits)
     if isinstance(raw, Mapping):
         _check_keys(raw, _MODEL_KEYS, path)
         if "balancer" in raw:
             balancer = _balancer(raw["balancer"], f"{path}.balancer")
+        limits.update(_limits(raw.get("limits", {}), f"{path}.limits"))
         raw_instances = raw.get("instances", [])
         if not isinstance(raw_instances, list):
             _fail(f"{path}.instances", f"must be a list of instances (got {_show(raw_instances)})")
@@ -324,7 +345,18 @@ def _model(name: Any, raw: Any, *, common_args: Mapping[str, Any], default_balan
         _instance(item, f"{path}[{i}]", model=name, index=i, common_args=common_args)
         for i, item in enumerate(raw_instances)
     )
-    return ModelSpec(name=name, instances=instances, balancer=balancer)
+    return ModelSpec(
+        name=name,
+        instances=instances,
+        balancer=balancer,
+        max_in_flight_requests=limits.get("max_in_flight_requests"),
+        max_in_flight_tokens=limits.get("max_in_flight_tokens"),
+    )
+
+
+def instance_spec(model: str, raw: Mapping[str, Any], *, index: int) -> EngineSpec:
+    """Validate one instance entry in the config file's form, for an instance added at runtime."""
+    return _instance(raw, f"{_model_path(model)}[{index}]", model=model, index=index, common_args={})
 
 
 def _build(data: Any) -> tuple[ModelSpec, ...]:
@@ -340,6 +372,7 @@ def _build(data: Any) -> tuple[ModelSpec, ...]:
         default_balancer = _balancer(common["balancer"], "common.balancer")
     common_args = _object(common.get("engine_args", {}), "common.engine_args")
     _check_pinning_args(common_args, "common.engine_args")
+    common_limits = _limits(common.get("limits", {}), "common.limits")
 
     if "models" not in data:
         _fail("models", "required")
@@ -347,6 +380,8 @@ def _build(data: Any) -> tuple[ModelSpec, ...]:
     if not isinstance(models, Mapping) or not models:
         _fail("models", f"must be a non-empty object of model name -> instances (got {_show(models)})")
     return tuple(
-        _model(name, raw, common_args=common_args, default_balancer=default_balancer)
+        _model(
+            name, raw, common_args=common_args, default_balancer=default_balancer, common_limits=common_limits
+        )
         for name, raw in models.items()
     )

@@ -8,6 +8,7 @@ Every error lylm raises on purpose derives from :class:`LylmError`::
     ├── EngineStartError         an engine instance failed to start
     ├── NoHealthyEngineError     every instance of the requested model is unhealthy
     ├── OverloadedError          the model is at its admission limit; retry later
+    ├── ShuttingDownError        the pool is draining before shutdown and takes no new requests
     ├── InvalidRequestError      the engine rejected the request itself (also a ValueError)
     └── EngineError              an engine failed while serving a request
         └── EngineDeadError      ... and will not serve again
@@ -77,6 +78,13 @@ class OverloadedError(LylmError):
         self.model = model
         self.retry_after = retry_after
         super().__init__(f"model {model!r} is at capacity: {message}")
+
+
+class ShuttingDownError(LylmError):
+    """The pool is draining before shutdown: requests in flight finish, new ones are refused."""
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down and takes no new requests")
 
 
 class InvalidRequestError(LylmError, ValueError):

@@ -13,6 +13,19 @@ if TYPE_CHECKING:
 Outcome = Literal["completed", "failed", "aborted"]
 """How a request ended: ran to its end, failed with an error, or was cancelled."""
 
+State = Literal["starting", "healthy", "draining", "dead", "restarting", "stopped"]
+"""Where an instance is in its life.
+
+``starting``: its engine is being started (added at runtime); ``healthy``: it
+serves; ``draining``: it takes no new requests and stops once those in flight end;
+``dead``: its engine failed (a restart may follow, after a backoff);
+``restarting``: a new engine is being started in its place; ``stopped``: it was
+removed from the pool, or the pool is closed. Only ``healthy`` instances are
+offered to balancers.
+"""
+
+STATES: tuple[State, ...] = ("starting", "healthy", "draining", "dead", "restarting", "stopped")
+
 
 @attrs.frozen
 class EngineStats:
@@ -20,7 +33,9 @@ class EngineStats:
 
     name: str
     model: str
+    state: State
     healthy: bool
+    restarts: int
     in_flight_requests: int
     in_flight_tokens: int
     dispatched: int
@@ -56,10 +71,12 @@ class Instance:
         "aborted",
         "prompt_tokens",
         "generated_tokens",
-        "_dead",
+        "state",
+        "restarts",
+        "last_error",
     )
 
-    def __init__(self, spec: EngineSpec, engine: Engine) -> None:
+    def __init__(self, spec: EngineSpec, engine: Engine, *, state: State = "healthy") -> None:
         self.spec = spec
         self.engine = engine
         #: Relative share of traffic; larger takes more.
@@ -75,11 +92,16 @@ class Instance:
         self.aborted = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        self._dead = False
+        #: Where the instance is in its life (see :data:`State`); set by the pool.
+        self.state: State = state
+        #: How many times the pool replaced a failed engine of this instance.
+        self.restarts = 0
+        #: Why the engine last failed, if it did.
+        self.last_error: str | None = None
 
     def __repr__(self) -> str:
         return (
-            f"<Instance {self.name} weight={self.weight:g} healthy={self.healthy} "
+            f"<Instance {self.name} weight={self.weight:g} state={self.state} "
             f"in_flight={self.in_flight_requests}>"
         )
 
@@ -105,8 +127,8 @@ class Instance:
 
     @property
     def healthy(self) -> bool:
-        """Whether the instance may receive new requests."""
-        return not self._dead and self.engine.healthy
+        """Whether the instance may receive new requests: it is ``healthy`` and so is its engine."""
+        return self.state == "healthy" and self.engine.healthy
 
     @property
     def running(self) -> int:
@@ -128,7 +150,9 @@ class Instance:
         return EngineStats(
             name=self.name,
             model=self.model,
+            state=self.state,
             healthy=self.healthy,
+            restarts=self.restarts,
             in_flight_requests=self.in_flight_requests,
             in_flight_tokens=self.in_flight_tokens,
             dispatched=self.dispatched,

@@ -16,18 +16,21 @@ from typing import TYPE_CHECKING, Any, Union
 import anyio
 
 from ._balancer import Balancer
-from ._config import EngineSpec, PoolConfig
+from ._config import EngineSpec, PoolConfig, instance_spec
 from ._engine import Engine, RenderedPrompt
 from ._exceptions import (
     EngineDeadError,
+    EngineError,
     EngineStartError,
     LylmError,
     NoHealthyEngineError,
     OverloadedError,
+    ShuttingDownError,
     UnknownModelError,
 )
 from ._instance import EngineStats, Instance, Outcome
 from ._request import RequestInfo, RequestRecord
+from ._supervisor import RestartPolicy, Supervisor
 from .balancers import resolve_balancer
 
 if TYPE_CHECKING:
@@ -68,7 +71,15 @@ class EnginePool:
     Admission control: ``max_in_flight_requests`` and ``max_in_flight_tokens``
     (one number for every model, or a dict by model name) bound what a model may
     have in flight across its instances; a request beyond them raises
-    :class:`OverloadedError` at once instead of queueing without bound.
+    :class:`OverloadedError` at once instead of queueing without bound. They
+    override the config's ``limits``.
+
+    Failures: an engine that dies is taken out of balancing at once (the pool
+    polls engine health every ``health_interval`` seconds and hears of deaths
+    from requests too), its requests fail with :class:`EngineDeadError`, and it
+    is restarted under ``restart`` (a :class:`RestartPolicy`; ``None`` leaves it
+    dead). A request whose engine fails before it yielded any output is retried
+    on another healthy instance of the model, at most ``retries`` times.
     """
 
     def __init__(
@@ -82,10 +93,28 @@ class EnginePool:
         clock: Callable[[], float] = time.monotonic,
         max_in_flight_requests: int | Mapping[str, int] | None = None,
         max_in_flight_tokens: int | Mapping[str, int] | None = None,
+        retries: int = 2,
+        restart: RestartPolicy | None = RestartPolicy(),
+        health_interval: float = 0.2,
     ) -> None:
         self._config = config
-        self._max_requests = _per_model(max_in_flight_requests, config, "max_in_flight_requests")
-        self._max_tokens = _per_model(max_in_flight_tokens, config, "max_in_flight_tokens")
+        self._max_requests = {
+            **{m.name: m.max_in_flight_requests for m in config.models if m.max_in_flight_requests},
+            **_per_model(max_in_flight_requests, config, "max_in_flight_requests"),
+        }
+        self._max_tokens = {
+            **{m.name: m.max_in_flight_tokens for m in config.models if m.max_in_flight_tokens},
+            **_per_model(max_in_flight_tokens, config, "max_in_flight_tokens"),
+        }
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise ValueError(f"retries must be a non-negative integer (got {retries!r})")
+        if not isinstance(health_interval, (int, float)) or not 0 < health_interval <= 60:
+            raise ValueError(f"health_interval must be a number of seconds in (0, 60] (got {health_interval!r})")
+        self._retries = retries
+        self._supervisor = Supervisor(
+            instances=self.instances, start_engine=self._start_engine, policy=restart, interval=health_interval
+        )
+        self._next_index: dict[str, int] = {m.name: len(m.instances) for m in config.models}
         self._clock = clock
         self._observers: list[Callable[[RequestRecord], None]] = []
         self._engine_factory = engine_factory or _vllm_engine_factory
@@ -152,6 +181,7 @@ class EnginePool:
             for instance in started:
                 self._instances.setdefault(instance.model, []).append(instance)
             self._state = "running"
+            self._supervisor.start()
 
     async def _start_engine(self, spec: EngineSpec) -> Engine:
         engine = self._engine_factory(spec)
@@ -166,15 +196,119 @@ class EnginePool:
         return engine
 
     async def aclose(self) -> None:
-        """Shut every engine down. Safe to call more than once."""
+        """Shut every engine down; requests still in flight fail. Safe to call more than once.
+
+        To let requests finish first, ``await pool.drain(timeout)`` before closing.
+        """
         async with self._lock:
             if self._state == "closed":
                 return
             self._state = "closed"
             instances = [i for group in self._instances.values() for i in group]
             with anyio.CancelScope(shield=True):
+                await self._supervisor.aclose()
                 for instance in reversed(instances):
+                    instance.state = "stopped"
                     await instance.engine.shutdown()
+
+    async def drain(self, timeout: float | None = None) -> bool:
+        """Stop admitting requests and wait for those in flight to end (at most ``timeout`` s).
+
+        New requests then raise :class:`ShuttingDownError` (the OpenAI adapter
+        answers 503, and its ``/health`` says ``draining``). Returns True if
+        nothing is left in flight. Follow with :meth:`aclose`.
+        """
+        if self._state == "running":
+            self._state = "draining"
+        with anyio.move_on_after(timeout):
+            while any(i.in_flight_requests for i in self.instances()):
+                await anyio.sleep(0.05)
+        return not any(i.in_flight_requests for i in self.instances())
+
+    @property
+    def draining(self) -> bool:
+        """True once :meth:`drain` was called: the pool takes no new requests."""
+        return self._state == "draining"
+
+    # -- runtime membership ----------------------------------------------------
+
+    async def add_instance(
+        self,
+        model: str,
+        *,
+        engine_args: Mapping[str, Any] | None = None,
+        gpu_ids: Sequence[int] = (),
+        weight: float = 1.0,
+    ) -> Instance:
+        """Start one more instance of a served ``model`` and add it to balancing.
+
+        ``engine_args`` default to those of the model's first configured
+        instance (another replica). Values are validated like the config file's
+        (a :class:`ConfigError` names the bad one). The instance is listed as
+        ``starting`` until its engine is up; a failed start raises
+        :class:`EngineStartError` and leaves nothing behind.
+        """
+        group = self._group(model)
+        if engine_args is None:
+            engine_args = self._config.model(model).instances[0].engine_args
+        index = self._next_index[model]
+        spec = instance_spec(
+            model,
+            {"devices": {"gpu_ids": list(gpu_ids), "weight": weight}, "engine_args": dict(engine_args)},
+            index=index,
+        )
+        self._next_index[model] = index + 1
+        instance = Instance(spec, self._engine_factory(spec), state="starting")
+        group.append(instance)
+        try:
+            engine = instance.engine
+            try:
+                await engine.start()
+            except Exception as exc:
+                if isinstance(exc, LylmError):
+                    raise
+                raise EngineStartError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+        except BaseException:
+            group.remove(instance)
+            instance.state = "stopped"
+            with anyio.CancelScope(shield=True):
+                await instance.engine.shutdown()
+            raise
+        if instance.state == "starting":
+            instance.state = "healthy"
+        return instance
+
+    async def drain_instance(self, instance: Instance | str, *, timeout: float | None = None) -> bool:
+        """Take an instance out of balancing, let its requests finish, then stop and remove it.
+
+        Waits at most ``timeout`` seconds (None: as long as it takes); requests
+        still running then fail with :class:`EngineDeadError` (those without
+        output yet are retried elsewhere). Returns True if none had to fail.
+        """
+        target = self._find(instance)
+        if target.state in ("healthy", "starting"):
+            target.state = "draining"
+        with anyio.move_on_after(timeout):
+            while target.in_flight_requests and target.state == "draining":
+                await anyio.sleep(0.05)
+        clean = target.in_flight_requests == 0
+        group = self._instances.get(target.model, [])
+        if target in group:
+            group.remove(target)
+        target.state = "stopped"
+        with anyio.CancelScope(shield=True):
+            await target.engine.shutdown()
+        return clean
+
+    async def remove_instance(self, instance: Instance | str) -> None:
+        """Stop an instance now and remove it; its requests fail (or retry elsewhere before output)."""
+        await self.drain_instance(instance, timeout=0)
+
+    def _find(self, instance: Instance | str) -> Instance:
+        for candidate in self.instances():
+            if candidate is instance or candidate.name == instance:
+                return candidate
+        raise LookupError(f"no instance {instance!r} in the pool")
 
     # -- introspection ---------------------------------------------------------
 
@@ -224,6 +358,8 @@ class EnginePool:
         if model not in self._balancers:
             raise UnknownModelError(model, self.models)
         if self._state != "running":
+            if self._state == "draining":
+                raise ShuttingDownError()
             raise LylmError(f"the pool is {self._state}; use 'async with pool' or 'await pool.start()'")
         return self._instances[model]
 
@@ -298,11 +434,27 @@ class EnginePool:
         )
         self._admit(group, request)
         instance = self._choose(group, request)
-        # aclosing: when our caller closes us early, the inner stream (and the
-        # engine's request) must close now, not whenever the GC gets to it.
-        async with aclosing(self._serve(instance, request, rendered, sampling_params)) as outputs:
-            async for output in outputs:
-                yield output
+        tried: list[Instance] = []
+        while True:
+            started = False
+            try:
+                # aclosing: when our caller closes us early, the inner stream (and the
+                # engine's request) must close now, not whenever the GC gets to it.
+                async with aclosing(self._serve(instance, request, rendered, sampling_params)) as outputs:
+                    async for output in outputs:
+                        started = True
+                        yield output
+                return
+            except EngineError as exc:
+                # Nothing reached the caller yet, so another engine may serve it whole.
+                if started or len(tried) >= self._retries:
+                    raise
+                tried.append(instance)
+                try:
+                    instance = self._choose(group, request, exclude=tried)
+                except NoHealthyEngineError:
+                    raise exc from None
+                logger.info("request %s: retrying on %s after: %s", request.request_id, instance.name, exc)
 
     def _admit(self, group: list[Instance], request: RequestInfo) -> None:
         limit = self._max_requests.get(request.model)
@@ -319,8 +471,10 @@ class EnginePool:
                     request.model, f"{tokens} tokens in flight + {request.token_budget} > limit {limit}"
                 )
 
-    def _choose(self, group: list[Instance], request: RequestInfo) -> Instance:
-        candidates = [i for i in group if i.healthy]
+    def _choose(
+        self, group: list[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()
+    ) -> Instance:
+        candidates = [i for i in group if i.healthy and not any(i is x for x in exclude)]
         if not candidates:
             raise NoHealthyEngineError(request.model)
         balancer = self._balancers[request.model]
@@ -368,8 +522,8 @@ class EnginePool:
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
             outcome = "aborted"
             raise
-        except EngineDeadError:
-            instance._dead = True
+        except EngineDeadError as exc:
+            self._supervisor.engine_failed(instance, str(exc))
             raise
         finally:
             if outcome != "completed":

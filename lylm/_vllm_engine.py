@@ -56,6 +56,7 @@ class VLLMEngine(Engine):
         self.spec = spec
         self._llm: Any = None
         self._closed = False
+        self._processes: list[Any] = []
 
     def engine_args(self) -> dict[str, Any]:
         """The keyword arguments for vLLM's ``AsyncEngineArgs``."""
@@ -85,6 +86,7 @@ class VLLMEngine(Engine):
         factory = stat_logger_factory(self.signals)
         loggers = [factory] if factory is not None else None
         self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
+        self._processes = _process_tree(self.process_ids())
 
     def _require(self) -> Any:
         if self._llm is None:
@@ -194,7 +196,62 @@ class VLLMEngine(Engine):
         llm, self._llm = self._llm, None
         self._closed = True
         if llm is not None:
+            _fail_held_requests(llm)
             await anyio.to_thread.run_sync(llm.shutdown)
+        processes, self._processes = self._processes, []
+        if processes:
+            await anyio.to_thread.run_sync(_reap, processes)
+
+    def process_ids(self) -> list[int]:
+        """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""
+        manager = getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None), "engine_manager", None)
+        return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
+
+
+def _process_tree(pids: list[int]) -> list[Any]:
+    """The engine's processes and their children (vLLM's workers), as psutil handles."""
+    import psutil  # a dependency of vLLM
+
+    found: list[Any] = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            found += [root, *root.children(recursive=True)]
+        except psutil.Error:
+            pass
+    return found
+
+
+def _reap(processes: list[Any], grace: float = 5.0) -> None:
+    """Wait for an engine's processes to exit; kill what is left after ``grace`` seconds.
+
+    A killed engine core leaves its workers behind; they notice and exit by
+    themselves, which this waits for, but none may outlive the engine.
+    """
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _fail_held_requests(llm: Any) -> None:
+    # AsyncLLM.shutdown() cancels its output task, but requests waiting on their
+    # queues would wait forever: end them with vLLM's own EngineDeadError first.
+    # (When the engine process died, vLLM has usually done this already.)
+    processor = getattr(llm, "output_processor", None)
+    if processor is None or not getattr(processor, "request_states", None):
+        return
+    try:
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
+
+        processor.propagate_error(VLLMEngineDeadError())
+    except Exception:  # a vLLM without these internals: shutdown still proceeds
+        pass
 
 
 def _is_delta(sampling_params: Any) -> bool:

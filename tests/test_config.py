@@ -271,10 +271,10 @@ def test_instance_errors(instance: dict[str, Any], expected: str) -> None:
         ),
         (
             {"models": {"m": {"instances": [], "balancers": "x"}}},
-            'models["m"].balancers: unknown key (allowed: instances, balancer)',
+            'models["m"].balancers: unknown key (allowed: instances, balancer, limits)',
         ),
         ({"common": [], "models": {}}, "common: must be an object (got [])"),
-        ({"common": {"foo": 1}}, "common.foo: unknown key (allowed: balancer, engine_args)"),
+        ({"common": {"foo": 1}}, "common.foo: unknown key (allowed: balancer, engine_args, limits)"),
         ({"common": {"engine_args": "x"}}, 'common.engine_args: must be an object (got "x")'),
         (
             {"common": {"engine_args": {"device_ids": [0]}}},

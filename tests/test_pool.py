@@ -37,12 +37,14 @@ def fake_pool(
     seed: int = 0,
     make: Callable[[EngineSpec], FakeEngine] | None = None,
     model: str = "m",
+    **options: Any,
 ) -> EnginePool:
     return EnginePool.from_config(
         fake_specs(weights, model),
         balancer=balancer,
         rng=random.Random(seed),
         engine_factory=make or (lambda spec: FakeEngine()),
+        **options,
     )
 
 
@@ -201,7 +203,8 @@ async def test_balancer_hook_sees_every_outcome() -> None:
 
 
 async def test_dead_engines_get_no_requests_and_fail_theirs() -> None:
-    async with fake_pool([1.0, 1.0], make=lambda s: FakeEngine(token_delay=0.01)) as pool:
+    make = lambda s: FakeEngine(token_delay=0.01)  # noqa: E731
+    async with fake_pool([1.0, 1.0], make=make, restart=None) as pool:
         a, b = pool.instances("m")
         a.engine.kill()  # type: ignore[attr-defined]
         for _ in range(20):

@@ -126,7 +126,10 @@ def routes(
                 {
                     "engine": instance.index,
                     "name": instance.name,
+                    "state": instance.state,
                     "healthy": instance.healthy,
+                    "restarts": instance.restarts,
+                    "last_error": instance.last_error,
                     "weight": instance.weight,
                     "in_flight_requests": instance.in_flight_requests,
                     "in_flight_tokens": instance.in_flight_tokens,
@@ -135,8 +138,11 @@ def routes(
                 if instance.model == model
             ]
             models[model] = {"healthy": any(e["healthy"] for e in engines), "engines": engines}
-        ok = bool(models) and all(m["healthy"] for m in models.values())
-        return json_response({"status": "ok" if ok else "unavailable", "models": models}, status=200 if ok else 503)
+        # Ready while every model has a healthy engine; a draining server is not
+        # ready, so that load balancers stop sending it requests.
+        ok = bool(models) and all(m["healthy"] for m in models.values()) and not pool.draining
+        status = "draining" if pool.draining else "ok" if ok else "unavailable"
+        return json_response({"status": status, "models": models}, status=200 if ok else 503)
 
     async def prometheus(request: Request) -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -15,6 +15,7 @@ from .._exceptions import (
     LylmError,
     NoHealthyEngineError,
     OverloadedError,
+    ShuttingDownError,
     UnknownModelError,
 )
 from .._pool import EnginePool, Prompt
@@ -48,6 +49,11 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         )
     if isinstance(exc, NoHealthyEngineError):
         return OpenAIError(503, str(exc), type="service_unavailable", code="no_healthy_engine")
+    if isinstance(exc, ShuttingDownError):
+        # Another replica behind the same load balancer can take it now.
+        return OpenAIError(
+            503, str(exc), type="service_unavailable", code="shutting_down", headers={"Retry-After": "1"}
+        )
     if isinstance(exc, (InvalidRequestError, ValueError, TypeError)):
         return bad_request(str(exc))
     if isinstance(exc, EngineDeadError):

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from .._instance import STATES
 from .._pool import EnginePool
 from .._request import RequestRecord
 
@@ -45,6 +46,14 @@ class _BooksCollector(Collector):
         running = GaugeMetricFamily("lylm_engine_running", "Requests the engine's scheduler runs.", labels=LABELS)
         waiting = GaugeMetricFamily("lylm_engine_waiting", "Requests queued in the engine.", labels=LABELS)
         kv = GaugeMetricFamily("lylm_engine_kv_cache_usage", "Fraction of KV cache in use.", labels=LABELS)
+        state = GaugeMetricFamily(
+            "lylm_engine_state",
+            "1 for the engine's current state (starting, healthy, draining, dead, restarting), else 0.",
+            labels=[*LABELS, "state"],
+        )
+        restarts = CounterMetricFamily(
+            "lylm_engine_restarts", "Times a failed engine was replaced by a new one.", labels=LABELS
+        )
         for instance in self._pool.instances():
             s = instance.stats()
             labels = [s.model, str(instance.index)]
@@ -59,8 +68,12 @@ class _BooksCollector(Collector):
             running.add_metric(labels, s.running)
             waiting.add_metric(labels, s.waiting)
             kv.add_metric(labels, s.kv_cache_usage)
+            for name in STATES:
+                if name != "stopped":  # stopped instances have left the pool
+                    state.add_metric([*labels, name], 1 if s.state == name else 0)
+            restarts.add_metric(labels, s.restarts)
         yield from (requests, prompt, generated, in_flight, in_flight_tokens)
-        yield from (healthy, weight, running, waiting, kv)
+        yield from (healthy, weight, running, waiting, kv, state, restarts)
 
 
 class PoolMetrics:

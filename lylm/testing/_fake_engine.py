@@ -156,6 +156,8 @@ class FakeEngine(Engine):
                     await anyio.lowlevel.checkpoint()
                 if self._dead:
                     raise EngineDeadError("fake engine was killed")
+                if self.stopped:
+                    raise EngineDeadError("fake engine was shut down")
                 if request_id in self._abort_requested:
                     # Like vLLM: an aborted request's stream ends with reason "abort".
                     outputs = [FakeCompletion(i, "", [], "abort") for i in range(n)]
@@ -195,5 +197,7 @@ class FakeEngine(Engine):
         return len(self._active)
 
     async def shutdown(self) -> None:
-        """Stop; idempotent."""
+        """Stop (requests it still holds fail with EngineDeadError); idempotent."""
         self.stopped = True
+        for event in self._active.values():
+            event.set()

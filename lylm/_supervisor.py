@@ -1,0 +1,172 @@
+"""Supervision: notice failed engines, take them out of balancing, restart them.
+
+The pool owns one :class:`Supervisor`. It polls every instance's engine health
+(``Engine.healthy``, a cheap flag: vLLM flips its ``errored`` flag the moment its
+engine process exits) and is also told directly when a request sees the engine
+die. A failed instance goes ``dead``: balancers no longer see it, its engine is
+shut down (which fails the requests it still holds, so none hangs), and, under a
+:class:`RestartPolicy`, a new engine is started in its place after an
+exponential backoff, until it serves again (``healthy``) or the attempts run out.
+
+Background work runs as asyncio tasks rather than in a task group, so that a
+pool started in one task (an app's lifespan, a test fixture) may be closed in
+another. vLLM is asyncio-only, and so is the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import anyio
+import attrs
+
+from ._config import EngineSpec
+from ._engine import Engine
+from ._instance import Instance
+
+logger = logging.getLogger("lylm")
+
+
+def _positive(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{attribute.name} must be a positive number (got {value!r})")
+
+
+def _attempts(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{attribute.name} must be a positive integer or None (got {value!r})")
+
+
+@attrs.frozen(kw_only=True)
+class RestartPolicy:
+    """How the pool restarts a failed engine: exponential backoff, bounded.
+
+    The n-th consecutive attempt (0-based) waits ``min(initial_backoff *
+    multiplier**n, max_backoff)`` seconds first. After ``max_attempts`` failed
+    starts in a row the instance stays ``dead`` (``None``: never give up). A
+    restart that succeeds resets the count.
+    """
+
+    initial_backoff: float = attrs.field(default=1.0, validator=_positive)
+    max_backoff: float = attrs.field(default=30.0, validator=_positive)
+    multiplier: float = attrs.field(default=2.0, validator=_positive)
+    max_attempts: int | None = attrs.field(default=10, validator=_attempts)
+
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before attempt ``attempt`` (0-based)."""
+        return float(min(self.initial_backoff * self.multiplier**attempt, self.max_backoff))
+
+
+class Supervisor:
+    """Watches a pool's instances and restarts failed engines (used by :class:`EnginePool`)."""
+
+    def __init__(
+        self,
+        *,
+        instances: Callable[[], Iterable[Instance]],
+        start_engine: Callable[[EngineSpec], Awaitable[Engine]],
+        policy: RestartPolicy | None,
+        interval: float,
+    ) -> None:
+        self._instances = instances
+        self._start_engine = start_engine
+        self._policy = policy
+        self._interval = interval
+        self._watcher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        #: When each dead instance was noticed (monotonic), for the restart log line.
+        self._died_at: dict[int, float] = {}
+
+    def start(self) -> None:
+        """Begin polling engine health."""
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="lylm-health")
+
+    async def aclose(self) -> None:
+        """Stop polling and cancel restarts in progress (their half-started engines are shut down)."""
+        tasks = list(self._tasks)
+        if self._watcher is not None:
+            tasks.append(self._watcher)
+            self._watcher = None
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            for instance in list(self._instances()):
+                if instance.state in ("healthy", "draining") and not instance.engine.healthy:
+                    self.engine_failed(instance, "the engine reports itself unhealthy")
+
+    def _spawn(self, work: Awaitable[None], name: str) -> None:
+        async def run() -> None:
+            await work
+
+        task = asyncio.get_running_loop().create_task(run(), name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def engine_failed(self, instance: Instance, reason: str) -> None:
+        """Take a failed instance out of balancing; restart it if the policy says so.
+
+        Safe to call many times: only the first call for one failure acts.
+        """
+        if instance.state not in ("healthy", "draining"):
+            return
+        # A draining instance is on its way out: it is not brought back.
+        restart = self._policy is not None and instance.state == "healthy"
+        instance.state = "dead"
+        instance.last_error = reason
+        self._died_at[id(instance)] = time.monotonic()
+        logger.warning(
+            "%s: engine failed (%s); taken out of balancing with %d request(s) in flight%s",
+            instance.name,
+            reason,
+            instance.in_flight_requests,
+            "; restarting" if restart else "",
+        )
+        self._spawn(self._recover(instance, restart), f"lylm-recover {instance.name}")
+
+    async def _recover(self, instance: Instance, restart: bool) -> None:
+        # Shutting the dead engine down fails the requests it still holds (and
+        # reaps its processes) instead of leaving them to wait for it.
+        with anyio.CancelScope(shield=True):
+            try:
+                await instance.engine.shutdown()
+            except Exception:
+                logger.exception("%s: shutting the failed engine down raised", instance.name)
+        if not restart or self._policy is None:
+            return
+        policy = self._policy
+        attempt = 0
+        while policy.max_attempts is None or attempt < policy.max_attempts:
+            await asyncio.sleep(policy.backoff(attempt))
+            if instance.state != "dead":  # removed meanwhile
+                return
+            instance.state = "restarting"
+            try:
+                engine = await self._start_engine(instance.spec)
+            except Exception as exc:
+                instance.state = "dead"
+                instance.last_error = f"restart failed: {exc}"
+                attempt += 1
+                logger.warning("%s: restart attempt %d failed: %s", instance.name, attempt, exc)
+                continue
+            if instance.state != "restarting":  # removed while it started
+                with anyio.CancelScope(shield=True):
+                    await engine.shutdown()
+                return
+            instance.engine = engine
+            instance.restarts += 1
+            instance.state = "healthy"
+            down = time.monotonic() - self._died_at.pop(id(instance), time.monotonic())
+            logger.warning("%s: restarted; serving again after %.1f s", instance.name, down)
+            return
+        logger.error("%s: giving up after %d failed restarts; it stays dead", instance.name, attempt)
