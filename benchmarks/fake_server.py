@@ -31,9 +31,12 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--engines", type=int, default=2)
+    parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token (default: none)")
     args = parser.parse_args()
     specs = [EngineSpec(model=MODEL, engine_args={"model": "fake"}) for _ in range(args.engines)]
-    pool = EnginePool.from_config(specs, engine_factory=lambda spec: FakeEngine(max_model_len=1 << 20))
+    pool = EnginePool.from_config(
+        specs, engine_factory=lambda spec: FakeEngine(max_model_len=1 << 20, token_delay=args.token_delay)
+    )
     uvicorn.run(create_app(pool), host=args.host, port=args.port, log_level="warning")
 
 

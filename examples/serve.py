@@ -7,21 +7,25 @@ Without either, it serves the embedded default: a tiny demo model generated
 offline on first run, with RANDOM WEIGHTS, on two engines weighted 1:2. It shows
 the machinery (balancing, streaming, metrics); the words it writes are noise.
 
-SIGINT/SIGTERM: stop accepting, let in-flight requests finish (at most
---drain-timeout seconds), shut every engine down, exit.
+SIGINT/SIGTERM: drain first: new requests get 503 (and /health says
+"draining", so a load balancer moves on) while those in flight finish, for at
+most --drain-timeout seconds; then the server closes, every engine shuts down
+and the process exits. A second signal skips the wait.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import uvicorn
 
-from lylm import EnginePool
+from lylm import EnginePool, RestartPolicy
 from lylm.openai import create_app
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
@@ -56,12 +60,64 @@ def default_config() -> dict[str, Any]:
     }
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but the first SIGTERM/SIGINT drains the pool before the server stops listening.
+
+    Plain uvicorn closes its socket at once, so new clients would see refused
+    connections while old requests finish; here they get a 503 they can retry
+    elsewhere, until nothing is in flight or the drain timeout passes.
+    """
+
+    def __init__(self, config: uvicorn.Config, pool: EnginePool, drain_timeout: float) -> None:
+        super().__init__(config)
+        self.pool = pool
+        self.drain_timeout = drain_timeout
+        self._drain: asyncio.Task[None] | None = None
+        self._draining = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def startup(self, sockets: Any = None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining or self._loop is None or not self.started:
+            super().handle_exit(sig, frame)  # a second signal, or not serving yet: stop now
+            return
+        self._draining = True
+        self._captured_signals.append(sig)  # re-raised after shutdown, as uvicorn does
+        # A signal handler may interrupt the loop anywhere: hand the work to it safely.
+        self._loop.call_soon_threadsafe(self._start_drain)
+
+    def _start_drain(self) -> None:
+        if self._drain is None:
+            self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        in_flight = sum(i.in_flight_requests for i in self.pool.instances())
+        logger.info("draining: %d request(s) in flight, new ones get 503 (at most %g s)", in_flight, self.drain_timeout)
+        clean = await self.pool.drain(self.drain_timeout)
+        if not clean:
+            left = sum(i.in_flight_requests for i in self.pool.instances())
+            logger.warning("drain timeout: %d request(s) still in flight will fail", left)
+        self.should_exit = True
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Serve OpenAI's API over a pool of vLLM engines.")
     parser.add_argument("--config", default=os.environ.get("CONFIG_PATH"), help="config JSON (or CONFIG_PATH)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
+    parser.add_argument(
+        "--retries", type=int, default=2, help="retries on another engine for a request whose engine failed before output"
+    )
+    parser.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=1.0,
+        help="seconds before the first restart of a failed engine (doubles per failed attempt, at most 30)",
+    )
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
         "--api-key",
@@ -77,14 +133,19 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
+    options: dict[str, Any] = {
+        "max_in_flight_requests": args.max_in_flight,
+        "retries": args.retries,
+        "restart": RestartPolicy(initial_backoff=args.restart_backoff, max_backoff=max(30.0, args.restart_backoff)),
+    }
     if args.config:
-        pool = EnginePool.from_config(args.config, max_in_flight_requests=args.max_in_flight)
+        pool = EnginePool.from_config(args.config, **options)
         logger.info("serving %s from %s", ", ".join(pool.models), args.config)
     else:
         # The demo must run with no network at all.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        pool = EnginePool.from_config(default_config(), max_in_flight_requests=args.max_in_flight)
+        pool = EnginePool.from_config(default_config(), **options)
         logger.warning(
             "no --config given: serving the embedded demo model %r on two engines (weights 1:2). "
             "It has RANDOM WEIGHTS: it demonstrates the machinery, its words are noise. "
@@ -101,13 +162,15 @@ def main() -> None:
         max_body_bytes=args.max_body_bytes,
     )
     logger.info("engines start before the server listens on http://%s:%d", args.host, args.port)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.drain_timeout,
+        # The pool drains first; this only bounds the last bytes still being sent.
+        timeout_graceful_shutdown=5,
     )
+    DrainingServer(config, pool, args.drain_timeout).run()
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required

@@ -74,6 +74,10 @@ class Engine(abc.ABC):
     def healthy(self) -> bool:
         """False once the engine has failed and cannot serve."""
 
+    def failure_reason(self) -> str | None:
+        """Why the engine is unhealthy, if it knows (shown in logs and ``/health``)."""
+        return None
+
     @property
     @abc.abstractmethod
     def max_model_len(self) -> int:

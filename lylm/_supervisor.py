@@ -103,7 +103,8 @@ class Supervisor:
             await asyncio.sleep(self._interval)
             for instance in list(self._instances()):
                 if instance.state in ("healthy", "draining") and not instance.engine.healthy:
-                    self.engine_failed(instance, "the engine reports itself unhealthy")
+                    reason = instance.engine.failure_reason() or "the engine reports itself unhealthy"
+                    self.engine_failed(instance, reason)
 
     def _spawn(self, work: Awaitable[None], name: str) -> None:
         async def run() -> None:

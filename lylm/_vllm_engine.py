@@ -103,6 +103,20 @@ class VLLMEngine(Engine):
         """True while the engine runs and vLLM has not flagged it as errored."""
         return self._llm is not None and not self._closed and not self._llm.errored
 
+    def failure_reason(self) -> str | None:
+        """Which engine process exited and how, once vLLM has flagged the engine as errored."""
+        llm = self._llm
+        if llm is None or not llm.errored:
+            return None
+        exited = [
+            f"{p.name} (pid {p.pid}) exited with code {p.exitcode}"
+            for p in getattr(self._manager(), "processes", ())
+            if p.exitcode is not None
+        ]
+        if exited:
+            return "engine process exited (" + ", ".join(exited) + ")"
+        return "vLLM flagged the engine as errored"
+
     @property
     def max_model_len(self) -> int:
         """The engine's context length."""
@@ -202,10 +216,13 @@ class VLLMEngine(Engine):
         if processes:
             await anyio.to_thread.run_sync(_reap, processes)
 
+    def _manager(self) -> Any:
+        # vLLM's engine-core process manager (internal; None where it has none).
+        return getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None), "engine_manager", None)
+
     def process_ids(self) -> list[int]:
         """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""
-        manager = getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None), "engine_manager", None)
-        return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
+        return [p.pid for p in getattr(self._manager(), "processes", ()) if p.pid is not None]
 
 
 def _process_tree(pids: list[int]) -> list[Any]:

@@ -47,15 +47,17 @@ def uvicorn_thread(app: Any) -> Iterator[str]:
 
 
 class ServerProcess:
-    """examples/serve.py in a subprocess; ``url`` is its base URL once ready."""
+    """examples/serve.py (or another server ``script``) in a subprocess; ``url`` is its base URL once ready."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, log: Path) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, log: Path, script: str = "examples/serve.py"
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "examples" / "serve.py"), "--port", str(self.port), *args],
+            [sys.executable, str(ROOT / script), "--port", str(self.port), *args],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=self._log,

@@ -118,6 +118,10 @@ class FakeEngine(Engine):
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
         return await self.render_text(text + "<|im_start|>assistant\n")
 
+    def failure_reason(self) -> str | None:
+        """'killed' after :meth:`kill`."""
+        return "fake engine was killed" if self._dead else None
+
     def kill(self) -> None:
         """Make the engine dead: no new requests, held requests fail."""
         self._dead = True
