@@ -6,7 +6,9 @@ is shared by the whole session; tests that need it measure deltas of its books.
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -233,3 +235,97 @@ async def test_vllm_prometheus_metrics_are_not_registered_by_pool_engines(pool: 
     names = [n for n in REGISTRY._names_to_collectors if n.startswith("vllm:")]
     assert names == []
     assert all(isinstance(i.engine, VLLMEngine) for i in pool.instances(MODEL))
+
+
+async def test_sigkill_of_an_engine_under_load_retries_ejects_and_restarts(pool: EnginePool) -> None:
+    """Last in this module: it kills (and waits for the restart of) one shared engine.
+
+    200 clients keep both engines busy, more than their 64 running slots, so each
+    engine also holds requests that have no token yet. Killing engine 1's process
+    must fail only requests that already streamed, retry the others on engine 0,
+    and bring engine 1 back.
+    """
+    from lylm import RequestRecord
+
+    survivor, victim = pool.instances(MODEL)
+    assert_idle(pool)
+    records: list[RequestRecord] = []
+    pool.add_observer(records.append)
+    old_engine = victim.engine
+    assert isinstance(old_engine, VLLMEngine)
+    old_processes = [psutil.Process(pid) for pid in old_engine.process_ids()]
+    old_processes += [c for p in old_processes for c in p.children(recursive=True)]
+    assert len(old_processes) >= 2  # engine core + worker
+    stop = anyio.Event()
+    sent = completed = 0
+    client_errors: list[str] = []
+    rng = random.Random(9)
+
+    async def client(i: int) -> None:
+        nonlocal sent, completed
+        while not stop.is_set():
+            sent += 1
+            prompt = [rng.randrange(3, 500) for _ in range(32)]
+            params = SamplingParams(max_tokens=48, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+            got = 0
+            try:
+                async for out in pool.generate(MODEL, prompt, params):
+                    got += len(out.outputs[0].token_ids)
+                if got == 48:
+                    completed += 1
+                else:
+                    client_errors.append(f"short answer: {got} tokens")
+            except Exception as exc:
+                client_errors.append(f"{'after' if got else 'before'} output: {type(exc).__name__}: {exc}")
+
+    killed_at = ejected_at = restarted_at = 0.0
+    try:
+        with anyio.fail_after(240):
+            async with anyio.create_task_group() as tg:
+                for i in range(200):
+                    tg.start_soon(client, i)
+                await anyio.sleep(4)  # steady state: both engines full, queues behind them
+                assert victim.waiting > 0, "the victim should hold requests without a token yet"
+                killed_at = time.monotonic()
+                os.kill(old_engine.process_ids()[0], signal.SIGKILL)  # the engine core process
+                while victim.state == "healthy":
+                    await anyio.sleep(0.005)
+                ejected_at = time.monotonic()
+                while victim.state != "healthy":
+                    await anyio.sleep(0.1)
+                restarted_at = time.monotonic()
+                served_before = victim.completed
+                while victim.completed < served_before + 20:  # the new engine serves
+                    await anyio.sleep(0.1)
+                stop.set()
+    finally:
+        stop.set()
+        pool.remove_observer(records.append)
+
+    on_survivor = [r for r in records if r.instance is survivor]
+    on_victim = [r for r in records if r.instance is victim]
+    died = [r for r in on_victim if r.outcome == "failed"]
+    no_token = {r.request.request_id for r in died if r.time_to_first_token is None}
+    rescued = {r.request.request_id for r in on_survivor if r.outcome == "completed"} & no_token
+    streamed = [r for r in died if r.time_to_first_token is not None]
+    print(
+        f"\nkill test: {sent} requests sent, {completed} completed, {len(client_errors)} failed "
+        f"({len(streamed)} had streamed tokens); {len(no_token)} without a token retried, "
+        f"{len(rescued)} of them completed on the survivor; ejected {ejected_at - killed_at:.3f} s "
+        f"after SIGKILL; serving again {restarted_at - killed_at:.1f} s after it"
+    )
+    # Nothing routed to the survivor failed.
+    assert on_survivor and all(r.outcome == "completed" for r in on_survivor), {r.outcome for r in on_survivor}
+    # Requests that had no token yet were retried and succeeded; only those that had
+    # streamed failed (the client saw part of an answer, so they cannot be replayed).
+    assert no_token and rescued == no_token
+    assert all(e.startswith("after output: EngineDeadError") for e in client_errors), client_errors[:3]
+    assert len(client_errors) == len(streamed)
+    assert completed + len(client_errors) == sent
+    assert ejected_at - killed_at < 1.0
+    assert victim.restarts == 1 and victim.engine is not old_engine
+    # The killed engine's processes (its orphaned worker too) are gone.
+    gone, alive = psutil.wait_procs(old_processes, timeout=15)
+    assert alive == []
+    await anyio.sleep(0.2)
+    assert_idle(pool)
