@@ -46,6 +46,16 @@ def uvicorn_thread(app: Any) -> Iterator[str]:
         thread.join(20)
 
 
+def metric(url: str, name: str) -> dict[str, float]:
+    """Values of one metric by label set, from the server's /metrics."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name):].rsplit(" ", 1)
+            values[labels] = float(value)
+    return values
+
+
 class ServerProcess:
     """examples/serve.py (or another server ``script``) in a subprocess; ``url`` is its base URL once ready."""
 

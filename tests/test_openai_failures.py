@@ -17,7 +17,7 @@ import openai
 import pytest
 
 from _helpers import fake_specs
-from _server import uvicorn_thread
+from _server import metric, uvicorn_thread
 from lylm import EnginePool, EngineSpec, RestartPolicy
 from lylm.openai import create_app
 from lylm.testing import FakeEngine
@@ -116,15 +116,6 @@ def test_death_before_the_first_token_is_retried_or_a_503_before_any_byte(served
     thread.join(30)
     ((status, raw),) = statuses
     assert status == 503 and json.loads(raw)["error"]["code"] == "engine_dead"
-
-
-def metric(url: str, name: str) -> dict[str, float]:
-    values = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line[len(name):].rsplit(" ", 1)
-            values[labels] = float(value)
-    return values
 
 
 def test_health_and_metrics_show_each_state_through_a_restart(served: Any) -> None:

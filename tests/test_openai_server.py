@@ -18,7 +18,7 @@ import openai
 import psutil
 import pytest
 
-from _server import ServerProcess
+from _server import ServerProcess, metric
 
 MODEL = "lylm-tiny-demo"
 
@@ -49,16 +49,6 @@ def tokenizer(server: ServerProcess, cache: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(cache / "tiny-model"))
-
-
-def metric(server: ServerProcess, name: str) -> dict[str, float]:
-    """Values of one metric by label set, from /metrics."""
-    values = {}
-    for line in httpx.get(f"{server.url}/metrics").text.splitlines():
-        if line.startswith(name + "{"):
-            labels, value = line[len(name):].rsplit(" ", 1)
-            values[labels] = float(value)
-    return values
 
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
@@ -196,34 +186,34 @@ def test_malformed_bodies_get_400(server: ServerProcess, raw: bytes) -> None:
 
 
 def test_abandoned_stream_is_aborted_and_released(server: ServerProcess) -> None:
-    before = sum(v for k, v in metric(server, "lylm_requests_total").items() if 'outcome="aborted"' in k)
+    before = sum(v for k, v in metric(server.url, "lylm_requests_total").items() if 'outcome="aborted"' in k)
     body = {"model": MODEL, "messages": MESSAGES, "max_tokens": 900, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, timeout=30) as r:
         lines = r.iter_lines()
         for _ in range(6):
             next(lines)
-        assert sum(metric(server, "lylm_in_flight_requests").values()) == 1
+        assert sum(metric(server.url, "lylm_in_flight_requests").values()) == 1
     # The client is gone: within a second the engine aborts and the books are clear.
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
-        in_flight = sum(metric(server, "lylm_in_flight_requests").values())
-        aborted = sum(v for k, v in metric(server, "lylm_requests_total").items() if 'outcome="aborted"' in k)
+        in_flight = sum(metric(server.url, "lylm_in_flight_requests").values())
+        aborted = sum(v for k, v in metric(server.url, "lylm_requests_total").items() if 'outcome="aborted"' in k)
         if in_flight == 0 and aborted == before + 1:
             break
         time.sleep(0.05)
     assert (in_flight, aborted) == (0, before + 1)
-    assert sum(metric(server, "lylm_in_flight_tokens").values()) == 0
+    assert sum(metric(server.url, "lylm_in_flight_tokens").values()) == 0
 
 
 def test_metrics_and_health_cover_both_engines(server: ServerProcess) -> None:
     health = httpx.get(f"{server.url}/health").json()
     engines = health["models"][MODEL]["engines"]
     assert [(e["engine"], e["weight"], e["healthy"]) for e in engines] == [(0, 1.0, True), (1, 2.0, True)]
-    weights = metric(server, "lylm_engine_weight")
+    weights = metric(server.url, "lylm_engine_weight")
     assert weights == {'{engine="0",model="lylm-tiny-demo"}': 1.0, '{engine="1",model="lylm-tiny-demo"}': 2.0}
-    completed = metric(server, "lylm_requests_total")
+    completed = metric(server.url, "lylm_requests_total")
     assert all(completed[f'{{engine="{e}",model="{MODEL}",outcome="completed"}}'] > 0 for e in (0, 1))
-    assert metric(server, "lylm_time_to_first_token_seconds_count")
+    assert metric(server.url, "lylm_time_to_first_token_seconds_count")
 
 
 def test_sigterm_under_load_drains_and_leaves_no_engine_process(server: ServerProcess) -> None:
