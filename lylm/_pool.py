@@ -326,7 +326,9 @@ class EnginePool:
         """The running instances of ``model``, or of every model."""
         if model is None:
             return tuple(i for group in self._instances.values() for i in group)
-        return tuple(self._group(model))
+        if model not in self._balancers:
+            raise UnknownModelError(model, self.models)
+        return tuple(self._instances.get(model, ()))
 
     def max_model_len(self, model: str) -> int:
         """The context length of ``model``'s engines (prompt plus output, in tokens)."""

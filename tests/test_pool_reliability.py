@@ -379,6 +379,7 @@ async def test_pool_drain_refuses_new_requests_and_waits_for_the_rest() -> None:
             await wait_for(lambda: pool.draining, "draining")
             with pytest.raises(ShuttingDownError, match="shutting down"):
                 await collect(pool)
+            assert len(pool.instances("m")) == 1  # introspection still works
         assert done == [20] and drained == [True]
     async with pool_of(1, lambda s: FakeEngine(token_delay=0.05)) as pool:
         async with anyio.create_task_group() as tg:
