@@ -45,6 +45,12 @@ class _BooksCollector(Collector):
         running = GaugeMetricFamily("lylm_engine_running", "Requests the engine's scheduler runs.", labels=LABELS)
         waiting = GaugeMetricFamily("lylm_engine_waiting", "Requests queued in the engine.", labels=LABELS)
         kv = GaugeMetricFamily("lylm_engine_kv_cache_usage", "Fraction of KV cache in use.", labels=LABELS)
+        queries = CounterMetricFamily(
+            "lylm_engine_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=LABELS
+        )
+        hits = CounterMetricFamily(
+            "lylm_engine_prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=LABELS
+        )
         for instance in self._pool.instances():
             s = instance.stats()
             labels = [s.model, str(instance.index)]
@@ -59,8 +65,10 @@ class _BooksCollector(Collector):
             running.add_metric(labels, s.running)
             waiting.add_metric(labels, s.waiting)
             kv.add_metric(labels, s.kv_cache_usage)
+            queries.add_metric(labels, s.prefix_cache_queries)
+            hits.add_metric(labels, s.prefix_cache_hits)
         yield from (requests, prompt, generated, in_flight, in_flight_tokens)
-        yield from (healthy, weight, running, waiting, kv)
+        yield from (healthy, weight, running, waiting, kv, queries, hits)
 
 
 class PoolMetrics:
