@@ -1,0 +1,202 @@
+"""Prefix-cache affinity with a load guard: reuse an engine's cached prompt prefix, unless it is busy."""
+
+from __future__ import annotations
+
+import random
+from collections import OrderedDict
+from collections.abc import Sequence
+
+from .._balancer import Balancer
+from .._engine import Engine
+from .._instance import Instance
+from .._request import RequestInfo
+from ._prefix_table import PrefixTable, block_hashes
+
+
+class PrefixAware(Balancer):
+    """Sends a request where its prompt's longest prefix is likely cached, unless that engine is overloaded.
+
+    vLLM skips the prefill of prompt blocks already in an engine's prefix cache, so
+    requests that share a long prefix (a system prompt, a document, a conversation's
+    earlier turns) are much cheaper on an engine that served that prefix recently.
+    The balancer cannot see the engines' caches; it remembers where it sent each
+    prefix: the prompt's token ids are cut into blocks of ``block_size`` tokens (the
+    engine's KV-cache block size) and named by chained hashes, and a bounded LRU
+    table (``max_blocks`` names, about 140 bytes each) maps each name to the engines
+    it was sent to. Only the first ``max_prefix_tokens`` of a prompt are hashed,
+    which bounds the cost of a choice for long prompts.
+
+    **Load guard.** An engine's load is ``(in_flight_requests + 1) / weight`` (what
+    :class:`LeastOutstanding` minimizes). An engine is *overloaded* when its load
+    exceeds ``load_factor`` times the mean load of the candidates plus
+    ``load_slack``. Candidates are tried from the longest cached prefix down, the
+    least loaded first among equal matches, and the first one that is not overloaded
+    wins; when every engine with a match is overloaded, or none has one, the least
+    loaded engine wins. So affinity never pushes an engine past ~``load_factor`` x
+    the mean plus ``load_slack`` requests, a hot prefix spreads to more engines as
+    its traffic grows, and prompts that share nothing are routed exactly as
+    ``least_outstanding`` routes them.
+
+    **Sessions.** With ``session_affinity`` a request with a ``session_key`` (the
+    OpenAI ``user`` field) goes to the engine its session last used, under the
+    same guard; at most ``max_sessions`` sessions are remembered (LRU).
+
+    Example::
+
+        from lylm import EnginePool
+        from lylm.balancers import PrefixAware
+
+        pool = EnginePool.from_config("config.json", balancer=PrefixAware(load_factor=1.5))
+        # or in the config: "balancer": "prefix_aware"
+
+    Counters for reports: ``by_prefix``, ``by_session``, ``overloaded`` (a match
+    was skipped by the guard) and ``unmatched`` choices, ``len(table)`` entries.
+    """
+
+    def __init__(
+        self,
+        *,
+        block_size: int = 16,
+        max_blocks: int = 65536,
+        max_prefix_tokens: int = 4096,
+        load_factor: float = 1.25,
+        load_slack: float = 4.0,
+        session_affinity: bool = True,
+        max_sessions: int = 65536,
+        rng: random.Random | None = None,
+    ) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1 (got {block_size})")
+        if load_factor < 1.0 or load_slack < 0.0:
+            raise ValueError("load_factor must be >= 1 and load_slack >= 0")
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions must be >= 1 (got {max_sessions})")
+        self.block_size = block_size
+        self.max_prefix_blocks = max(max_prefix_tokens // block_size, 0)
+        self.load_factor = load_factor
+        self.load_slack = load_slack
+        self.session_affinity = session_affinity
+        self.max_sessions = max_sessions
+        self.table = PrefixTable(max_blocks)
+        self._sessions: OrderedDict[str, int] = OrderedDict()
+        # Instance -> (the engine it had, its bit). A new engine in the same instance
+        # (a restart) gets a new bit: its cache starts empty. Bits are never reused.
+        self._bits: dict[Instance, tuple[Engine, int]] = {}
+        self._next_bit = 0
+        self._rng = rng if rng is not None else random.Random()
+        self.by_prefix = 0
+        self.by_session = 0
+        self.overloaded = 0
+        self.unmatched = 0
+
+    def choose(self, candidates: Sequence[Instance], request: RequestInfo) -> Instance:
+        """Pick the candidate with the longest cached prefix that is not overloaded."""
+        bits = self._bits
+        cbits: list[int] = []
+        loads: list[float] = []
+        offered = 0
+        total = 0.0
+        for c in candidates:
+            entry = bits.get(c)
+            if entry is None or entry[0] is not c.engine:
+                entry = self._assign(c, candidates)
+            cbits.append(entry[1])
+            offered |= entry[1]
+            load = (c.in_flight_requests + 1) / c.weight
+            loads.append(load)
+            total += load
+        limit = self.load_factor * total / len(candidates) + self.load_slack
+        hashes = block_hashes(request.prompt_token_ids, self.block_size, self.max_prefix_blocks)
+
+        chosen = -1
+        key = request.session_key if self.session_affinity else None
+        if key is not None:
+            bit = self._sessions.get(key, 0) & offered
+            if bit:
+                i = cbits.index(bit)
+                if loads[i] <= limit:
+                    chosen = i
+                    self.by_session += 1
+        if chosen < 0 and hashes:
+            groups = self.table.match(hashes, offered)
+            for _, mask in groups:
+                i = self._least(cbits, loads, mask)
+                if loads[i] <= limit:
+                    chosen = i
+                    self.by_prefix += 1
+                    break
+            else:
+                if groups:
+                    self.overloaded += 1
+                else:
+                    self.unmatched += 1
+        if chosen < 0:
+            chosen = self._least(cbits, loads, offered)
+
+        bit = cbits[chosen]
+        if hashes:
+            self.table.record(hashes, bit)
+        if key is not None:
+            self._remember_session(key, bit)
+        return candidates[chosen]
+
+    def matched_tokens(self, candidates: Sequence[Instance], token_ids: Sequence[int]) -> list[int]:
+        """For each candidate, how many leading tokens of ``token_ids`` it is believed to hold.
+
+        For reports and tests; it changes nothing (no use is recorded).
+        """
+        known = [self._bits.get(c) for c in candidates]
+        cbits = [e[1] if e is not None and e[0] is c.engine else 0 for c, e in zip(candidates, known)]
+        offered = 0
+        for bit in cbits:
+            offered |= bit
+        hashes = block_hashes(token_ids, self.block_size, self.max_prefix_blocks)
+        depth_of = {}
+        for depth, mask in self.table.match(hashes, offered):
+            for bit in cbits:
+                if bit & mask:
+                    depth_of[bit] = depth
+        return [depth_of.get(bit, 0) * self.block_size for bit in cbits]
+
+    def _least(self, cbits: list[int], loads: list[float], mask: int) -> int:
+        """Index of the least loaded candidate in ``mask``; ties at random."""
+        best: list[int] = []
+        best_load = float("inf")
+        for i, bit in enumerate(cbits):
+            if bit & mask:
+                load = loads[i]
+                if load < best_load:
+                    best_load = load
+                    best = [i]
+                elif load == best_load:
+                    best.append(i)
+        if len(best) == 1:
+            return best[0]
+        # Equal loads (idle engines, mostly): the one believed to hold the least
+        # prefix, so new prefixes spread over the engines' caches; then at random.
+        held = self.table.blocks
+        fewest = min(held.get(cbits[i], 0) for i in best)
+        best = [i for i in best if held.get(cbits[i], 0) == fewest]
+        if len(best) == 1:
+            return best[0]
+        return best[int(self._rng.random() * len(best))]
+
+    def _assign(self, instance: Instance, candidates: Sequence[Instance]) -> tuple[Engine, int]:
+        # A new instance or a restarted engine: instances no longer offered are
+        # forgotten (their bits stay in the table, unmatched, until evicted), so the
+        # map never holds more than the instances seen since the last change.
+        offered = {id(c) for c in candidates}
+        for stale in [i for i in self._bits if id(i) not in offered]:
+            del self._bits[stale]
+        entry = (instance.engine, 1 << self._next_bit)
+        self._next_bit += 1
+        self._bits[instance] = entry
+        return entry
+
+    def _remember_session(self, key: str, bit: int) -> None:
+        sessions = self._sessions
+        if key in sessions:
+            sessions.move_to_end(key)
+        sessions[key] = bit
+        if len(sessions) > self.max_sessions:
+            sessions.popitem(last=False)
