@@ -31,6 +31,7 @@ from ._pool import EnginePool as EnginePool
 from ._pool import Prompt as Prompt
 from ._request import RequestInfo as RequestInfo
 from ._request import RequestRecord as RequestRecord
+from ._shadow import ShadowReport as ShadowReport
 from ._vllm_engine import VLLMEngine as VLLMEngine
 
 __version__ = "0.1.0"
@@ -60,6 +61,7 @@ __all__ = [
     "RenderedPrompt",
     "RequestInfo",
     "RequestRecord",
+    "ShadowReport",
     "UnknownModelError",
     "VLLMEngine",
     "__version__",

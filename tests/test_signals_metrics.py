@@ -1,4 +1,4 @@
-"""Live engine signals as balancers and /metrics see them (fake engines)."""
+"""Live engine signals and shadow counts as balancers and /metrics see them (fake engines)."""
 
 from __future__ import annotations
 
@@ -45,4 +45,28 @@ async def test_engine_signals_are_instance_properties_stats_and_metrics() -> Non
         }
         assert samples(metrics, "lylm_engine_waiting") == {
             '{engine="0",model="m"}': 0.0, '{engine="1",model="m"}': 1.0,
+        }
+
+
+async def test_shadow_counts_are_metrics() -> None:
+    pool = EnginePool.from_config(
+        fake_specs([1.0, 1.0]), balancer="least_outstanding", rng=random.Random(0),
+        engine_factory=lambda spec: FakeEngine(),
+    )
+    async with pool:
+        metrics = PoolMetrics(pool)
+        assert samples(metrics, "lylm_shadow_decisions_total") == {}
+        pool.add_shadow("m", "prefix_aware", rng=random.Random(0))
+        for _ in range(8):
+            async for _ in pool.generate("m", "same prompt " * 8, FakeSamplingParams(max_tokens=1)):
+                pass
+        [report] = pool.shadow_report("m")
+        key = '{model="m",shadow="prefix_aware"}'
+        assert samples(metrics, "lylm_shadow_decisions_total") == {key: 8.0}
+        assert samples(metrics, "lylm_shadow_agreements_total") == {key: float(report.agreements)}
+        assert samples(metrics, "lylm_shadow_errors_total") == {key: 0.0}
+        choices = samples(metrics, "lylm_shadow_choices_total")
+        assert sum(choices.values()) == 8.0
+        assert choices == {
+            f'{{engine="{e}",model="m",shadow="prefix_aware"}}': float(n) for e, n in report.chosen.items()
         }

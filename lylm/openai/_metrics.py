@@ -71,12 +71,42 @@ class _BooksCollector(Collector):
         yield from (healthy, weight, running, waiting, kv, queries, hits)
 
 
+class _ShadowCollector(Collector):
+    """Shadow balancers' counts (``EnginePool.add_shadow``), read at scrape time."""
+
+    def __init__(self, pool: EnginePool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "shadow"]
+        decisions = CounterMetricFamily(
+            "lylm_shadow_decisions", "Requests a shadow balancer was asked about.", labels=labels
+        )
+        agreements = CounterMetricFamily(
+            "lylm_shadow_agreements", "Requests where it chose as the active balancer did.", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "lylm_shadow_errors", "Requests where it raised or chose a non-candidate.", labels=labels
+        )
+        choices = CounterMetricFamily(
+            "lylm_shadow_choices", "What it would have chosen, by engine.", labels=[*labels, "engine"]
+        )
+        for r in self._pool.shadow_report():
+            decisions.add_metric([r.model, r.name], r.decisions)
+            agreements.add_metric([r.model, r.name], r.agreements)
+            errors.add_metric([r.model, r.name], r.errors)
+            for index, count in sorted(r.chosen.items()):
+                choices.add_metric([r.model, r.name, str(index)], count)
+        yield from (decisions, agreements, errors, choices)
+
+
 class PoolMetrics:
     """The Prometheus metrics of one pool and the HTTP adapter in front of it."""
 
     def __init__(self, pool: EnginePool, *, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(_BooksCollector(pool))
+        self.registry.register(_ShadowCollector(pool))
         self._ttft = Histogram(
             "lylm_time_to_first_token_seconds",
             "From dispatch to an engine until its first token.",
