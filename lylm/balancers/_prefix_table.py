@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import islice
 
 
 def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int) -> list[int]:
@@ -27,15 +28,15 @@ def block_hashes(token_ids: Sequence[int], block_size: int, max_blocks: int) -> 
     are stable across runs (tests rely on that); collisions only cost a wrong
     guess about a cache, never a wrong answer.
     """
-    n = min(len(token_ids) // block_size, max_blocks) * block_size
-    if n == 0:
-        return []
-    tokens = token_ids if isinstance(token_ids, tuple) else tuple(token_ids[:n])
-    out = []
+    out: list[int] = []
+    append = out.append
     parent = 0
-    for start in range(0, n, block_size):
-        parent = hash((parent, tokens[start : start + block_size]))
-        out.append(parent)
+    # zip over one iterator, block_size times: full blocks as tuples, built in C;
+    # a partial last block is dropped.
+    blocks = zip(*[iter(token_ids)] * block_size)
+    for block in islice(blocks, max_blocks):
+        parent = hash((parent, block))
+        append(parent)
     return out
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 from collections import OrderedDict
 from collections.abc import Sequence
+from functools import reduce
+from operator import or_
 
 from .._balancer import Balancer
 from .._engine import Engine
@@ -79,9 +81,11 @@ class PrefixAware(Balancer):
         self.max_sessions = max_sessions
         self.table = PrefixTable(max_blocks)
         self._sessions: OrderedDict[str, int] = OrderedDict()
-        # Instance -> (the engine it had, its bit). A new engine in the same instance
-        # (a restart) gets a new bit: its cache starts empty. Bits are never reused.
-        self._bits: dict[Instance, tuple[Engine, int]] = {}
+        # id(engine) -> the engine's bit in table masks. Keyed by the engine, not the
+        # instance: a restarted engine is a new object with an empty cache. The
+        # engines are held so that their ids cannot be reused; bits never are.
+        self._bit_of: dict[int, int] = {}
+        self._engines: dict[int, Engine] = {}
         self._next_bit = 0
         self._rng = rng if rng is not None else random.Random()
         self.by_prefix = 0
@@ -91,25 +95,17 @@ class PrefixAware(Balancer):
 
     def choose(self, candidates: Sequence[Instance], request: RequestInfo) -> Instance:
         """Pick the candidate with the longest cached prefix that is not overloaded."""
-        bits = self._bits
-        cbits: list[int] = []
-        loads: list[float] = []
-        offered = 0
-        total = 0.0
-        for c in candidates:
-            entry = bits.get(c)
-            if entry is None or entry[0] is not c.engine:
-                entry = self._assign(c, candidates)
-            cbits.append(entry[1])
-            offered |= entry[1]
-            load = (c.in_flight_requests + 1) / c.weight
-            loads.append(load)
-            total += load
-        limit = self.load_factor * total / len(candidates) + self.load_slack
-        hashes = block_hashes(request.prompt_token_ids, self.block_size, self.max_prefix_blocks)
-
-        chosen = -1
+        loads = [(c.in_flight_requests + 1) / c.weight for c in candidates]
+        limit = self.load_factor * sum(loads) / len(loads) + self.load_slack
         key = request.session_key if self.session_affinity else None
+        hashes = block_hashes(request.prompt_token_ids, self.block_size, self.max_prefix_blocks)
+        if not hashes and key is None:  # nothing to be affine to: least loaded, no books to keep
+            self.unmatched += 1
+            return candidates[self._least(candidates, loads, None)]
+
+        cbits = self._bits(candidates)
+        offered = reduce(or_, cbits)
+        chosen = -1
         if key is not None:
             bit = self._sessions.get(key, 0) & offered
             if bit:
@@ -119,8 +115,14 @@ class PrefixAware(Balancer):
                     self.by_session += 1
         if chosen < 0 and hashes:
             groups = self.table.match(hashes, offered)
+            index = {b: i for i, b in enumerate(cbits)} if groups else {}
             for _, mask in groups:
-                i = self._least(cbits, loads, mask)
+                members = []
+                while mask:  # one step per engine in the group, not per candidate
+                    low = mask & -mask
+                    members.append(index[low])
+                    mask ^= low
+                i = self._least(candidates, loads, members)
                 if loads[i] <= limit:
                     chosen = i
                     self.by_prefix += 1
@@ -131,7 +133,7 @@ class PrefixAware(Balancer):
                 else:
                     self.unmatched += 1
         if chosen < 0:
-            chosen = self._least(cbits, loads, offered)
+            chosen = self._least(candidates, loads, None)
 
         bit = cbits[chosen]
         if hashes:
@@ -145,53 +147,56 @@ class PrefixAware(Balancer):
 
         For reports and tests; it changes nothing (no use is recorded).
         """
-        known = [self._bits.get(c) for c in candidates]
-        cbits = [e[1] if e is not None and e[0] is c.engine else 0 for c, e in zip(candidates, known)]
-        offered = 0
-        for bit in cbits:
-            offered |= bit
+        cbits = [self._bit_of.get(id(c.engine), 0) for c in candidates]
         hashes = block_hashes(token_ids, self.block_size, self.max_prefix_blocks)
-        depth_of = {}
-        for depth, mask in self.table.match(hashes, offered):
+        depth_of: dict[int, int] = {}
+        for depth, mask in self.table.match(hashes, reduce(or_, cbits, 0)):
             for bit in cbits:
                 if bit & mask:
                     depth_of[bit] = depth
         return [depth_of.get(bit, 0) * self.block_size for bit in cbits]
 
-    def _least(self, cbits: list[int], loads: list[float], mask: int) -> int:
-        """Index of the least loaded candidate in ``mask``; ties at random."""
-        best: list[int] = []
-        best_load = float("inf")
-        for i, bit in enumerate(cbits):
-            if bit & mask:
-                load = loads[i]
-                if load < best_load:
-                    best_load = load
-                    best = [i]
-                elif load == best_load:
-                    best.append(i)
+    def _least(self, candidates: Sequence[Instance], loads: list[float], among: list[int] | None) -> int:
+        """Index of the least loaded candidate ``among`` those indices (None: all); ties below."""
+        if among is None:
+            low = min(loads)
+            best = [i for i, load in enumerate(loads) if load == low]
+        else:
+            low = min([loads[i] for i in among])
+            best = [i for i in among if loads[i] == low]
         if len(best) == 1:
             return best[0]
         # Equal loads (idle engines, mostly): the one believed to hold the least
         # prefix, so new prefixes spread over the engines' caches; then at random.
         held = self.table.blocks
-        fewest = min(held.get(cbits[i], 0) for i in best)
-        best = [i for i in best if held.get(cbits[i], 0) == fewest]
+        bit_of = self._bit_of
+        sizes = [held.get(bit_of.get(id(candidates[i].engine), 0), 0) for i in best]
+        fewest = min(sizes)
+        best = [i for i, size in zip(best, sizes) if size == fewest]
         if len(best) == 1:
             return best[0]
         return best[int(self._rng.random() * len(best))]
 
-    def _assign(self, instance: Instance, candidates: Sequence[Instance]) -> tuple[Engine, int]:
-        # A new instance or a restarted engine: instances no longer offered are
-        # forgotten (their bits stay in the table, unmatched, until evicted), so the
-        # map never holds more than the instances seen since the last change.
-        offered = {id(c) for c in candidates}
-        for stale in [i for i in self._bits if id(i) not in offered]:
-            del self._bits[stale]
-        entry = (instance.engine, 1 << self._next_bit)
-        self._next_bit += 1
-        self._bits[instance] = entry
-        return entry
+    def _bits(self, candidates: Sequence[Instance]) -> list[int]:
+        """Each candidate's engine bit, assigning bits to engines not seen before."""
+        get = self._bit_of.get
+        cbits = [get(id(c.engine), 0) for c in candidates]
+        if 0 not in cbits:
+            return cbits
+        # A new instance or a restarted engine (a new engine object: its cache is
+        # empty). Engines no longer offered are forgotten (their bits stay in the
+        # table, matching nothing, until evicted), so the maps hold only the engines
+        # seen since the last change.
+        offered = {id(c.engine) for c in candidates}
+        for gone in [k for k in self._bit_of if k not in offered]:
+            del self._bit_of[gone]
+            del self._engines[gone]
+        for i, c in enumerate(candidates):
+            if not cbits[i]:
+                cbits[i] = self._bit_of[id(c.engine)] = 1 << self._next_bit
+                self._engines[id(c.engine)] = c.engine
+                self._next_bit += 1
+        return cbits
 
     def _remember_session(self, key: str, bit: int) -> None:
         sessions = self._sessions
