@@ -98,7 +98,8 @@ class PrefixAware(Balancer):
         loads = [(c.in_flight_requests + 1) / c.weight for c in candidates]
         limit = self.load_factor * sum(loads) / len(loads) + self.load_slack
         key = request.session_key if self.session_affinity else None
-        hashes = block_hashes(request.prompt_token_ids, self.block_size, self.max_prefix_blocks)
+        ids = request.prompt_token_ids
+        hashes = block_hashes(ids, self.block_size, self.max_prefix_blocks) if ids else []
         if not hashes and key is None:  # nothing to be affine to: least loaded, no books to keep
             self.unmatched += 1
             return candidates[self._least(candidates, loads, None)]
@@ -158,9 +159,14 @@ class PrefixAware(Balancer):
 
     def _least(self, candidates: Sequence[Instance], loads: list[float], among: list[int] | None) -> int:
         """Index of the least loaded candidate ``among`` those indices (None: all); ties below."""
-        if among is None:
+        if among is None:  # list methods, in C: this path must cost what least_outstanding's does
             low = min(loads)
-            best = [i for i, load in enumerate(loads) if load == low]
+            ties = loads.count(low)
+            best = [loads.index(low)]
+            if ties == 1:
+                return best[0]
+            while len(best) < ties:
+                best.append(loads.index(low, best[-1] + 1))
         else:
             low = min([loads[i] for i in among])
             best = [i for i in among if loads[i] == low]
@@ -169,12 +175,13 @@ class PrefixAware(Balancer):
         # Equal loads (idle engines, mostly): the one believed to hold the least
         # prefix, so new prefixes spread over the engines' caches; then at random.
         held = self.table.blocks
-        bit_of = self._bit_of
-        sizes = [held.get(bit_of.get(id(candidates[i].engine), 0), 0) for i in best]
-        fewest = min(sizes)
-        best = [i for i, size in zip(best, sizes) if size == fewest]
-        if len(best) == 1:
-            return best[0]
+        if held:
+            bit_of = self._bit_of
+            sizes = [held.get(bit_of.get(id(candidates[i].engine), 0), 0) for i in best]
+            fewest = min(sizes)
+            best = [i for i, size in zip(best, sizes) if size == fewest]
+            if len(best) == 1:
+                return best[0]
         return best[int(self._rng.random() * len(best))]
 
     def _bits(self, candidates: Sequence[Instance]) -> list[int]:
