@@ -76,7 +76,8 @@ def test_table_stays_within_max_blocks_and_evicts_tails_first() -> None:
 
 
 def test_table_memory_is_bounded_by_max_blocks() -> None:
-    # The documented bound: about 140 bytes per entry (measured here, under 200 asserted).
+    # The documented bound: 125-180 bytes per entry, depending on where the dict is in
+    # its resize cycle (benchmarks/prefix_memory.py: 180 at 65,536 after churn).
     max_blocks = 20_000
     rng = random.Random(1)
     chains = [block_hashes(prompt(rng, 16 * 64), 16, 64) for _ in range(1000)]  # 64k names
@@ -84,8 +85,9 @@ def test_table_memory_is_bounded_by_max_blocks() -> None:
     try:
         start, _ = tracemalloc.get_traced_memory()
         t = PrefixTable(max_blocks)
-        for chain in chains:
+        for chain in chains:  # 3x the bound: full, then evicting
             t.record(chain, 1 << (len(t) % 4))
+            assert len(t) <= max_blocks
         used, _ = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

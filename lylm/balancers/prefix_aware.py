@@ -24,7 +24,7 @@ class PrefixAware(Balancer):
     The balancer cannot see the engines' caches; it remembers where it sent each
     prefix: the prompt's token ids are cut into blocks of ``block_size`` tokens (the
     engine's KV-cache block size) and named by chained hashes, and a bounded LRU
-    table (``max_blocks`` names, about 140 bytes each) maps each name to the engines
+    table (``max_blocks`` names, 125-180 bytes each) maps each name to the engines
     it was sent to. Only the first ``max_prefix_tokens`` of a prompt are hashed,
     which bounds the cost of a choice for long prompts.
 
