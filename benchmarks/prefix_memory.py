@@ -75,11 +75,11 @@ def main() -> None:
                     prompt_token_ids=[1] * 8, session_key=f"user-{i:06d}")
         for i in range(n)
     ]
-    held, largest = measure(balancer, engines, requests, lambda: len(balancer._sessions))
+    held, largest = measure(balancer, engines, requests, lambda: balancer.sessions)
     result["sessions"] = {
-        "requests": n, "max_sessions": balancer.max_sessions, "entries": len(balancer._sessions),
+        "requests": n, "max_sessions": balancer.max_sessions, "entries": balancer.sessions,
         "largest_seen": largest, "held_mib": round(held / 2**20, 2),
-        "bytes_per_entry": round(held / len(balancer._sessions), 1),
+        "bytes_per_entry": round(held / balancer.sessions, 1),
         "note": "the key strings are allocated before measuring, as the pool holds them anyway",
     }
     print(json.dumps(result, indent=1))

@@ -199,6 +199,7 @@ def test_session_affinity_keeps_a_session_on_its_engine_under_the_same_guard() -
     first.in_flight_requests = 10  # far above 1.25 * mean + 1
     moved = b.choose(insts, req(prompt(rng, 20), session="alice"))
     assert moved is not first
+    assert (b.overloaded, b.unmatched) == (1, 1)  # the first visit was unmatched
     first.in_flight_requests = 0
     assert b.choose(insts, req(prompt(rng, 20), session="alice")) is moved  # it follows the move
     off = PrefixAware(session_affinity=False, rng=random.Random(11))
@@ -209,9 +210,17 @@ def test_session_affinity_keeps_a_session_on_its_engine_under_the_same_guard() -
 def test_sessions_are_bounded_lru() -> None:
     b = PrefixAware(max_sessions=3, rng=random.Random(13))
     insts = make_instances([1.0] * 2)
+    homes = {}
     for name in ["a", "b", "c", "a", "d"]:
-        b.choose(insts, req([1, 2, 3], session=name))
-    assert list(b._sessions) == ["c", "a", "d"]
+        homes[name] = b.choose(insts, req([1, 2, 3], session=name))
+        assert b.sessions <= 3
+    assert b.sessions == 3
+    # "b" was the least recently used: forgotten, so it no longer counts as affine.
+    before = b.by_session
+    b.choose(insts, req([1, 2, 3], session="b"))
+    assert b.by_session == before
+    b.choose(insts, req([1, 2, 3], session="a"))
+    assert b.by_session == before + 1
 
 
 def test_only_offered_candidates_are_chosen_even_if_others_hold_the_prefix() -> None:

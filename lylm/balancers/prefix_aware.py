@@ -51,8 +51,10 @@ class PrefixAware(Balancer):
         pool = EnginePool.from_config("config.json", balancer=PrefixAware(load_factor=1.5))
         # or in the config: "balancer": "prefix_aware"
 
-    Counters for reports: ``by_prefix``, ``by_session``, ``overloaded`` (a match
-    was skipped by the guard) and ``unmatched`` choices, ``len(table)`` entries.
+    Counters for reports: choices made ``by_prefix``, ``by_session``, sent to the
+    least loaded because the guard skipped every affine engine (``overloaded``) or
+    because there was none (``unmatched``); ``len(table)`` names and ``sessions``
+    remembered.
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class PrefixAware(Balancer):
         cbits = self._bits(candidates)
         offered = reduce(or_, cbits)
         chosen = -1
+        guarded = False  # an affine engine was skipped by the guard
         if key is not None:
             bit = self._sessions.get(key, 0) & offered
             if bit:
@@ -114,6 +117,8 @@ class PrefixAware(Balancer):
                 if loads[i] <= limit:
                     chosen = i
                     self.by_session += 1
+                else:
+                    guarded = True
         if chosen < 0 and hashes:
             groups = self.table.match(hashes, offered)
             index = {b: i for i, b in enumerate(cbits)} if groups else {}
@@ -129,11 +134,12 @@ class PrefixAware(Balancer):
                     self.by_prefix += 1
                     break
             else:
-                if groups:
-                    self.overloaded += 1
-                else:
-                    self.unmatched += 1
+                guarded = guarded or bool(groups)
         if chosen < 0:
+            if guarded:
+                self.overloaded += 1
+            else:
+                self.unmatched += 1
             chosen = self._least(candidates, loads, None)
 
         bit = cbits[chosen]
@@ -142,6 +148,11 @@ class PrefixAware(Balancer):
         if key is not None:
             self._remember_session(key, bit)
         return candidates[chosen]
+
+    @property
+    def sessions(self) -> int:
+        """How many sessions are remembered (at most ``max_sessions``)."""
+        return len(self._sessions)
 
     def matched_tokens(self, candidates: Sequence[Instance], token_ids: Sequence[int]) -> list[int]:
         """For each candidate, how many leading tokens of ``token_ids`` it is believed to hold.
