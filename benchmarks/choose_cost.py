@@ -5,6 +5,12 @@
 Candidates are real lylm Instances (on idle FakeEngines) with random books, so the
 policies do their full work; the median of many timed batches is reported in
 microseconds per call. Target (BENCHMARKS.md): <= 10 us at 64 engines.
+
+The first table gives every balancer the same request without token ids. A
+second one times ``prefix_aware`` on requests that carry their prompt's token ids,
+hashing included: 256 requests drawn from 32 shared prefixes (3/4 of the prompt)
+plus a unique tail, cycled, so the table holds matches as it would in service;
+and the block hashing alone, for the same prompts.
 """
 
 from __future__ import annotations
@@ -17,10 +23,12 @@ import statistics
 import time
 
 from lylm import EngineSpec, Instance, RequestInfo
-from lylm.balancers import BALANCERS, resolve_balancer
+from lylm.balancers import BALANCERS, PrefixAware, resolve_balancer
+from lylm.balancers._prefix_table import block_hashes
 from lylm.testing import FakeEngine
 
 SIZES = (2, 8, 64)
+PROMPT_LENGTHS = (256, 1024, 4096)
 TARGET_US = 10.0
 
 
@@ -52,6 +60,42 @@ def measure(name: str, n: int, *, calls: int = 2000, batches: int = 25) -> float
     return statistics.median(samples)
 
 
+def prefix_requests(length: int, rng: random.Random, *, groups: int = 32, count: int = 256) -> list[RequestInfo]:
+    """``count`` requests of ``length`` tokens: one of ``groups`` shared prefixes + a unique tail."""
+    shared = length * 3 // 4
+    prefixes = [[rng.randrange(512) for _ in range(shared)] for _ in range(groups)]
+    out = []
+    for i in range(count):
+        ids = rng.choice(prefixes) + [rng.randrange(512) for _ in range(length - shared)]
+        out.append(RequestInfo(model="m", request_id=f"r{i}", prompt_tokens=length, max_tokens=128,
+                               prompt_token_ids=ids))
+    return out
+
+
+def measure_prefix(n: int, length: int, *, batches: int = 25) -> tuple[float, float]:
+    """(choose us, hashing-only us) for PrefixAware on ``length``-token prompts at ``n`` engines."""
+    rng = random.Random(n * 7919 + length)
+    balancer = PrefixAware(rng=random.Random(0))
+    candidates = make_instances(n, rng)
+    requests = prefix_requests(length, rng)
+    calls = max(200, 200_000 // length)
+    choose = balancer.choose
+    for r in requests:  # warm: the table holds every prefix, as in steady service
+        choose(candidates, r)
+    picks = [requests[i % len(requests)] for i in range(calls)]
+    samples, hashing = [], []
+    for _ in range(batches):
+        start = time.perf_counter()
+        for r in picks:
+            choose(candidates, r)
+        samples.append((time.perf_counter() - start) / calls * 1e6)
+        start = time.perf_counter()
+        for r in picks:
+            block_hashes(r.prompt_token_ids, balancer.block_size, balancer.max_prefix_blocks)
+        hashing.append((time.perf_counter() - start) / calls * 1e6)
+    return statistics.median(samples), statistics.median(hashing)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/choose_cost")
@@ -71,11 +115,32 @@ def main() -> None:
         verdict = "met" if at64 <= TARGET_US else "missed"
         cells = " | ".join(f"{row[f'{n}_engines_us']:.2f}" for n in SIZES)
         lines.append(f"| {row['balancer']} | {cells} | <= {TARGET_US:g} us: {verdict} |")
+    prefix_rows = []
+    for length in PROMPT_LENGTHS:
+        row = {"prompt_tokens": length}
+        for n in SIZES:
+            us, hash_us = measure_prefix(n, length)
+            row[f"{n}_engines_us"] = round(us, 3)
+            row[f"{n}_engines_hashing_us"] = round(hash_us, 3)
+        prefix_rows.append(row)
+    lines += [
+        "",
+        "prefix_aware with prompt token ids (hashing included; hashing alone in parentheses):",
+        "",
+        "| prompt tokens | " + " | ".join(f"{n} engines (us)" for n in SIZES) + " |",
+        "|---|" + "---|" * len(SIZES),
+    ]
+    for row in prefix_rows:
+        cells = " | ".join(
+            f"{row[f'{n}_engines_us']:.1f} ({row[f'{n}_engines_hashing_us']:.1f})" for n in SIZES
+        )
+        lines.append(f"| {row['prompt_tokens']} | {cells} |")
     table = "\n".join(lines)
     print(table)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
     with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "target_us": TARGET_US}, f, indent=2)
+        json.dump({"meta": meta, "rows": rows, "prefix_aware_rows": prefix_rows, "target_us": TARGET_US},
+                  f, indent=2)
     with open(args.out + ".md", "w") as f:
         f.write(table + "\n")
 

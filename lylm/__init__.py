@@ -33,6 +33,7 @@ from ._pool import EnginePool as EnginePool
 from ._pool import Prompt as Prompt
 from ._request import RequestInfo as RequestInfo
 from ._request import RequestRecord as RequestRecord
+from ._shadow import ShadowReport as ShadowReport
 from ._supervisor import RestartPolicy as RestartPolicy
 from ._vllm_engine import VLLMEngine as VLLMEngine
 
@@ -64,6 +65,7 @@ __all__ = [
     "RequestInfo",
     "RequestRecord",
     "RestartPolicy",
+    "ShadowReport",
     "ShuttingDownError",
     "State",
     "UnknownModelError",

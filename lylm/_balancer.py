@@ -18,7 +18,8 @@ class Balancer(abc.ABC):
     every request, so it must be quick and must not do I/O. ``candidates`` are
     the model's healthy instances (never empty); read their books
     (``in_flight_requests``, ``in_flight_tokens``, ``weight``, ``running``,
-    ``waiting``, ``kv_cache_usage``) but do not write them: the pool keeps the books.
+    ``waiting``, ``kv_cache_usage``, ``prefix_cache_queries``, ``prefix_cache_hits``)
+    but do not write them: the pool keeps the books.
 
     Example, a policy that prefers the instance with the most free KV cache::
 

@@ -47,6 +47,8 @@ class EngineStats:
     running: int
     waiting: int
     kv_cache_usage: float
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 class Instance:
@@ -145,6 +147,16 @@ class Instance:
         """Fraction of the engine's KV cache in use, 0..1 (live signal; 0 if unknown)."""
         return self.engine.signals.kv_cache_usage
 
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens the engine looked up in its prefix cache, since start (live signal)."""
+        return self.engine.signals.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of those, tokens found cached: prefill it skipped, since start (live signal)."""
+        return self.engine.signals.prefix_cache_hits
+
     def stats(self) -> EngineStats:
         """A snapshot of this instance's books and signals."""
         return EngineStats(
@@ -164,4 +176,6 @@ class Instance:
             running=self.running,
             waiting=self.waiting,
             kv_cache_usage=self.kv_cache_usage,
+            prefix_cache_queries=self.prefix_cache_queries,
+            prefix_cache_hits=self.prefix_cache_hits,
         )

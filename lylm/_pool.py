@@ -30,6 +30,7 @@ from ._exceptions import (
 )
 from ._instance import EngineStats, Instance, Outcome
 from ._request import RequestInfo, RequestRecord
+from ._shadow import ShadowReport, Shadows
 from ._supervisor import RestartPolicy, Supervisor
 from .balancers import resolve_balancer
 
@@ -134,6 +135,7 @@ class EnginePool:
             child_rng = random.Random(rng.getrandbits(64))
             self._balancers[model.name] = resolve_balancer(choice, rng=child_rng, path=path)
         self._instances: dict[str, list[Instance]] = {}
+        self._shadows = Shadows()
         self._state = "new"
         self._lock = anyio.Lock()
 
@@ -352,6 +354,39 @@ class EnginePool:
         """Stop calling ``observer``."""
         self._observers.remove(observer)
 
+    # -- shadow mode: a candidate balancer beside the active one, never routing --------
+
+    def add_shadow(
+        self,
+        model: str,
+        balancer: BalancerLike,
+        *,
+        name: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Ask ``balancer`` too for every request of ``model``, count how often it agrees
+        with the active balancer and what it picks, and route by the active one only.
+
+        ``balancer`` is anything ``balancer=`` accepts; ``name`` (default: the name or
+        class name) labels it in :meth:`shadow_report` and the metrics. It runs after
+        the active balancer on the same candidates and books, so its cost adds to each
+        request's; if it raises, the error is counted and logged once, and ignored.
+        """
+        if model not in self._balancers:
+            raise UnknownModelError(model, self.models)
+        shadow = resolve_balancer(balancer, rng=rng, path="shadow")
+        if name is None:
+            name = balancer if isinstance(balancer, str) else type(shadow).__name__
+        self._shadows.add(model, name, shadow)
+
+    def remove_shadow(self, model: str, name: str) -> None:
+        """Stop the shadow ``name`` of ``model``."""
+        self._shadows.remove(model, name)
+
+    def shadow_report(self, model: str | None = None) -> list[ShadowReport]:
+        """Agreement and choice counts of ``model``'s shadows (or of every model's)."""
+        return self._shadows.reports(model)
+
     def stats(self) -> dict[str, list[EngineStats]]:
         """A snapshot of every instance's books, by model."""
         return {m: [i.stats() for i in group] for m, group in self._instances.items()}
@@ -486,6 +521,9 @@ class EnginePool:
                 f"{type(balancer).__name__}.choose() returned {chosen!r}, "
                 "which is not one of the candidates it was given"
             )
+        # -- shadow mode: candidates choose too, after the fact; never raises ---------
+        if self._shadows:
+            self._shadows.observe(candidates, request, chosen)
         return chosen
 
     async def _serve(

@@ -17,8 +17,24 @@ from lylm.balancers import (
 )
 
 
-def request(prompt_tokens: int = 10, max_tokens: int = 20) -> RequestInfo:
-    return RequestInfo(model="m", request_id="r", prompt_tokens=prompt_tokens, max_tokens=max_tokens)
+def request(
+    prompt_tokens: int = 10, max_tokens: int = 20, token_ids: list[int] | None = None,
+    session_key: str | None = None,
+) -> RequestInfo:
+    return RequestInfo(
+        model="m", request_id="r", prompt_tokens=prompt_tokens, max_tokens=max_tokens,
+        prompt_token_ids=token_ids or (), session_key=session_key,
+    )
+
+
+# A few shared prefixes, so cache-aware balancers take their affinity paths too.
+_PREFIXES = [[random.Random(p).randrange(512) for _ in range(64 * (p + 1))] for p in range(4)]
+
+
+def mixed_request(rng: random.Random) -> RequestInfo:
+    ids = list(rng.choice(_PREFIXES)) + [rng.randrange(512) for _ in range(rng.randrange(1, 100))]
+    session = rng.choice([None, "a", "b"])
+    return request(len(ids), rng.randrange(1, 200), ids, session)
 
 
 @pytest.fixture(params=sorted(BALANCERS))
@@ -43,21 +59,29 @@ def test_choice_is_always_one_of_the_candidates(balancer: Balancer, weights: lis
             inst.in_flight_tokens = rng.randrange(0, 5000)
         chosen = balancer.choose(instances, request(rng.randrange(1, 500), rng.randrange(1, 200)))
         assert any(chosen is c for c in instances)
+        chosen = balancer.choose(instances, mixed_request(rng))
+        assert any(chosen is c for c in instances)
 
 
 def test_only_the_given_candidates_are_chosen(balancer: Balancer) -> None:
     # The pool passes only healthy instances; a balancer must never reach past them.
     instances = make_instances([5.0, 1.0, 1.0, 5.0])
     offered = instances[1:3]
+    rng = random.Random(8)
+    for _ in range(50):  # the full set first: cache and session affinity point outside ``offered``
+        balancer.choose(instances, mixed_request(rng))
     chosen = {id(balancer.choose(offered, request())) for _ in range(200)}
+    chosen |= {id(balancer.choose(offered, mixed_request(rng))) for _ in range(200)}
     assert chosen <= {id(c) for c in offered}
 
 
 def test_balancer_does_not_write_the_books(balancer: Balancer) -> None:
     instances = make_instances([1.0, 2.0])
     before = [i.stats() for i in instances]
+    rng = random.Random(9)
     for _ in range(50):
         balancer.choose(instances, request())
+        balancer.choose(instances, mixed_request(rng))
     assert [i.stats() for i in instances] == before
 
 
@@ -67,7 +91,9 @@ def test_seeded_balancers_repeat_their_choices() -> None:
         for _ in range(2):
             b = resolve_balancer(name, rng=random.Random(99))
             instances = make_instances([1.0, 1.0, 1.0])
-            runs.append([b.choose(instances, request()).index for _ in range(100)])
+            rng = random.Random(10)
+            requests = [request()] * 50 + [mixed_request(rng) for _ in range(50)]
+            runs.append([b.choose(instances, r).index for r in requests])
         assert runs[0] == runs[1], name
 
 
@@ -142,7 +168,7 @@ def test_resolve_rejects_unknown_names_with_the_known_ones() -> None:
         resolve_balancer("fastest", path='models["m"].balancer')
     assert str(info.value) == (
         "models[\"m\"].balancer: unknown balancer 'fastest' "
-        "(known: least_outstanding, token_aware, weighted_random)"
+        "(known: least_outstanding, prefix_aware, token_aware, weighted_random)"
     )
 
 

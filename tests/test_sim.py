@@ -85,6 +85,10 @@ def test_prefix_cache_hits_on_a_repeated_prefix() -> None:
     assert result.cache_hit_rate == pytest.approx(64 / (74 * 3))
     # A hit skips prefill compute: the second request's first step batches only 10 tokens.
     assert result.per_engine[0]["batched_tokens"] == 74 + 10 + 74 + 3 * 1
+    # The engine's live signals count as vLLM's PrefixCacheStats do: tokens looked up, found.
+    inst = result.requests[0].instance
+    assert inst is not None
+    assert (inst.prefix_cache_queries, inst.prefix_cache_hits) == (3 * 74, 64)
 
 
 def test_a_whole_prompt_hit_still_recomputes_the_last_token() -> None:
@@ -177,3 +181,21 @@ def test_a_faster_instance_runs_its_steps_faster() -> None:
     slow = simulate([EngineConfig()], [1], "weighted_random", arrivals, model=MODEL)
     fast = simulate([EngineConfig(speed=2.0)], [1], "weighted_random", arrivals, model=MODEL)
     assert fast.makespan == pytest.approx(slow.makespan / 2)
+
+
+def test_prefix_aware_keeps_shared_prefixes_warm_without_piling_up() -> None:
+    # 8 groups x 512-token prefix on 4 engines whose caches hold 2-3 prefixes each.
+    rng = np.random.default_rng(4)
+    prefixes = [unique_prompt(rng, 512) for _ in range(8)]
+    arrivals = [
+        Arrival(t, prefixes[int(rng.integers(8))] + unique_prompt(rng, 40), 8)
+        for t in poisson_times(rng, 400, 40.0)
+    ]
+    engines = [EngineConfig(kv_cache_tokens=1536) for _ in range(4)]
+    results = {b: simulate(engines, [1] * 4, b, arrivals, seed=1, model=MODEL)
+               for b in ("least_outstanding", "prefix_aware")}
+    assert results["prefix_aware"].cache_hit_rate > 0.75
+    assert results["least_outstanding"].cache_hit_rate < 0.5
+    assert results["prefix_aware"].load_spread < 1.5
+    assert results["prefix_aware"].request_spread < 1.5
+

@@ -178,6 +178,27 @@ async def test_default_sampling_params_come_from_the_engine(pool: EnginePool) ->
     assert 1 <= len(outs[-1].outputs[0].token_ids) <= 16  # vLLM's default max_tokens
 
 
+async def test_prefix_cache_hits_reach_the_books_after_a_repeated_prompt(pool: EnginePool) -> None:
+    # Three runs of one prompt on two engines: one engine serves it at least twice and
+    # finds its full blocks cached; each engine's stat logger feeds its own counters.
+    ids = [(i * 37) % 500 + 3 for i in range(300)]
+    instances = pool.instances(MODEL)
+    before = [(i.prefix_cache_queries, i.prefix_cache_hits) for i in instances]
+    cached = 0
+    for _ in range(3):
+        _, last = await count_tokens(pool, ids, SamplingParams(max_tokens=2, ignore_eos=True))
+        cached += last.num_cached_tokens
+    block = instances[0].engine.llm.vllm_config.cache_config.block_size  # type: ignore[attr-defined]
+    assert cached >= (len(ids) - 1) // block * block > 0
+    queries = sum(i.prefix_cache_queries - b[0] for i, b in zip(instances, before))
+    hits = sum(i.prefix_cache_hits - b[1] for i, b in zip(instances, before))
+    assert (queries, hits) == (3 * len(ids), cached)
+    stats = pool.stats()[MODEL]
+    assert [(s.prefix_cache_queries, s.prefix_cache_hits) for s in stats] == [
+        (i.prefix_cache_queries, i.prefix_cache_hits) for i in instances
+    ]
+
+
 def _children() -> dict[int, str]:
     found = {}
     for p in psutil.Process().children(recursive=True):

@@ -154,6 +154,11 @@ class SimEngine(Engine):
         if self.cache.available(hit_hashes) < need:
             return False
         self.cache.allocate(hit_hashes, need)
+        if self.config.prefix_caching:
+            # What vLLM's scheduler reports at admission (PrefixCacheStats): prompt
+            # tokens looked up, and those found cached.
+            self.signals.prefix_cache_queries += r.prompt_len
+            self.signals.prefix_cache_hits += hits * BLOCK_SIZE
         r.named = list(hit_hashes)
         r.private = need
         r.registered = hits

@@ -3,9 +3,10 @@
     .venv/bin/python -m benchmarks.sim.scenarios --out benchmarks/results/sim [--seeds 5]
 
 Balancers are every name in ``lylm.balancers.BALANCERS`` (new built-ins join by
-themselves) plus ``--extra`` import strings; the default extra is the README's
+themselves) plus ``--extra`` import strings; the default extras are the README's
 session-sticky example (``examples.custom_balancer:StickyByUser``), shown as a
-reference, since only the shared-prefix scenario sets session keys (one per group).
+reference, and ``prefix_aware`` with session affinity off (prefix hashing alone),
+both only where session keys exist: the shared-prefix scenario sets one per group.
 All balancers of a seed see the same arrivals. Writes ``scenarios.json``,
 ``scenarios.md`` and ``<scenario>.png`` under ``--out``.
 """
@@ -31,12 +32,15 @@ from .sim import Arrival, simulate
 from .workloads import capacity, poisson_times, unique_prompt
 
 STICKY = "examples.custom_balancer:StickyByUser"
+PREFIX_ONLY = "benchmarks.sim.variants:PrefixOnly"
 METRICS = (
     ("throughput", "tok/s", 1.0),
     ("ttft_p50", "TTFT p50 ms", 1e3),
+    ("ttft_p90", "TTFT p90 ms", 1e3),
     ("ttft_p99", "TTFT p99 ms", 1e3),
     ("e2e_p99", "e2e p99 s", 1.0),
     ("request_spread", "req spread", 1.0),
+    ("load_spread", "load spread", 1.0),
     ("work_spread", "work spread", 1.0),
     ("cache_hit_rate", "cache hit %", 100.0),
 )
@@ -95,21 +99,26 @@ def skewed(model: StepModel, n: int) -> list[Variant]:
 
 def shared_prefix(model: StepModel, n: int) -> list[Variant]:
     """32 groups x 2048-token prefix + 200-token question; per-engine KV 24k tokens
-    (< the 64k of all prefixes), pool 96k (> 64k). Poisson at 80% of cache-less capacity."""
+    (< the 64k of all prefixes), pool 96k (> 64k). Poisson at 80% of cache-less capacity,
+    and at 3x it (overload: throughput then shows each policy's capacity)."""
     engines = [EngineConfig(kv_cache_tokens=24576) for _ in range(4)]
     groups, prefix_len, question, output = 32, 2048, 200, 32
-    rate = 0.8 * capacity(model, engines, prefix_len + question, output)
+    cacheless = capacity(model, engines, prefix_len + question, output)
 
-    def workload(seed: int) -> list[Arrival]:
-        rng = np.random.default_rng(seed)
-        prefixes = [unique_prompt(rng, prefix_len) for _ in range(groups)]
-        out = []
-        for t in poisson_times(rng, n, rate):
-            g = int(rng.integers(groups))
-            out.append(Arrival(t, prefixes[g] + unique_prompt(rng, question), output, session_key=f"group-{g}"))
-        return out
+    def at(load: float) -> Callable[[int], list[Arrival]]:
+        def workload(seed: int) -> list[Arrival]:
+            rng = np.random.default_rng(seed)
+            prefixes = [unique_prompt(rng, prefix_len) for _ in range(groups)]
+            out = []
+            for t in poisson_times(rng, n, load * cacheless):
+                g = int(rng.integers(groups))
+                out.append(Arrival(t, prefixes[g] + unique_prompt(rng, question), output, session_key=f"group-{g}"))
+            return out
 
-    return [Variant("32 groups, 4 engines", engines, [1] * 4, workload)]
+        return workload
+
+    return [Variant("32 groups, 4 engines", engines, [1] * 4, at(0.8)),
+            Variant("32 groups, 4 engines, 3x overload", engines, [1] * 4, at(3.0))]
 
 
 def burst(model: StepModel, n: int) -> list[Variant]:
@@ -146,7 +155,7 @@ def run_all(seeds: int, balancers: list[str], model: StepModel, scale: float = 1
             for seed in range(seeds):
                 arrivals = v.workload(seed)
                 for b in balancers:
-                    if b == STICKY and all(a.session_key is None for a in arrivals):
+                    if b in (STICKY, PREFIX_ONLY) and all(a.session_key is None for a in arrivals):
                         # Without session keys it is its fallback, least_outstanding: skip.
                         runs.pop(b, None)
                         continue
@@ -164,7 +173,7 @@ def run_all(seeds: int, balancers: list[str], model: StepModel, scale: float = 1
 
 
 def _label(b: str) -> str:
-    return "sticky (example)" if b == STICKY else b
+    return {STICKY: "sticky (example)", PREFIX_ONLY: "prefix_aware, sessions off"}.get(b, b)
 
 
 def markdown(results: dict[str, Any], seeds: int) -> str:
@@ -228,7 +237,8 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/sim")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every scenario's request count")
-    parser.add_argument("--extra", nargs="*", default=[STICKY], help="more balancers, as import strings")
+    parser.add_argument("--extra", nargs="*", default=[STICKY, PREFIX_ONLY],
+                        help="more balancers, as import strings")
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -53,10 +53,12 @@ class RunResult:
     balancer: str
     throughput: float  # output tokens per simulated second, first arrival to last finish
     ttft_p50: float
+    ttft_p90: float
     ttft_p99: float
     e2e_p50: float
     e2e_p99: float
     request_spread: float  # max / mean of requests served per engine
+    load_spread: float  # max / mean of time-averaged in-flight requests (per weight) per engine
     work_spread: float  # max / mean of batched tokens per unit of speed, per engine
     cache_hit_rate: float  # prompt tokens served from the prefix cache / prompt tokens
     makespan: float
@@ -135,9 +137,13 @@ def simulate(
             inst.completed += 1
             chooser.on_finish(inst, req.info, "completed")
 
+    load_area = [0.0] * len(instances)  # integral of in-flight requests over time, per engine
     while pos < len(order) or steps:
         next_arrival = arrivals[order[pos]].time if pos < len(order) else float("inf")
+        previous = now
         now = min(next_arrival, steps[0][0]) if steps else next_arrival
+        for k, inst in enumerate(instances):
+            load_area[k] += inst.in_flight_requests * (now - previous)
         # Steps ending now first: their freed slots and cache are visible to the scheduler.
         while steps and steps[0][0] <= now:
             _, _, idx = heapq.heappop(steps)
@@ -155,7 +161,7 @@ def simulate(
                 if duration is not None:
                     counter += 1
                     heapq.heappush(steps, (now + duration, counter, idx))
-    return _metrics(name, instances, requests)
+    return _metrics(name, instances, requests, [a / i.weight for a, i in zip(load_area, instances)])
 
 
 def _engine(inst: Instance) -> SimEngine:
@@ -169,7 +175,9 @@ def _spread(values: Sequence[float]) -> float:
     return max(values) / mean if mean > 0 else 1.0
 
 
-def _metrics(name: str, instances: list[Instance], requests: list[SimRequest]) -> RunResult:
+def _metrics(
+    name: str, instances: list[Instance], requests: list[SimRequest], load_area: list[float]
+) -> RunResult:
     if not requests:
         raise ValueError("no requests")
     ttft = np.array([r.first_token - r.arrival for r in requests if r.first_token is not None])
@@ -202,10 +210,12 @@ def _metrics(name: str, instances: list[Instance], requests: list[SimRequest]) -
         balancer=name,
         throughput=out_tokens / makespan if makespan > 0 else 0.0,
         ttft_p50=float(np.percentile(ttft, 50)),
+        ttft_p90=float(np.percentile(ttft, 90)),
         ttft_p99=float(np.percentile(ttft, 99)),
         e2e_p50=float(np.percentile(e2e, 50)),
         e2e_p99=float(np.percentile(e2e, 99)),
         request_spread=_spread([e.served for e in engines]),
+        load_spread=_spread(load_area),
         work_spread=_spread([e.batched_tokens / e.config.speed for e in engines]),
         cache_hit_rate=cached / prompt_tokens if prompt_tokens else 0.0,
         makespan=makespan,

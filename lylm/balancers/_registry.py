@@ -4,6 +4,7 @@ from __future__ import annotations
 
 BALANCERS: dict[str, str] = {
     "least_outstanding": "lylm.balancers.least_outstanding:LeastOutstanding",
+    "prefix_aware": "lylm.balancers.prefix_aware:PrefixAware",
     "token_aware": "lylm.balancers.token_aware:TokenAware",
     "weighted_random": "lylm.balancers.weighted_random:WeightedRandom",
 }

@@ -54,6 +54,12 @@ class _BooksCollector(Collector):
         restarts = CounterMetricFamily(
             "lylm_engine_restarts", "Times a failed engine was replaced by a new one.", labels=LABELS
         )
+        queries = CounterMetricFamily(
+            "lylm_engine_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", labels=LABELS
+        )
+        hits = CounterMetricFamily(
+            "lylm_engine_prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=LABELS
+        )
         for instance in self._pool.instances():
             s = instance.stats()
             labels = [s.model, str(instance.index)]
@@ -72,8 +78,39 @@ class _BooksCollector(Collector):
                 if name != "stopped":  # stopped instances have left the pool
                     state.add_metric([*labels, name], 1 if s.state == name else 0)
             restarts.add_metric(labels, s.restarts)
+            queries.add_metric(labels, s.prefix_cache_queries)
+            hits.add_metric(labels, s.prefix_cache_hits)
         yield from (requests, prompt, generated, in_flight, in_flight_tokens)
-        yield from (healthy, weight, running, waiting, kv, state, restarts)
+        yield from (healthy, weight, running, waiting, kv, state, restarts, queries, hits)
+
+
+class _ShadowCollector(Collector):
+    """Shadow balancers' counts (``EnginePool.add_shadow``), read at scrape time."""
+
+    def __init__(self, pool: EnginePool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["model", "shadow"]
+        decisions = CounterMetricFamily(
+            "lylm_shadow_decisions", "Requests a shadow balancer was asked about.", labels=labels
+        )
+        agreements = CounterMetricFamily(
+            "lylm_shadow_agreements", "Requests where it chose as the active balancer did.", labels=labels
+        )
+        errors = CounterMetricFamily(
+            "lylm_shadow_errors", "Requests where it raised or chose a non-candidate.", labels=labels
+        )
+        choices = CounterMetricFamily(
+            "lylm_shadow_choices", "What it would have chosen, by engine.", labels=[*labels, "engine"]
+        )
+        for r in self._pool.shadow_report():
+            decisions.add_metric([r.model, r.name], r.decisions)
+            agreements.add_metric([r.model, r.name], r.agreements)
+            errors.add_metric([r.model, r.name], r.errors)
+            for index, count in sorted(r.chosen.items()):
+                choices.add_metric([r.model, r.name, str(index)], count)
+        yield from (decisions, agreements, errors, choices)
 
 
 class PoolMetrics:
@@ -82,6 +119,7 @@ class PoolMetrics:
     def __init__(self, pool: EnginePool, *, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(_BooksCollector(pool))
+        self.registry.register(_ShadowCollector(pool))
         self._ttft = Histogram(
             "lylm_time_to_first_token_seconds",
             "From dispatch to an engine until its first token.",

@@ -1,0 +1,187 @@
+"""Prefix-cache hit rate and throughput per balancer on 2 real CPU vLLM engines.
+
+    flock /tmp/lylm-bench.lock env HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \\
+        .venv/bin/python -m benchmarks.prefix_real [--rounds 3 --requests 240 --concurrency 8] \\
+        [--out benchmarks/results/prefix_real]
+
+Two engines of ``lylm.testing.build_tiny_model`` in one real ``EnginePool``, each
+pinned to its own core, each with a KV cache of ``--kv-tokens`` tokens (vLLM's CPU
+block is 128 tokens): the prefix groups together need more than one engine holds
+(16 groups x 640 tokens = 80 blocks against 48), about what both hold together.
+
+Two workloads, closed loop at ``--concurrency``, 16 output tokens (ignore_eos):
+
+- ``shared``: each request is one of 16 group prefixes (640 tokens) plus a unique
+  96-token question, the group drawn at random (seeded, the same for every balancer
+  of a round);
+- ``distinct``: every prompt is 736 unique tokens (the low-sharing control).
+
+Per run: both engines' prefix caches are reset, a fresh balancer is swapped in
+(through a delegating Balancer, so engines start once), and every balancer runs once
+per round in a rotated order so that machine noise hits all alike. Measured: output
+tokens/s, TTFT p50/p90 at the client, the prefix-cache hit rate from vLLM's
+``num_cached_tokens`` (prompt tokens served from the cache / prompt tokens) and,
+as a cross-check, from the engines' live signals. Writes ``OUT.json`` and ``OUT.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from typing import Any
+
+import anyio
+import numpy as np
+
+from benchmarks.sim.real import Switch, _pinned_factory
+from lylm import EnginePool
+from lylm.balancers import BALANCERS, resolve_balancer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+GROUPS, PREFIX, QUESTION, OUTPUT = 16, 640, 96, 16
+VOCAB = 500
+
+
+def prompts(kind: str, seed: int, n: int) -> list[list[int]]:
+    """The prompts of one round (the same for every balancer in it)."""
+    rng = np.random.default_rng(seed)
+    if kind == "distinct":
+        return [rng.integers(3, VOCAB, size=PREFIX + QUESTION).tolist() for _ in range(n)]
+    # The group prefixes are fixed across rounds; which group comes when is the round's.
+    prefixes = [np.random.default_rng(10_000 + g).integers(3, VOCAB, size=PREFIX).tolist() for g in range(GROUPS)]
+    return [prefixes[int(rng.integers(GROUPS))] + rng.integers(3, VOCAB, size=QUESTION).tolist() for _ in range(n)]
+
+
+async def run(pool: EnginePool, batch: list[list[int]], concurrency: int) -> dict[str, Any]:
+    """Serve ``batch`` closed-loop at ``concurrency``; return the run's measurements."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    instances = pool.instances("tiny")
+    for inst in instances:
+        assert await inst.engine.llm.reset_prefix_cache(), "prefix cache reset refused"  # type: ignore[attr-defined]
+    before = [(i.completed, i.prefix_cache_queries, i.prefix_cache_hits) for i in instances]
+    params = SamplingParams(max_tokens=OUTPUT, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    queue = list(reversed(batch))
+    ttft: list[float] = []
+    cached = prompt_tokens = tokens = 0
+
+    async def worker() -> None:
+        nonlocal cached, prompt_tokens, tokens
+        while queue:
+            ids = queue.pop()
+            t0 = time.perf_counter()
+            first = None
+            last = None
+            async for out in pool.generate("tiny", ids, params):
+                n = len(out.outputs[0].token_ids)
+                if n and first is None:
+                    first = time.perf_counter() - t0
+                tokens += n
+                last = out
+            assert last is not None and first is not None
+            ttft.append(first)
+            cached += last.num_cached_tokens or 0
+            prompt_tokens += len(ids)
+
+    start = time.perf_counter()
+    async with anyio.create_task_group() as tg:
+        for _ in range(concurrency):
+            tg.start_soon(worker)
+    wall = time.perf_counter() - start
+    after = [(i.completed, i.prefix_cache_queries, i.prefix_cache_hits) for i in instances]
+    served = [a[0] - b[0] for a, b in zip(after, before)]
+    queries = sum(a[1] - b[1] for a, b in zip(after, before))
+    hits = sum(a[2] - b[2] for a, b in zip(after, before))
+    return {
+        "wall_s": wall,
+        "throughput": tokens / wall,
+        "ttft_p50": float(np.percentile(ttft, 50)),
+        "ttft_p90": float(np.percentile(ttft, 90)),
+        "hit_rate": cached / prompt_tokens,
+        "signal_hit_rate": hits / queries if queries else 0.0,
+        "served": served,
+        "request_spread": max(served) / statistics.fmean(served),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+    model_dir = build_tiny_model(os.path.join(tempfile.gettempdir(), "lylm-tiny-model"))
+    engine_args = {**TINY_MODEL_ENGINE_ARGS, "model": str(model_dir), "kv_cache_memory_bytes": args.kv_tokens * 512}
+    config = {"models": {"tiny": [{"engine_args": engine_args}, {"engine_args": engine_args}]}}
+    switch = Switch()
+    names = sorted(BALANCERS)
+    results: dict[str, Any] = {"runs": {}}
+    t0 = time.time()
+    async with EnginePool.from_config(config, balancer=switch, engine_factory=_pinned_factory) as pool:
+        block = pool.instances("tiny")[0].engine.llm.vllm_config.cache_config.block_size  # type: ignore[attr-defined]
+        print(f"engines up in {time.time() - t0:.0f} s; KV block {block} tokens", flush=True)
+        results["block_size"] = block
+        await run(pool, prompts("distinct", 999, 16), args.concurrency)  # warm-up, not counted
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for kind in ("shared", "distinct"):
+                batch = prompts(kind, r, args.requests)
+                for name in order:
+                    switch.inner = resolve_balancer(name, rng=random.Random(r))
+                    res = await run(pool, batch, args.concurrency)
+                    results["runs"].setdefault(kind, {}).setdefault(name, []).append(res)
+                    print(f"round {r} {kind:8} {name:18} {res['throughput']:6.0f} tok/s  "
+                          f"TTFT p90 {res['ttft_p90'] * 1e3:6.0f} ms  hits {res['hit_rate']:.1%} "
+                          f"(signals {res['signal_hit_rate']:.1%})  served {res['served']}", flush=True)
+    return results
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """Medians over rounds per workload and balancer, with ratios to the baselines."""
+    keys = ("throughput", "ttft_p50", "ttft_p90", "hit_rate", "signal_hit_rate", "request_spread")
+    lines = []
+    for kind, runs in results["runs"].items():
+        med = {b: {k: statistics.median(r[k] for r in rs) for k in keys} for b, rs in runs.items()}
+        base = "weighted_random" if kind == "shared" else "least_outstanding"
+        lines += [f"### {kind} ({len(next(iter(runs.values())))} rounds; ratios vs {base})", "",
+                  "| balancer | tok/s | x tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p90 / it | "
+                  "hit rate (num_cached_tokens) | hit rate (signals) | req spread | tok/s per round |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for b, m in med.items():
+            per_round = ", ".join(f"{r['throughput']:.0f}" for r in runs[b])
+            lines.append(
+                f"| {b} | {m['throughput']:.0f} | {m['throughput'] / med[base]['throughput']:.3f} | "
+                f"{m['ttft_p50'] * 1e3:.0f} | {m['ttft_p90'] * 1e3:.0f} | "
+                f"{m['ttft_p90'] / med[base]['ttft_p90']:.3f} | {m['hit_rate']:.1%} | "
+                f"{m['signal_hit_rate']:.1%} | {m['request_spread']:.2f} | {per_round} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results/prefix_real")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=240)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--kv-tokens", type=int, default=6144, help="KV cache per engine, in tokens")
+    args = parser.parse_args()
+    results = anyio.run(main_async, args)
+    results["args"] = vars(args)
+    results["meta"] = {"python": platform.python_version(), "machine": platform.machine()}
+    with open(args.out + ".json", "w") as f:
+        json.dump(results, f, indent=1)
+    table = markdown(results)
+    with open(args.out + ".md", "w") as f:
+        f.write(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
