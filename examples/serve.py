@@ -60,6 +60,10 @@ def default_config() -> dict[str, Any]:
     }
 
 
+#: Seconds the server keeps answering 503 after the drain, before it closes.
+_LINGER = 1.0
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, but the first SIGTERM/SIGINT drains the pool before the server stops listening.
 
@@ -100,6 +104,10 @@ class DrainingServer(uvicorn.Server):
         if not clean:
             left = sum(i.in_flight_requests for i in self.pool.instances())
             logger.warning("drain timeout: %d request(s) still in flight will fail", left)
+        # Clients whose last request just finished send their next one on the same
+        # connection at once; answer it (503, Connection: close) rather than cut it
+        # off as the server closes.
+        await asyncio.sleep(_LINGER)
         self.should_exit = True
 
 

@@ -157,6 +157,7 @@ def test_a_draining_pool_answers_503_and_health_says_so(served: Any) -> None:
             wait_for(lambda: pool.draining, "draining")
             r = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi"})
             assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.headers["connection"] == "close"  # no idle connection left to cut off
             assert r.json()["error"]["code"] == "shutting_down"
             health = httpx.get(f"{url}/health")
             assert health.status_code == 503 and health.json()["status"] == "draining"

@@ -102,6 +102,10 @@ def routes(
             except Exception:
                 logger.exception("unexpected error serving %s", route)
                 response = _error_response(OpenAIError(500, "internal error", type="server_error"))
+            if pool.draining:
+                # Shutting down: let no connection stay idle for a request that the
+                # closing server could cut off; the client reconnects (elsewhere).
+                response.headers["Connection"] = "close"
             metrics.http_responses.labels(route, str(response.status_code)).inc()
             return response
 
