@@ -203,7 +203,12 @@ class VLLMEngine(Engine):
 
     def num_unfinished_requests(self) -> int:
         """Requests vLLM's front end still tracks for this engine."""
-        return 0 if self._llm is None else int(self._llm.get_num_unfinished_requests())
+        if self._llm is None:
+            return 0
+        count = getattr(self._llm, "get_num_unfinished_requests", None)
+        if count is None:  # vLLM 0.26's AsyncLLM lacks it; its output processor has it
+            count = self._llm.output_processor.get_num_unfinished_requests
+        return int(count())
 
     async def shutdown(self) -> None:
         """Stop the engine core process; idempotent."""

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# One device call = one subcommand of this script, each meant to finish in under 9 minutes:
+#
+#   bash benchmarks/gpu/device.sh CALL        (from the repository root of the device's copy)
+#
+#   call1  install check, lylm smoke test on a 0.5B shape, pool overhead (1.5B shape)
+#   call2  lylm vs vllm serve, 1.5B shape
+#   call3  lylm vs vllm serve, 3B shape, then the seed's table through lylm
+#   call4  two instances on one GPU vs one (1.5B shape)
+#   call5  balancers on two real engines: shared-prefix and skewed-length scenarios (1.5B shape)
+#   call6  lylm with and without gc.freeze() against vllm serve: are TTFT tails GC pauses? (1.5B)
+#   call7  pool overhead again, rounds alternating Python's default GC and a frozen heap (1.5B)
+#
+# Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
+# .gpurun, a copy of this repository's lylm/, benchmarks/, examples/ and a whl/ folder with
+# wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
+# (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
+set -uo pipefail
+CALL=${1:?usage: device.sh call1|call2|...|call7}
+RUN=${RUN:-.gpurun}
+OUT=${OUT:-/tmp/gpu-out}
+MODELS=${MODELS:-/tmp/models}
+LIMIT=${LIMIT:-570}          # seconds this call may take in all; scripts plan their rounds within it
+mkdir -p "$OUT"
+LOG="$OUT/console_$CALL.log"
+exec > >(tee -a "$LOG") 2>&1
+
+if [ ! -f /tmp/vllm-site/env.sh ]; then
+  [ -d .gpukit/part00 ] || { echo "no vLLM kit here and none carried (.gpukit/part00)"; exit 2; }
+  mkdir -p /root/gpukit && cp .gpukit/part00/* /root/gpukit/ || exit 2
+  bash /root/gpukit/install-kit.sh /root/gpukit || exit 2
+else
+  echo "vLLM kit already installed (warm machine)"
+fi
+# shellcheck disable=SC1091
+. /tmp/vllm-site/env.sh
+if ! python3 -c 'import orjson' 2> /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lylm-site "$RUN"/whl/*.whl || exit 2
+fi
+export PYTHONPATH=$PWD/$RUN:/tmp/lylm-site:$PYTHONPATH PYTHONUNBUFFERED=1
+# From / : with -c, Python puts the working directory (this checkout, with its own lylm/) first.
+(cd / && python3 -c 'import lylm, orjson, starlette, uvicorn, httpx, prometheus_client, attrs, anyio; print("lylm from", lylm.__file__)') || exit 2
+nvidia-smi --query-gpu=index,name,memory.used,memory.total,driver_version --format=csv
+for s in 0.5b 1.5b 3b; do
+  [ -f "$MODELS/$s/config.json" ] || python3 /root/gpukit/make-dummy-model.py "qwen2.5-$s" "$MODELS/$s" > /dev/null || exit 2
+done
+echo "setup done after ${SECONDS} s"
+left() { echo $((LIMIT - SECONDS)); }
+B="$RUN/benchmarks/gpu"
+
+case $CALL in
+  call1)
+    timeout 300 python3 "$B/smoke.py" --model-dir "$MODELS/0.5b" \
+      --engine-args '{"enforce_eager": true, "max_model_len": 2048, "gpu_memory_utilization": 0.3}' \
+      --drop max_num_seqs max_num_batched_tokens --bad-gpu 1 --bad-gpu-timeout 90 --out "$OUT/smoke.json"
+    echo "smoke done after ${SECONDS} s"
+    python3 "$B/pool_overhead.py" --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
+      --budget-s "$(($(left) - 30))" --out "$OUT/pool_overhead_gpu"
+    ;;
+  call2)
+    python3 "$B/server_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --budget-s "$(($(left) - 40))" --out "$OUT/server_vs_vllm_1.5b" --log-dir /tmp/logs-call2
+    ;;
+  call3)
+    python3 "$B/server_vs_vllm.py" --model-dir "$MODELS/3b" --shape qwen2.5-3b --seed-table \
+      --budget-s "$(($(left) - 40))" --out "$OUT/server_vs_vllm_3b" --log-dir /tmp/logs-call3
+    ;;
+  call4)
+    python3 "$B/two_instances.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --budget-s "$(($(left) - 40))" --out "$OUT/two_instances_1.5b" --log-dir /tmp/logs-call4
+    ;;
+  call5)
+    python3 "$B/balancers.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --budget-s "$(($(left) - 40))" --out "$OUT/balancers_1.5b" --log-dir /tmp/logs-call5
+    ;;
+  call6)
+    python3 "$B/gc_pauses.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --budget-s "$(($(left) - 40))" --out "$OUT/gc_pauses_1.5b" --log-dir /tmp/logs-call6
+    ;;
+  call7)
+    python3 "$B/pool_overhead.py" --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
+      --rounds 8 --gc-modes none,freeze --budget-s "$(($(left) - 30))" --out "$OUT/pool_overhead_gc_1.5b"
+    ;;
+  *) echo "unknown call $CALL"; exit 2 ;;
+esac
+rc=$?
+echo "$CALL finished with status $rc after ${SECONDS} s"
+nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv
+exit $rc

@@ -1,0 +1,164 @@
+"""Are lylm's TTFT tails garbage-collector pauses? lylm with and without gc.freeze() against vllm serve.
+
+    python benchmarks/gpu/gc_pauses.py --model-dir DIR --shape qwen2.5-1.5b \
+        [--gpu-mem 0.28] [--grid 64x256,128x512,256x1024] [--rounds 3] [--budget-s 480] [--out PREFIX]
+
+Three servers on one GPU, one engine each, the shared engine args and
+gpu_memory_utilization --gpu-mem each, started one after another:
+
+- ``lylm``: ``switch_server.py`` (lylm's OpenAI routes over a one-instance pool),
+  the garbage collector as Python leaves it;
+- ``lylm_frozen``: the same with ``--gc-freeze`` (collect, then ``gc.freeze()`` once
+  the engine is up, as vLLM's own server does);
+- ``vllm``: ``vllm serve`` (which freezes its heap at start-up).
+
+Same requests as server_vs_vllm.py (streamed completions, 128-token token-id
+prompts, 256 output tokens with ignore_eos); per round every cell visits the three
+servers in a rotating order. For the two lylm servers, each cell also records the
+server process's collections per generation (count, total and longest pause),
+from switch_server's /bench/gc.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+
+import gpucommon
+import loadgen
+import mpload
+
+NAME = "m"
+
+
+def gc_get(url: str, reset: bool) -> dict[str, Any] | None:
+    try:
+        r = httpx.get(url + "/bench/gc" + ("?reset=1" if reset else ""), timeout=30.0, trust_env=False)
+        return dict(r.json()) if r.status_code == 200 else None
+    except httpx.HTTPError:
+        return None
+
+
+async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, deadline: gpucommon.Deadline) -> tuple[list[dict[str, Any]], int]:
+    grid = loadgen.parse_grid(args.grid)
+    names = list(urls)
+    samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {c: {n: [] for n in names} for c in grid}
+    rounds_done = 0
+    with mpload.MultiClient(args.procs) as mc:
+        for name in names:
+            warm = gpucommon.token_prompts(64, 128, 12345, vocab)
+            await mc.run(urls[name], "completions", [mpload.body(NAME, "completions", p, 32) for p in warm], 32)
+        last_round = 0.0
+        for r in range(args.rounds):
+            if r >= args.min_rounds and deadline.left() < last_round * 1.1 + 20:
+                print(f"stopping after {r} rounds ({deadline.left():.0f} s left)", flush=True)
+                break
+            t_round = time.monotonic()
+            for ci, (conc, total) in enumerate(grid):
+                prompts = gpucommon.token_prompts(total, args.prompt_len, 3000 * conc + r, vocab)
+                payloads = [mpload.body(NAME, "completions", p, args.max_tokens) for p in prompts]
+                k = (r + ci) % len(names)
+                order = names[k:] + names[:k]
+                for name in order:
+                    gc_get(urls[name], reset=True)
+                    cell = await mc.run(urls[name], "completions", payloads, conc)
+                    s = cell.summary()
+                    s["round"] = r
+                    s["gc"] = gc_get(urls[name], reset=False)
+                    samples[(conc, total)][name].append(s)
+                    g2 = (s["gc"] or {}).get("generations", {}).get("2")
+                    gc_text = f"gen2 {g2['count']:.0f}x max {g2['max_ms']:.0f} ms" if g2 else "gen2 -"
+                    print(f"r{r} c={conc:<3} {name:12s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT p50 "
+                          f"{s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms {gc_text} "
+                          f"client cpu {s['client_cpu_share_max']:.0%}", flush=True)
+            rounds_done = r + 1
+            last_round = time.monotonic() - t_round
+    rows = []
+    for (conc, total), per in samples.items():
+        row: dict[str, Any] = {"concurrency": conc, "total": total, "rounds": per}
+        for name in names:
+            ss = per[name]
+            for key in ("system_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms"):
+                row[f"{name}_{key}"] = gpucommon.median([s[key] for s in ss])
+            gens = [((s.get("gc") or {}).get("generations") or {}).get("2") for s in ss]
+            gens = [g for g in gens if g]
+            row[f"{name}_gen2_count"] = sum(g["count"] for g in gens) if gens else None
+            row[f"{name}_gen2_max_ms"] = max(g["max_ms"] for g in gens) if gens else None
+            row[f"{name}_gen2_total_ms"] = sum(g["total_ms"] for g in gens) if gens else None
+        rows.append(row)
+    return rows, rounds_done
+
+
+def table(rows: list[dict[str, Any]], names: list[str]) -> str:
+    f = gpucommon.fmt
+    head = "| concurrency | requests | " + " | ".join(
+        f"{n} tok/s | {n} TTFT p50 ms | {n} TTFT p99 ms" for n in names) + " | lylm gen-2 GCs (all rounds), longest | lylm_frozen gen-2 GCs, longest |"
+    lines = [head, "|" + "---|" * (2 + 3 * len(names) + 2)]
+    for r in rows:
+        cells = [str(r["concurrency"]), str(r["total"])]
+        for n in names:
+            cells += [f(r[f"{n}_system_tokens_per_s"]), f(r[f"{n}_ttft_p50_ms"], ".1f"), f(r[f"{n}_ttft_p99_ms"], ".1f")]
+        for n in ("lylm", "lylm_frozen"):
+            cells.append(f"{f(r.get(f'{n}_gen2_count'))}, {f(r.get(f'{n}_gen2_max_ms'))} ms")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--shape", required=True)
+    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
+    parser.add_argument("--gpu-mem", type=float, default=0.28)
+    parser.add_argument("--grid", default="64x256,128x512,256x1024")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-rounds", type=int, default=1)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--procs", type=int, default=4)
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument("--out", default="gc_pauses_gpu")
+    parser.add_argument("--log-dir", default=None)
+    args = parser.parse_args()
+
+    deadline = gpucommon.Deadline(args.budget_s)
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="gc-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    config = gpucommon.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}])
+    ports = {n: gpucommon.free_port() for n in ("lylm", "lylm_frozen", "vllm")}
+    commands = {
+        "lylm": gpucommon.switch_server_command(config, ports["lylm"]),
+        "lylm_frozen": gpucommon.switch_server_command(config, ports["lylm_frozen"]) + ["--gc-freeze"],
+        "vllm": gpucommon.vllm_serve_command(eargs, NAME, ports["vllm"]),
+    }
+    result: dict[str, Any] = {"config": {**vars(args), "engine_args": eargs, "commands": {k: " ".join(v) for k, v in commands.items()}},
+                              "machine": gpucommon.device_info()}
+    with gpucommon.server("lylm", commands["lylm"], log_dir, ports["lylm"], timeout_s=600) as u1, \
+         gpucommon.server("lylm_frozen", commands["lylm_frozen"], log_dir, ports["lylm_frozen"], timeout_s=600) as u2, \
+         gpucommon.server("vllm", commands["vllm"], log_dir, ports["vllm"], timeout_s=600) as u3:
+        result["gpu_processes"] = gpucommon.gpu_processes()
+        urls = {"lylm": u1, "lylm_frozen": u2, "vllm": u3}
+        result["gc_at_start"] = {n: gc_get(u, reset=False) for n, u in urls.items()}
+        rows, rounds = anyio.run(measure, args, urls, gpucommon.vocab_size(args.model_dir), deadline)
+    result["rows"] = rows
+    result["rounds_done"] = rounds
+    md = f"{args.shape}, gpu_memory_utilization {args.gpu_mem} each, {rounds} rounds (medians)\n\n" + table(rows, list(commands))
+    print(md, flush=True)
+    gpucommon.write_json(Path(args.out + ".json"), result)
+    Path(args.out + ".md").write_text(md)
+    with tarfile.open(args.out + "_logs.tar.gz", "w:gz") as tar:
+        for p in sorted(log_dir.glob("*.log")):
+            tar.add(p, arcname=p.name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""Shared pieces of the GPU benchmarks: engine args, server processes, prompts, machine facts.
+
+Every script in this folder imports this module first; it puts ``benchmarks/`` and
+this folder on ``sys.path`` so that ``loadgen`` and ``seed_table`` (siblings, not a
+package) import the same way they do for the CPU scripts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import random
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+BENCH = HERE.parent
+ROOT = BENCH.parent
+for _p in (str(BENCH), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+import loadgen  # noqa: E402
+from seed_table import free_port, stop, wait_healthy  # noqa: E402
+
+#: Qwen2.5's special tokens start at this id; prompt ids stay below it.
+FIRST_SPECIAL_ID = 151643
+
+#: Engine args every GPU benchmark shares unless it says otherwise. The batch limits are
+#: written out because the two ways of starting an engine default differently on an
+#: H100 in vLLM 0.26: ``vllm serve`` (usage context OPENAI_API_SERVER) takes
+#: max_num_seqs=1024 and max_num_batched_tokens=8192, while ``AsyncLLM.from_engine_args``
+#: (ENGINE_CONTEXT, what lylm calls) falls back to 128 and 2048. Same args = same values.
+BASE_ENGINE_ARGS: dict[str, Any] = {
+    "load_format": "dummy",
+    "max_model_len": 4096,
+    "max_num_seqs": 1024,
+    "max_num_batched_tokens": 8192,
+    "seed": 0,
+}
+
+
+def devices(weight: float | None = None) -> dict[str, Any]:
+    """An instance's ``devices``: GPU 0 (every engine here shares the one GPU), and a weight.
+
+    ``LYLM_BENCH_CPU=1`` leaves gpu_ids out, to try the scripts on a CPU build of vLLM.
+    """
+    out: dict[str, Any] = {} if os.environ.get("LYLM_BENCH_CPU") else {"gpu_ids": [0]}
+    if weight is not None:
+        out["weight"] = weight
+    return out
+
+
+def engine_args(model_dir: str, overrides: Mapping[str, Any] | None = None, **more: Any) -> dict[str, Any]:
+    """BASE_ENGINE_ARGS for ``model_dir``, then ``more``, then ``overrides`` (the CLI's --engine-args)."""
+    return {"model": model_dir, **BASE_ENGINE_ARGS, **more, **(overrides or {})}
+
+
+def vllm_serve_command(args: Mapping[str, Any], served_name: str, port: int) -> list[str]:
+    """vLLM's own OpenAI server with exactly ``args`` as engine arguments (flags spelled as vLLM's CLI)."""
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+        # lylm's defaults: no periodic stats log, no per-request access log.
+        "--disable-log-stats", "--disable-uvicorn-access-log",
+    ]
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            cmd.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, (dict, list)):
+            cmd += [flag, json.dumps(value)]
+        else:
+            cmd += [flag, str(value)]
+    return cmd
+
+
+def write_lylm_config(path: Path, served_name: str, instances: list[dict[str, Any]]) -> Path:
+    """A lylm config file: ``instances`` are ``{"devices": ..., "engine_args": ...}`` dicts."""
+    path.write_text(json.dumps({"models": {served_name: instances}}, indent=1) + "\n")
+    return path
+
+
+def lylm_serve_command(config: Path, port: int) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "examples" / "serve.py"), "--config", str(config),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]
+
+
+@contextlib.contextmanager
+def server(name: str, command: list[str], log_dir: Path, port: int, timeout_s: float = 400.0) -> Iterator[str]:
+    """Start ``command`` (a server listening on ``port``), wait for /health, yield its URL, stop it."""
+    url = f"http://127.0.0.1:{port}"
+    log_path = log_dir / f"{name}.log"
+    t0 = time.monotonic()
+    with open(log_path, "wb") as log:
+        log.write((" ".join(shlex.quote(c) for c in command) + "\n").encode())
+        log.flush()
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_healthy(url, proc, timeout_s=timeout_s)
+            except BaseException:
+                print(f"--- {name} log tail ---\n{log_path.read_text(errors='replace')[-4000:]}", flush=True)
+                raise
+            print(f"[{name}] healthy after {time.monotonic() - t0:.0f} s (pid {proc.pid})", flush=True)
+            yield url
+        finally:
+            stop(proc, timeout_s=90)
+
+
+def token_prompts(n: int, length: int, seed: int, vocab: int) -> list[list[int]]:
+    """``n`` prompts of exactly ``length`` random token ids below ``vocab`` (no special ids)."""
+    rng = random.Random(f"gpu-prompts:{seed}:{length}")
+    top = min(vocab, FIRST_SPECIAL_ID)
+    return [[rng.randrange(16, top) for _ in range(length)] for _ in range(n)]
+
+
+def vocab_size(model_dir: str) -> int:
+    return int(json.loads((Path(model_dir) / "config.json").read_text())["vocab_size"])
+
+
+def _run(cmd: list[str]) -> str | None:
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def gpu_processes() -> list[dict[str, str]]:
+    """nvidia-smi's compute processes: pid, name and GPU memory, to see where engines landed."""
+    out = _run(["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,process_name,used_memory", "--format=csv,noheader"])
+    rows = []
+    for line in (out or "").splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 4:
+            rows.append(dict(zip(("gpu_uuid", "pid", "name", "used_memory"), parts)))
+    return rows
+
+
+def device_info() -> dict[str, Any]:
+    """The GPU(s), driver, and the versions that matter, as seen on the machine running this."""
+    info: dict[str, Any] = loadgen.machine_info()
+    smi = _run(["nvidia-smi", "--query-gpu=index,name,uuid,memory.total,driver_version", "--format=csv,noheader"])
+    info["gpus"] = [line.strip() for line in (smi or "").splitlines()]
+    for dist in ("torch", "vllm", "starlette", "uvicorn", "httpx", "anyio", "orjson", "prometheus_client"):
+        try:
+            info[f"{dist}_version"] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            info[f"{dist}_version"] = None
+    info["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    import lylm
+
+    # Relative to the working directory: which copy of lylm ran, without machine paths.
+    info["lylm_from"] = os.path.relpath(Path(lylm.__file__).resolve().parent)
+    return info
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
+
+
+def median(values: list[float | None]) -> float | None:
+    present = sorted(v for v in values if v is not None)
+    if not present:
+        return None
+    mid = len(present) // 2
+    return present[mid] if len(present) % 2 else (present[mid - 1] + present[mid]) / 2
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def fmt(value: float | None, spec: str = ".0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+class Deadline:
+    """Seconds left of a script's budget (device calls are capped; plan rounds within them)."""
+
+    def __init__(self, budget_s: float) -> None:
+        self.end = time.monotonic() + budget_s
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+
+def switch_server_command(config: Path, port: int) -> list[str]:
+    return [sys.executable, str(HERE / "switch_server.py"), "--config", str(config), "--port", str(port)]
+
+
+def set_policy(url: str, balancer: str, weights: list[float] | None = None, *, seed: int = 0,
+               reset_prefix_cache: bool = False) -> dict[str, Any]:
+    """switch_server's POST /bench/policy: balancer, weights, optional prefix-cache reset."""
+    import httpx
+
+    body: dict[str, Any] = {"balancer": balancer, "seed": seed, "reset_prefix_cache": reset_prefix_cache}
+    if weights is not None:
+        body["weights"] = weights
+    r = httpx.post(url + "/bench/policy", json=body, timeout=60.0, trust_env=False)
+    r.raise_for_status()
+    return dict(r.json())
+
+
+def bench_engines(url: str) -> list[dict[str, Any]]:
+    """switch_server's GET /bench/engines: per-instance books and engine signals."""
+    import httpx
+
+    r = httpx.get(url + "/bench/engines", timeout=30.0, trust_env=False)
+    r.raise_for_status()
+    return list(r.json()["engines"])
+
+
+class GcWatch:
+    """Times the garbage collector's runs in this process, per generation (gc.callbacks).
+
+    A full (generation 2) collection walks every tracked object; in a process that has
+    imported torch, transformers and vLLM that is millions of objects, and the event
+    loop stands still meanwhile. vLLM's own server freezes its start-up heap
+    (``gc.freeze()``) for this reason; this measures what that buys here.
+    """
+
+    def __init__(self) -> None:
+        import gc
+
+        self._gc = gc
+        self._start = 0.0
+        self.reset()
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        ms = (time.perf_counter() - self._start) * 1000
+        s = self.stats[str(info.get("generation", -1))]
+        s["count"] += 1
+        s["total_ms"] += ms
+        s["max_ms"] = max(s["max_ms"], ms)
+
+    def reset(self) -> None:
+        self.stats: dict[str, dict[str, float]] = {g: {"count": 0, "total_ms": 0.0, "max_ms": 0.0} for g in ("0", "1", "2")}
+
+    def snapshot(self, reset: bool = False) -> dict[str, Any]:
+        out = {"generations": {g: dict(s) for g, s in self.stats.items()}, "frozen_objects": self._gc.get_freeze_count()}
+        if reset:
+            self.reset()
+        return out
+
+    def freeze(self) -> None:
+        """What vLLM's freeze_gc_heap does: collect every generation, then freeze what is left."""
+        for generation in (0, 1, 2):
+            self._gc.collect(generation)
+        self._gc.freeze()
+
+    def unfreeze(self) -> None:
+        self._gc.unfreeze()
