@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 from pathlib import Path
@@ -82,7 +83,12 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets=sockets)
+        await super().startup(sockets=sockets)  # runs the lifespan: the engines are up after it
+        # Importing torch, transformers and vLLM leaves millions of objects that every
+        # full garbage collection walks, stopping the event loop for 0.5 s on a GPU host
+        # (BENCHMARKS.md 9.6: TTFT p99 2.4-3.3x worse). Freeze them, as `vllm serve` does.
+        gc.collect()
+        gc.freeze()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._draining or self._loop is None or not self.started:

@@ -73,6 +73,7 @@ class VLLMEngine(Engine):
 
     def _build(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self.engine_args()
@@ -85,7 +86,12 @@ class VLLMEngine(Engine):
                 )
         factory = stat_logger_factory(self.signals)
         loggers = [factory] if factory is not None else None
-        self._llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
+        # vLLM sizes its batches by usage context: as a plain engine it takes
+        # max_num_seqs 128 / max_num_batched_tokens 2048 on an H100, as `vllm serve`
+        # 1024 / 8192. A pool serves like `vllm serve`, so it gets the same defaults.
+        self._llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
+        )
         self._processes = _process_tree(self.process_ids())
 
     def _require(self) -> Any:
