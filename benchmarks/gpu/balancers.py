@@ -44,7 +44,7 @@ import gpucommon
 import mpload
 
 NAME = "m"
-BALANCERS = ["weighted_random", "least_outstanding", "token_aware"]
+BALANCERS = ["weighted_random", "least_outstanding", "token_aware", "prefix_aware"]
 STICKY = "examples.custom_balancer:StickyByUser"
 
 
@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--out", default="balancers_gpu")
     parser.add_argument("--log-dir", default=None)
+    parser.add_argument("--separate-gpus", action="store_true", help="instance i on GPU i (default: both on GPU 0)")
     args = parser.parse_args()
 
     deadline = gpucommon.Deadline(args.budget_s)
@@ -183,7 +184,8 @@ def main() -> None:
     if args.kv_bytes:
         extra["kv_cache_memory_bytes"] = args.kv_bytes
     eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), **extra)
-    instances = [{"devices": gpucommon.devices(1), "engine_args": eargs} for _ in range(2)]
+    instances = [{"devices": gpucommon.devices(1, gpu=i if args.separate_gpus else 0), "engine_args": eargs}
+                 for i in range(2)]
     config = gpucommon.write_lylm_config(log_dir / "lylm-balancers.json", NAME, instances)
     port = gpucommon.free_port()
     command = gpucommon.switch_server_command(config, port)

@@ -10,13 +10,15 @@
 #   call5  balancers on two real engines: shared-prefix and skewed-length scenarios (1.5B shape)
 #   call6  lylm with and without gc.freeze() against vllm serve: are TTFT tails GC pauses? (1.5B)
 #   call7  pool overhead again, rounds alternating Python's default GC and a frozen heap (1.5B)
+#   multi1 several GPUs (issue 8): pinning in nvidia-smi, the 1:2 split, 1 vs 2 GPUs (1.5B)
+#   multi2 several GPUs (issue 8): the balancers with one instance per GPU (1.5B)
 #
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
 # .gpurun, a copy of this repository's lylm/, benchmarks/, examples/ and a whl/ folder with
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -80,6 +82,15 @@ case $CALL in
   call7)
     python3 "$B/pool_overhead.py" --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
       --rounds 8 --gc-modes none,freeze --budget-s "$(($(left) - 30))" --out "$OUT/pool_overhead_gc_1.5b"
+    ;;
+  multi1)  # issue 8, on nvidia-h200-x2 or -x4: pinning, the 1:2 split, scaling over GPUs
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      python3 "$B/multi_gpu.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --budget-s "$(($(left) - 40))" --out "$OUT/multi_gpu_1.5b" --log-dir /tmp/logs-multi1
+    ;;
+  multi2)  # issue 8: the balancers with one instance per GPU
+    python3 "$B/balancers.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --separate-gpus --gpu-mem 0.85 \
+      --budget-s "$(($(left) - 40))" --out "$OUT/balancers_2gpu_1.5b" --log-dir /tmp/logs-multi2
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;
 esac

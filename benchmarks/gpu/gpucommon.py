@@ -47,12 +47,12 @@ BASE_ENGINE_ARGS: dict[str, Any] = {
 }
 
 
-def devices(weight: float | None = None) -> dict[str, Any]:
-    """An instance's ``devices``: GPU 0 (every engine here shares the one GPU), and a weight.
+def devices(weight: float | None = None, gpu: int = 0) -> dict[str, Any]:
+    """An instance's ``devices``: GPU ``gpu`` (0: every engine shares the one GPU), and a weight.
 
     ``LYLM_BENCH_CPU=1`` leaves gpu_ids out, to try the scripts on a CPU build of vLLM.
     """
-    out: dict[str, Any] = {} if os.environ.get("LYLM_BENCH_CPU") else {"gpu_ids": [0]}
+    out: dict[str, Any] = {} if os.environ.get("LYLM_BENCH_CPU") else {"gpu_ids": [gpu]}
     if weight is not None:
         out["weight"] = weight
     return out

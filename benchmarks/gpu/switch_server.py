@@ -12,7 +12,7 @@ started engines serves every balancer (engines take minutes to start on a GPU):
   instances' weights, and optionally empty every engine's prefix cache (vLLM's
   ``AsyncLLM.reset_prefix_cache``) so that runs start cold. Refused (409) while
   requests are in flight.
-- ``GET /bench/engines``: per instance, the pool's books and the engine's signals
+- ``GET /bench/engines``: per instance, its model, gpu_ids and process ids, the pool's books and the engine's signals
   (running, waiting, KV-cache use, prefix-cache queries and hits from vLLM's stats).
 - ``GET /bench/gc[?reset=1]``: this process's garbage-collector runs per generation
   (count, total and longest pause), since start or the last reset.
@@ -64,6 +64,19 @@ class Switch(Balancer):
         self.inner.on_finish(instance, request, outcome)
 
 
+def _process_tree(engine: Any) -> list[int]:
+    """The engine's processes and their children (workers), to find them in nvidia-smi."""
+    import psutil
+
+    pids = []
+    for pid in getattr(engine, "process_ids", lambda: [])():
+        try:
+            pids += [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
+        except psutil.Error:
+            pass
+    return pids
+
+
 def build_app(pool: EnginePool, switch: Switch, *, gc_freeze: bool = False) -> Starlette:
     watch = gpucommon.GcWatch()
 
@@ -94,7 +107,10 @@ def build_app(pool: EnginePool, switch: Switch, *, gc_freeze: bool = False) -> S
         out = []
         for inst in pool.instances():
             out.append({
+                "model": inst.model,
                 "index": inst.index,
+                "gpu_ids": list(inst.gpu_ids),
+                "pids": _process_tree(inst.engine),
                 "weight": inst.weight,
                 "completed": inst.completed,
                 "dispatched": inst.dispatched,
