@@ -32,7 +32,6 @@ import argparse
 import json
 import random
 import statistics
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -200,11 +199,7 @@ def main() -> None:
     md = (f"{args.shape}, two equal instances (weights 1:1), kv_cache_memory_bytes {args.kv_bytes} each; "
           f"mean over seeds\n\n" + table(results))
     print(md, flush=True)
-    gpucommon.write_json(Path(args.out + ".json"), result)
-    Path(args.out + ".md").write_text(md)
-    with tarfile.open(args.out + "_logs.tar.gz", "w:gz") as tar:
-        for p in sorted(log_dir.glob("*.log")):
-            tar.add(p, arcname=p.name)
+    gpucommon.save_results(args.out, result, md, log_dir)
 
 
 if __name__ == "__main__":

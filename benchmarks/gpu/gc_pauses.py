@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -153,11 +152,7 @@ def main() -> None:
     result["rounds_done"] = rounds
     md = f"{args.shape}, gpu_memory_utilization {args.gpu_mem} each, {rounds} rounds (medians)\n\n" + table(rows, list(commands))
     print(md, flush=True)
-    gpucommon.write_json(Path(args.out + ".json"), result)
-    Path(args.out + ".md").write_text(md)
-    with tarfile.open(args.out + "_logs.tar.gz", "w:gz") as tar:
-        for p in sorted(log_dir.glob("*.log")):
-            tar.add(p, arcname=p.name)
+    gpucommon.save_results(args.out, result, md, log_dir)
 
 
 if __name__ == "__main__":

@@ -171,6 +171,18 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
+def save_results(prefix: str, result: Any, md: str, log_dir: Path | None = None) -> None:
+    """PREFIX.json (raw), PREFIX.md (the table) and PREFIX_logs.tar.gz (the servers' logs)."""
+    import tarfile
+
+    write_json(Path(prefix + ".json"), result)
+    Path(prefix + ".md").write_text(md)
+    if log_dir is not None:
+        with tarfile.open(prefix + "_logs.tar.gz", "w:gz") as tar:
+            for p in sorted(log_dir.glob("*.log")):
+                tar.add(p, arcname=p.name)
+
+
 def median(values: list[float | None]) -> float | None:
     present = sorted(v for v in values if v is not None)
     if not present:

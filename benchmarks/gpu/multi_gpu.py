@@ -229,8 +229,7 @@ def main() -> None:
                                       "tp" in config["models"], deadline)
     md = f"{args.shape} on {gpus} GPUs\n\n" + table(result)
     print(md, flush=True)
-    gpucommon.write_json(Path(args.out + ".json"), result)
-    Path(args.out + ".md").write_text(md)
+    gpucommon.save_results(args.out, result, md, log_dir)
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -194,11 +193,7 @@ def main() -> None:
                             f"{s.get('peak_waiting_per_engine')} |\n")
             print(seed_md, flush=True)
             md += "\n## Seed table through lylm (chat)\n\n" + seed_md
-    gpucommon.write_json(Path(args.out + ".json"), result)
-    Path(args.out + ".md").write_text(md)
-    with tarfile.open(args.out + "_logs.tar.gz", "w:gz") as tar:
-        for p in sorted(log_dir.glob("*.log")):
-            tar.add(p, arcname=p.name)
+    gpucommon.save_results(args.out, result, md, log_dir)
 
 
 if __name__ == "__main__":
