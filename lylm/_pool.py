@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import anyio
 
+from ._admission import Admission
 from ._balancer import Balancer
 from ._config import EngineSpec, PoolConfig, instance_spec
 from ._engine import Engine, RenderedPrompt
@@ -24,7 +25,6 @@ from ._exceptions import (
     EngineStartError,
     LylmError,
     NoHealthyEngineError,
-    OverloadedError,
     ShuttingDownError,
     UnknownModelError,
 )
@@ -99,14 +99,7 @@ class EnginePool:
         health_interval: float = 0.2,
     ) -> None:
         self._config = config
-        self._max_requests = {
-            **{m.name: m.max_in_flight_requests for m in config.models if m.max_in_flight_requests},
-            **_per_model(max_in_flight_requests, config, "max_in_flight_requests"),
-        }
-        self._max_tokens = {
-            **{m.name: m.max_in_flight_tokens for m in config.models if m.max_in_flight_tokens},
-            **_per_model(max_in_flight_tokens, config, "max_in_flight_tokens"),
-        }
+        self._admission = Admission(config, max_requests=max_in_flight_requests, max_tokens=max_in_flight_tokens)
         if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
             raise ValueError(f"retries must be a non-negative integer (got {retries!r})")
         if not isinstance(health_interval, (int, float)) or not 0 < health_interval <= 60:
@@ -185,8 +178,11 @@ class EnginePool:
             self._state = "running"
             self._supervisor.start()
 
-    async def _start_engine(self, spec: EngineSpec) -> Engine:
-        engine = self._engine_factory(spec)
+    async def _start_engine(self, spec: EngineSpec, engine: Engine | None = None) -> Engine:
+        """Start ``engine`` (by default a new one for ``spec``); on failure shut it down
+        and raise :class:`EngineStartError` naming the instance."""
+        if engine is None:
+            engine = self._engine_factory(spec)
         try:
             await engine.start()
         except BaseException as exc:
@@ -260,21 +256,14 @@ class EnginePool:
             index=index,
         )
         self._next_index[model] = index + 1
+        # Listed (as 'starting') while its engine starts, so /health shows it.
         instance = Instance(spec, self._engine_factory(spec), state="starting")
         group.append(instance)
         try:
-            engine = instance.engine
-            try:
-                await engine.start()
-            except Exception as exc:
-                if isinstance(exc, LylmError):
-                    raise
-                raise EngineStartError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+            await self._start_engine(spec, instance.engine)
         except BaseException:
             group.remove(instance)
             instance.state = "stopped"
-            with anyio.CancelScope(shield=True):
-                await instance.engine.shutdown()
             raise
         if instance.state == "starting":
             instance.state = "healthy"
@@ -469,7 +458,7 @@ class EnginePool:
             prompt_token_ids=rendered.token_ids,
             session_key=session_key,
         )
-        self._admit(group, request)
+        self._admission.admit(group, request)
         instance = self._choose(group, request)
         tried: list[Instance] = []
         while True:
@@ -492,21 +481,6 @@ class EnginePool:
                 except NoHealthyEngineError:
                     raise exc from None
                 logger.info("request %s: retrying on %s after: %s", request.request_id, instance.name, exc)
-
-    def _admit(self, group: list[Instance], request: RequestInfo) -> None:
-        limit = self._max_requests.get(request.model)
-        if limit is not None:
-            in_flight = sum(i.in_flight_requests for i in group)
-            if in_flight >= limit:
-                raise OverloadedError(request.model, f"{in_flight} requests in flight (limit {limit})")
-        limit = self._max_tokens.get(request.model)
-        if limit is not None:
-            tokens = sum(i.in_flight_tokens for i in group)
-            # One request alone may exceed the limit; it is admitted when nothing else runs.
-            if tokens and tokens + request.token_budget > limit:
-                raise OverloadedError(
-                    request.model, f"{tokens} tokens in flight + {request.token_budget} > limit {limit}"
-                )
 
     def _choose(
         self, group: list[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()
@@ -589,22 +563,6 @@ class EnginePool:
                         observer(record)
                     except Exception:
                         logger.exception("request observer %r failed", observer)
-
-
-def _per_model(value: int | Mapping[str, int] | None, config: PoolConfig, name: str) -> dict[str, int]:
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        for model in value:
-            if model not in config.model_names:
-                raise UnknownModelError(model, config.model_names)
-        limits = dict(value)
-    else:
-        limits = {model: value for model in config.model_names}
-    for model, limit in limits.items():
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"{name}[{model!r}] must be a positive integer (got {limit!r})")
-    return limits
 
 
 def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:

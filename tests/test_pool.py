@@ -410,7 +410,7 @@ async def test_admission_limits_refuse_at_once_and_admit_again() -> None:
         assert sorted(outcomes) == ["done", "done", "refused"]
         await run(pool, max_tokens=3)  # capacity is back
         # The token limit: one request alone may exceed it, a second one may not.
-        pool._max_tokens["m"] = 100
+        pool._admission.max_tokens["m"] = 100
         async with anyio.create_task_group() as tg:
             tg.start_soon(one, 200)
             await anyio.sleep(0.05)
