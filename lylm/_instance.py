@@ -22,9 +22,26 @@ serves; ``draining``: it takes no new requests and stops once those in flight en
 ``restarting``: a new engine is being started in its place; ``stopped``: it was
 removed from the pool, or the pool is closed. Only ``healthy`` instances are
 offered to balancers.
+
+Changes go through :class:`Instance` methods alone, which allow only these moves::
+
+    starting   -> healthy | draining | stopped
+    healthy    -> draining | dead | stopped
+    draining   -> dead | stopped
+    dead       -> restarting | stopped
+    restarting -> healthy | dead | stopped
 """
 
 STATES: tuple[State, ...] = ("starting", "healthy", "draining", "dead", "restarting", "stopped")
+
+_MOVES: dict[State, tuple[State, ...]] = {
+    "starting": ("healthy", "draining", "stopped"),
+    "healthy": ("draining", "dead", "stopped"),
+    "draining": ("dead", "stopped"),
+    "dead": ("restarting", "stopped"),
+    "restarting": ("healthy", "dead", "stopped"),
+    "stopped": (),
+}
 
 
 @attrs.frozen
@@ -73,7 +90,7 @@ class Instance:
         "aborted",
         "prompt_tokens",
         "generated_tokens",
-        "state",
+        "_state",
         "restarts",
         "last_error",
     )
@@ -94,8 +111,7 @@ class Instance:
         self.aborted = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        #: Where the instance is in its life (see :data:`State`); set by the pool.
-        self.state: State = state
+        self._state: State = state
         #: How many times the pool replaced a failed engine of this instance.
         self.restarts = 0
         #: Why the engine last failed, if it did.
@@ -106,6 +122,60 @@ class Instance:
             f"<Instance {self.name} weight={self.weight:g} state={self.state} "
             f"in_flight={self.in_flight_requests}>"
         )
+
+    @property
+    def state(self) -> State:
+        """Where the instance is in its life (see :data:`State`)."""
+        return self._state
+
+    def _move(self, to: State) -> bool:
+        if to not in _MOVES[self._state]:
+            return False
+        self._state = to
+        return True
+
+    def mark_healthy(self) -> bool:
+        """Its engine is up (after ``starting``): it joins balancing. False if it was removed meanwhile."""
+        return self._state == "starting" and self._move("healthy")
+
+    def mark_draining(self) -> bool:
+        """Take it out of balancing while its requests finish. False if it was not serving or starting."""
+        return self._move("draining")
+
+    def mark_dead(self, reason: str) -> bool:
+        """Its engine failed (``reason`` is kept as ``last_error``).
+
+        False if it was not serving (already dead, or stopped): only the first
+        report of one failure acts.
+        """
+        if not self._move("dead"):
+            return False
+        self.last_error = reason
+        return True
+
+    def mark_restarting(self) -> bool:
+        """A new engine is being started in place of a dead one. False if it is no longer dead."""
+        return self._move("restarting")
+
+    def restart_failed(self, reason: str) -> bool:
+        """The replacement engine failed to start: dead again. False if it was removed meanwhile."""
+        return self._state == "restarting" and self.mark_dead(reason)
+
+    def replace_engine(self, engine: Engine) -> bool:
+        """Serve with ``engine``, the restarted replacement of the dead one.
+
+        False (and nothing changes) if the instance was removed while it started:
+        the caller then shuts ``engine`` down.
+        """
+        if self._state != "restarting":
+            return False
+        self.engine = engine
+        self.restarts += 1
+        return self._move("healthy")
+
+    def mark_stopped(self) -> None:
+        """Removed from the pool, or the pool closed: final."""
+        self._state = "stopped"
 
     @property
     def name(self) -> str:

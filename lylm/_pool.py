@@ -22,7 +22,6 @@ from ._engine import Engine, RenderedPrompt
 from ._exceptions import (
     EngineDeadError,
     EngineError,
-    EngineStartError,
     LylmError,
     NoHealthyEngineError,
     ShuttingDownError,
@@ -31,6 +30,7 @@ from ._exceptions import (
 from ._instance import EngineStats, Instance, Outcome
 from ._request import RequestInfo, RequestRecord
 from ._shadow import ShadowReport, Shadows
+from ._startup import Starter
 from ._supervisor import RestartPolicy, Supervisor
 from .balancers import resolve_balancer
 
@@ -105,14 +105,21 @@ class EnginePool:
         if not isinstance(health_interval, (int, float)) or not 0 < health_interval <= 60:
             raise ValueError(f"health_interval must be a number of seconds in (0, 60] (got {health_interval!r})")
         self._retries = retries
+        rng = rng if rng is not None else random.Random()
+        self._engine_factory = engine_factory or _vllm_engine_factory
+        # One starter for every engine start (pool start, add_instance, restarts):
+        # it owns the per-GPU start locks.
+        self._starter = Starter(self._engine_factory)
         self._supervisor = Supervisor(
-            instances=self.instances, start_engine=self._start_engine, policy=restart, interval=health_interval
+            instances=self.instances,
+            start_engine=self._starter.start_engine,
+            policy=restart,
+            interval=health_interval,
+            rng=random.Random(rng.getrandbits(64)),
         )
         self._next_index: dict[str, int] = {m.name: len(m.instances) for m in config.models}
         self._clock = clock
         self._observers: list[Callable[[RequestRecord], None]] = []
-        self._engine_factory = engine_factory or _vllm_engine_factory
-        rng = rng if rng is not None else random.Random()
         overrides = dict(balancers or {})
         for name in overrides:
             if name not in config.model_names:
@@ -152,46 +159,26 @@ class EnginePool:
         await self.aclose()
 
     async def start(self) -> None:
-        """Start every engine, one after another; on any failure stop those already started.
+        """Start every engine; on any failure stop those already started.
 
-        Raises :class:`EngineStartError` naming the instance that failed. Engines
-        that share a GPU must start one at a time (each measures free memory), and
-        a failed start must leave no process behind.
+        Instances on disjoint GPUs start side by side; instances that share a GPU
+        start one after another, in config order (each engine measures the GPU's
+        free memory as it starts); unpinned instances start alone. Progress
+        (which instance, how long) goes to the ``lylm`` logger. Raises
+        :class:`EngineStartError` naming the instance that failed; a failed start
+        leaves no engine process behind.
         """
         async with self._lock:
             if self._state == "running":
                 return
             if self._state == "closed":
                 raise LylmError("the pool is closed; build a new one")
-            started: list[Instance] = []
-            try:
-                for model in self._config.models:
-                    for spec in model.instances:
-                        started.append(Instance(spec, await self._start_engine(spec)))
-            except BaseException:
-                with anyio.CancelScope(shield=True):
-                    for instance in reversed(started):
-                        await instance.engine.shutdown()
-                raise
-            for instance in started:
-                self._instances.setdefault(instance.model, []).append(instance)
+            specs = [spec for model in self._config.models for spec in model.instances]
+            engines = await self._starter.start_all(specs)
+            for spec, engine in zip(specs, engines):
+                self._instances.setdefault(spec.model, []).append(Instance(spec, engine))
             self._state = "running"
             self._supervisor.start()
-
-    async def _start_engine(self, spec: EngineSpec, engine: Engine | None = None) -> Engine:
-        """Start ``engine`` (by default a new one for ``spec``); on failure shut it down
-        and raise :class:`EngineStartError` naming the instance."""
-        if engine is None:
-            engine = self._engine_factory(spec)
-        try:
-            await engine.start()
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await engine.shutdown()
-            if isinstance(exc, Exception) and not isinstance(exc, LylmError):
-                raise EngineStartError(spec.name, f"{type(exc).__name__}: {exc}") from exc
-            raise
-        return engine
 
     async def aclose(self) -> None:
         """Shut every engine down; requests still in flight fail. Safe to call more than once.
@@ -206,7 +193,7 @@ class EnginePool:
             with anyio.CancelScope(shield=True):
                 await self._supervisor.aclose()
                 for instance in reversed(instances):
-                    instance.state = "stopped"
+                    instance.mark_stopped()
                     await instance.engine.shutdown()
 
     async def drain(self, timeout: float | None = None) -> bool:
@@ -260,13 +247,13 @@ class EnginePool:
         instance = Instance(spec, self._engine_factory(spec), state="starting")
         group.append(instance)
         try:
-            await self._start_engine(spec, instance.engine)
+            await self._starter.start_engine(spec, instance.engine)
         except BaseException:
-            group.remove(instance)
-            instance.state = "stopped"
+            if instance in group:
+                group.remove(instance)
+            instance.mark_stopped()
             raise
-        if instance.state == "starting":
-            instance.state = "healthy"
+        instance.mark_healthy()  # unless drained or removed while it started
         return instance
 
     async def drain_instance(self, instance: Instance | str, *, timeout: float | None = None) -> bool:
@@ -277,8 +264,7 @@ class EnginePool:
         output yet are retried elsewhere). Returns True if none had to fail.
         """
         target = self._find(instance)
-        if target.state in ("healthy", "starting"):
-            target.state = "draining"
+        target.mark_draining()
         with anyio.move_on_after(timeout):
             while target.in_flight_requests and target.state == "draining":
                 await anyio.sleep(0.05)
@@ -286,7 +272,7 @@ class EnginePool:
         group = self._instances.get(target.model, [])
         if target in group:
             group.remove(target)
-        target.state = "stopped"
+        target.mark_stopped()
         with anyio.CancelScope(shield=True):
             await target.engine.shutdown()
         return clean

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
@@ -37,6 +38,11 @@ def _positive(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -
         raise ValueError(f"{attribute.name} must be a positive number (got {value!r})")
 
 
+def _fraction(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"{attribute.name} must be a number from 0 to 1 (got {value!r})")
+
+
 def _attempts(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -> None:
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"{attribute.name} must be a positive integer or None (got {value!r})")
@@ -44,10 +50,12 @@ def _attempts(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -
 
 @attrs.frozen(kw_only=True)
 class RestartPolicy:
-    """How the pool restarts a failed engine: exponential backoff, bounded.
+    """How the pool restarts a failed engine: exponential backoff with jitter, bounded.
 
     The n-th consecutive attempt (0-based) waits ``min(initial_backoff *
-    multiplier**n, max_backoff)`` seconds first. After ``max_attempts`` failed
+    multiplier**n, max_backoff)`` seconds first, less a random share of up to
+    ``jitter`` of it, so that engines that died together (a GPU fault, an OOM
+    kill) do not all restart in the same instant. After ``max_attempts`` failed
     starts in a row the instance stays ``dead`` (``None``: never give up). A
     restart that succeeds resets the count.
     """
@@ -56,10 +64,14 @@ class RestartPolicy:
     max_backoff: float = attrs.field(default=30.0, validator=_positive)
     multiplier: float = attrs.field(default=2.0, validator=_positive)
     max_attempts: int | None = attrs.field(default=10, validator=_attempts)
+    jitter: float = attrs.field(default=0.2, validator=_fraction)
 
-    def backoff(self, attempt: int) -> float:
-        """Seconds to wait before attempt ``attempt`` (0-based)."""
-        return float(min(self.initial_backoff * self.multiplier**attempt, self.max_backoff))
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to wait before attempt ``attempt`` (0-based); jittered when given an ``rng``."""
+        delay = float(min(self.initial_backoff * self.multiplier**attempt, self.max_backoff))
+        if rng is None or not self.jitter:
+            return delay
+        return delay * (1.0 - self.jitter * rng.random())
 
 
 class Supervisor:
@@ -72,8 +84,10 @@ class Supervisor:
         start_engine: Callable[[EngineSpec], Awaitable[Engine]],
         policy: RestartPolicy | None,
         interval: float,
+        rng: random.Random | None = None,
     ) -> None:
         self._instances = instances
+        self._rng = rng if rng is not None else random.Random()
         self._start_engine = start_engine
         self._policy = policy
         self._interval = interval
@@ -116,12 +130,10 @@ class Supervisor:
 
         Safe to call many times: only the first call for one failure acts.
         """
-        if instance.state not in ("healthy", "draining"):
-            return
         # A draining instance is on its way out: it is not brought back.
         restart = self._policy is not None and instance.state == "healthy"
-        instance.state = "dead"
-        instance.last_error = reason
+        if not instance.mark_dead(reason):
+            return
         self._died_at[id(instance)] = time.monotonic()
         logger.warning(
             "%s: engine failed (%s); taken out of balancing with %d request(s) in flight%s",
@@ -145,25 +157,22 @@ class Supervisor:
         policy = self._policy
         attempt = 0
         while policy.max_attempts is None or attempt < policy.max_attempts:
-            await asyncio.sleep(policy.backoff(attempt))
-            if instance.state != "dead":  # removed meanwhile
+            await asyncio.sleep(policy.backoff(attempt, self._rng))
+            if not instance.mark_restarting():  # removed meanwhile
                 return
-            instance.state = "restarting"
             try:
+                # Under the pool's per-GPU start locks, like every other engine start.
                 engine = await self._start_engine(instance.spec)
             except Exception as exc:
-                instance.state = "dead"
-                instance.last_error = f"restart failed: {exc}"
+                if not instance.restart_failed(f"restart failed: {exc}"):
+                    return
                 attempt += 1
                 logger.warning("%s: restart attempt %d failed: %s", instance.name, attempt, exc)
                 continue
-            if instance.state != "restarting":  # removed while it started
+            if not instance.replace_engine(engine):  # removed while it started
                 with anyio.CancelScope(shield=True):
                     await engine.shutdown()
                 return
-            instance.engine = engine
-            instance.restarts += 1
-            instance.state = "healthy"
             down = time.monotonic() - self._died_at.pop(id(instance), time.monotonic())
             logger.warning("%s: restarted; serving again after %.1f s", instance.name, down)
             return

@@ -7,7 +7,10 @@ Every vLLM exception is translated here, at one boundary, into lylm's tree.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncGenerator, Mapping, Sequence
+import multiprocessing
+import os
+import threading
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -21,6 +24,7 @@ from ._exceptions import (
     InvalidRequestError,
     LylmError,
 )
+from ._placement import spawn_environment, visible_devices
 from ._vllm_stats import stat_logger_factory
 
 # Defaults lylm applies unless the config sets them: vLLM's periodic stats log
@@ -47,8 +51,10 @@ def translate_error(exc: Exception) -> LylmError:
 class VLLMEngine(Engine):
     """One vLLM ``AsyncLLM`` engine instance built from an :class:`EngineSpec`.
 
-    The spec's ``gpu_ids`` become vLLM's ``device_ids`` engine argument; the
-    process-wide ``CUDA_VISIBLE_DEVICES`` is never touched.
+    An instance with ``gpu_ids`` has its engine process spawned with the
+    platform's device-control variable (``CUDA_VISIBLE_DEVICES`` on NVIDIA) set to
+    those GPUs, as vLLM starts its own data-parallel ranks; the server's own
+    environment is changed only during the spawn, under a process-wide lock.
     """
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -60,10 +66,33 @@ class VLLMEngine(Engine):
 
     def engine_args(self) -> dict[str, Any]:
         """The keyword arguments for vLLM's ``AsyncEngineArgs``."""
-        args = {**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}
-        if self.spec.gpu_ids:
-            args["device_ids"] = list(self.spec.gpu_ids)
-        return args
+        return {**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}
+
+    def spawn_environment(self) -> dict[str, str]:
+        """The variables the engine's processes are spawned with: its GPUs (empty when not pinned).
+
+        Raises :class:`ConfigError` for a GPU this machine does not have.
+        """
+        if not self.spec.gpu_ids:
+            return {}
+        from vllm.platforms import current_platform
+
+        variable = current_platform.device_control_env_var
+        count: int | None = None
+        counter = getattr(current_platform, "device_count", None)
+        if callable(counter):
+            try:
+                count = int(counter())
+            except Exception:  # a platform that cannot count without initialising: unknown
+                count = None
+        value = visible_devices(
+            self.spec.gpu_ids,
+            variable=variable,
+            environ=os.environ,
+            device_count=count,
+            path=f"{self.spec.name}.devices.gpu_ids",
+        )
+        return {variable: value}
 
     async def start(self) -> None:
         """Build the AsyncLLM in a worker thread: it blocks until the engine is ready."""
@@ -86,12 +115,18 @@ class VLLMEngine(Engine):
                 )
         factory = stat_logger_factory(self.signals)
         loggers = [factory] if factory is not None else None
-        # vLLM sizes its batches by usage context: as a plain engine it takes
-        # max_num_seqs 128 / max_num_batched_tokens 2048 on an H100, as `vllm serve`
-        # 1024 / 8192. A pool serves like `vllm serve`, so it gets the same defaults.
-        self._llm = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
-        )
+
+        def build() -> Any:
+            # vLLM sizes its batches by usage context: as a plain engine it takes
+            # max_num_seqs 128 / max_num_batched_tokens 2048 on an H100, as `vllm serve`
+            # 1024 / 8192. A pool serves like `vllm serve`, so it gets the same defaults.
+            return AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
+            )
+
+        # Unpinned engines take the spawn lock too (with nothing to set), so that no
+        # other engine process appears while a pinned one is being spawned.
+        self._llm = _build_with_environment(build, self.spawn_environment())
         self._processes = _process_tree(self.process_ids())
 
     def _require(self) -> Any:
@@ -234,6 +269,44 @@ class VLLMEngine(Engine):
     def process_ids(self) -> list[int]:
         """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""
         return [p.pid for p in getattr(self._manager(), "processes", ()) if p.pid is not None]
+
+
+def _engine_cores(known: set[int]) -> list[Any]:
+    # vLLM names its engine-core processes "EngineCore" (or "EngineCore_DP<n>").
+    return [
+        p for p in multiprocessing.active_children()
+        if p.name.startswith("EngineCore") and p.pid is not None and p.pid not in known
+    ]
+
+
+def _build_with_environment(build: Callable[[], Any], environment: Mapping[str, str]) -> Any:
+    """Run ``build`` (which spawns the engine process and waits for it) with
+    ``environment`` set only until the engine process exists.
+
+    The build runs in a helper thread; this one holds the process environment
+    (see :func:`spawn_environment`) until an engine-core process appears among
+    this process's children (its environment is then copied) or the build ends,
+    then restores it. Other engines' starts then proceed side by side with the
+    rest of this one (loading weights, profiling, compiling: the long part).
+    """
+    known = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["llm"] = build()
+        except BaseException as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=run, name="lylm-engine-start", daemon=True)
+    with spawn_environment(environment):
+        worker.start()
+        while worker.is_alive() and not _engine_cores(known):
+            worker.join(0.01)
+    worker.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["llm"]
 
 
 def _process_tree(pids: list[int]) -> list[Any]:

@@ -31,9 +31,9 @@ pytestmark = pytest.mark.anyio
 MODEL = "tiny"
 
 
-def instance(model_dir: Path, weight: float, **extra: Any) -> dict[str, Any]:
+def instance(model_dir: Path, weight: float, gpu_ids: list[int] | None = None, **extra: Any) -> dict[str, Any]:
     args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS, **extra}
-    return {"devices": {"weight": weight}, "engine_args": args}
+    return {"devices": {"weight": weight, "gpu_ids": gpu_ids or []}, "engine_args": args}
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,9 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 async def pool(tiny_model: Path) -> AsyncIterator[EnginePool]:
-    config = {"models": {MODEL: [instance(tiny_model, 1), instance(tiny_model, 2)]}}
+    # The second instance is pinned to "device 0": on the CPU build that is NUMA
+    # node 0 (CPU_VISIBLE_MEMORY_NODES), which every machine has.
+    config = {"models": {MODEL: [instance(tiny_model, 1), instance(tiny_model, 2, gpu_ids=[0])]}}
     async with EnginePool.from_config(config, rng=random.Random(2026)) as pool:
         yield pool
 
@@ -68,6 +70,25 @@ async def count_tokens(pool: EnginePool, prompt: Any, params: Any) -> tuple[int,
         total = total + n if delta else n
         last = out
     return total, last
+
+
+def environment_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+async def test_a_pinned_engines_processes_see_its_devices_and_the_server_does_not(pool: EnginePool) -> None:
+    from vllm.platforms import current_platform
+
+    variable = current_platform.device_control_env_var
+    assert variable not in os.environ  # the server's own environment is unchanged
+    unpinned, pinned = pool.instances(MODEL)
+    assert (unpinned.gpu_ids, pinned.gpu_ids) == ((), (0,))
+    for inst, want in ((unpinned, None), (pinned, "0")):
+        core = psutil.Process(inst.engine.process_ids()[0])
+        processes = [core, *core.children(recursive=True)]  # the engine core and its workers
+        assert len(processes) >= 2, processes
+        assert [environment_of(p.pid).get(variable) for p in processes] == [want] * len(processes)
 
 
 async def test_300_requests_complete_split_by_weight_and_books_return_to_zero(

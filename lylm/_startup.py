@@ -1,0 +1,148 @@
+"""Starting engines: side by side where their GPUs allow, with progress in the log.
+
+Every engine start in a pool goes through one :class:`Starter`: the pool's own
+start, :meth:`EnginePool.add_instance` and the supervisor's restarts. It holds
+the per-GPU start locks (:class:`StartLocks`) around each start, so engines that
+share a GPU never profile its memory at the same time, whichever path started
+them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+import anyio
+import attrs
+
+from ._config import EngineSpec
+from ._engine import Engine
+from ._exceptions import EngineStartError, LylmError
+from ._placement import StartLocks
+
+logger = logging.getLogger("lylm")
+
+PROGRESS_INTERVAL = 15.0
+"""Seconds between "still starting" log lines while engines start (real models take minutes)."""
+
+
+@attrs.frozen
+class StartProgress:
+    """One engine start in progress: which instance, since when, and what it waits for."""
+
+    instance: str
+    gpu_ids: tuple[int, ...]
+    elapsed: float
+    waiting_for: tuple[str, ...]  # instances holding a GPU it needs; empty once it starts
+
+    def describe(self) -> str:
+        """``models["m"][1] on GPU 2: 41 s`` or ``... waiting for models["m"][0]``."""
+        where = f" on GPU{'s' if len(self.gpu_ids) > 1 else ''} {','.join(map(str, self.gpu_ids))}" if self.gpu_ids else ""
+        what = f"waiting for {', '.join(self.waiting_for)}" if self.waiting_for else "starting"
+        return f"{self.instance}{where}: {what}, {self.elapsed:.0f} s"
+
+
+def _where(spec: EngineSpec) -> str:
+    if not spec.gpu_ids:
+        return ""
+    return f" on GPU{'s' if len(spec.gpu_ids) > 1 else ''} {', '.join(map(str, spec.gpu_ids))}"
+
+
+class Starter:
+    """Starts engines for a pool under its per-GPU start locks (used by :class:`EnginePool`)."""
+
+    def __init__(
+        self,
+        factory: Callable[[EngineSpec], Engine],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        progress_interval: float = PROGRESS_INTERVAL,
+    ) -> None:
+        self._factory = factory
+        self._clock = clock
+        self._progress_interval = progress_interval
+        self.locks = StartLocks()
+        self._active: dict[str, tuple[EngineSpec, float]] = {}
+
+    def progress(self) -> list[StartProgress]:
+        """The engine starts in progress now."""
+        now = self._clock()
+        return [
+            StartProgress(name, spec.gpu_ids, now - since, tuple(self.locks.blockers(name)))
+            for name, (spec, since) in self._active.items()
+        ]
+
+    async def start_engine(self, spec: EngineSpec, engine: Engine | None = None) -> Engine:
+        """Start ``engine`` (by default a new one for ``spec``) once its GPUs are free.
+
+        On failure the engine is shut down and :class:`EngineStartError` names the
+        instance (a :class:`LylmError` such as a ConfigError passes unchanged).
+        """
+        self._active[spec.name] = (spec, self._clock())
+        try:
+            async with self.locks.hold(spec.gpu_ids, spec.name):
+                began = self._clock()
+                if engine is None:
+                    engine = self._factory(spec)
+                logger.info("%s: starting its engine%s", spec.name, _where(spec))
+                await engine.start()
+            logger.info("%s: engine ready in %.1f s", spec.name, self._clock() - began)
+        except BaseException as exc:
+            if engine is not None:
+                with anyio.CancelScope(shield=True):
+                    await engine.shutdown()
+            if isinstance(exc, Exception) and not isinstance(exc, LylmError):
+                raise EngineStartError(spec.name, f"{type(exc).__name__}: {exc}") from exc
+            raise
+        finally:
+            del self._active[spec.name]
+        return engine
+
+    async def start_all(self, specs: Sequence[EngineSpec]) -> list[Engine]:
+        """Start an engine for each spec, side by side where their GPUs are disjoint.
+
+        Returns the engines in ``specs`` order. If any start fails, the others are
+        stopped (a start already under way is let finish, then shut down) and the
+        first failure in ``specs`` order is raised.
+        """
+        engines: dict[int, Engine] = {}
+        errors: dict[int, Exception] = {}
+        began = self._clock()
+
+        async def one(index: int, spec: EngineSpec, scope: anyio.CancelScope) -> None:
+            try:
+                engines[index] = await self.start_engine(spec)
+            except Exception as exc:
+                errors[index] = exc
+                scope.cancel()
+
+        try:
+            async with anyio.create_task_group() as progress:
+                progress.start_soon(self._log_progress, len(specs), began)
+                async with anyio.create_task_group() as starts:
+                    for index, spec in enumerate(specs):
+                        starts.start_soon(one, index, spec, starts.cancel_scope)
+                progress.cancel_scope.cancel()
+        finally:
+            if errors or len(engines) < len(specs):
+                with anyio.CancelScope(shield=True):
+                    for index in sorted(engines, reverse=True):
+                        await engines[index].shutdown()
+        if errors:
+            raise errors[min(errors)]
+        if len(specs) > 1:
+            logger.info("%d engines ready in %.1f s", len(specs), self._clock() - began)
+        return [engines[i] for i in range(len(specs))]
+
+    async def _log_progress(self, total: int, began: float) -> None:
+        while True:
+            await anyio.sleep(self._progress_interval)
+            starting = self.progress()
+            logger.info(
+                "starting engines (%d of %d ready after %.0f s): %s",
+                total - len(starting),
+                total,
+                self._clock() - began,
+                "; ".join(p.describe() for p in starting),
+            )
