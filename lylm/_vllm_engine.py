@@ -289,7 +289,6 @@ def _build_with_environment(build: Callable[[], Any], environment: Mapping[str, 
     then restores it. Other engines' starts then proceed side by side with the
     rest of this one (loading weights, profiling, compiling: the long part).
     """
-    known = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
     outcome: dict[str, Any] = {}
 
     def run() -> None:
@@ -300,6 +299,9 @@ def _build_with_environment(build: Callable[[], Any], environment: Mapping[str, 
 
     worker = threading.Thread(target=run, name="lylm-engine-start", daemon=True)
     with spawn_environment(environment):
+        # Taken under the lock: engine processes that other starts spawned while this
+        # one waited for it are not this start's.
+        known = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
         worker.start()
         while worker.is_alive() and not _engine_cores(known):
             worker.join(0.01)
