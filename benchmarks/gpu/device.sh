@@ -10,7 +10,7 @@
 #   call5  balancers on two real engines: shared-prefix and skewed-length scenarios (1.5B shape)
 #   call6  lylm with and without gc.freeze() against vllm serve: are TTFT tails GC pauses? (1.5B)
 #   call7  pool overhead again, rounds alternating Python's default GC and a frozen heap (1.5B)
-#   multi1 several GPUs (issue 8): pinning in nvidia-smi, the 1:2 split, 1 vs 2 GPUs (1.5B)
+#   multi1 several GPUs (issues 8, 12): one instance per GPU, pinning in nvidia-smi, scaling 1/2/4/8 GPUs (1.5B)
 #   multi2 several GPUs (issue 8): the balancers with one instance per GPU (1.5B)
 #   place  placement (issue 12), any GPU count: pinning at spawn, warm start times, the 1:2 split (1.5B)
 #
@@ -86,7 +86,7 @@ case $CALL in
     python3 "$B/pool_overhead.py" --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
       --rounds 8 --gc-modes none,freeze --budget-s "$(($(left) - 30))" --out "$OUT/pool_overhead_gc_1.5b"
     ;;
-  multi1)  # issue 8, on nvidia-h200-x2 or -x4: pinning, the 1:2 split, scaling over GPUs
+  multi1)  # issues 8, 12, on nvidia-h200-x2 or -x4: pinning, scaling over 1/2/4 GPUs
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       python3 "$B/multi_gpu.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/multi_gpu_1.5b" --log-dir /tmp/logs-multi1

@@ -235,6 +235,15 @@ def bench_engines(url: str) -> list[dict[str, Any]]:
     return list(r.json()["engines"])
 
 
+def bench_server_pid(url: str) -> int:
+    """switch_server's own process id, from GET /bench/engines (to time its CPU)."""
+    import httpx
+
+    r = httpx.get(url + "/bench/engines", timeout=30.0, trust_env=False)
+    r.raise_for_status()
+    return int(r.json()["server_env"]["pid"])
+
+
 def bench_server_env(url: str) -> dict[str, str | None]:
     """switch_server's own device-control variable (None: unset), from GET /bench/engines."""
     import httpx

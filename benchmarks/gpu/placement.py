@@ -100,9 +100,9 @@ def check_environment(engines: list[dict[str, Any]], server_env: dict[str, str |
     for e in engines:
         want = ",".join(visible[g] if visible else str(g) for g in e["gpu_ids"])
         seen = e.get("device_env", {})
-        forked = any(v == "forked" for v in seen.values())  # /proc cannot show a forked process's
+        unreadable = any(v == "unreadable" for v in seen.values())  # see switch_server._device_env
         rows.append({"instance": f"{e['model']}[{e['index']}]", "want": want, "seen": seen,
-                     "ok": None if forked else bool(seen) and all(v == want for v in seen.values())})
+                     "ok": None if unreadable else bool(seen) and all(v == want for v in seen.values())})
     rows.append({"instance": "server", "want": launched, "seen": server_env,
                  "ok": all(v == launched for v in server_env.values())})
     return rows

@@ -8,7 +8,8 @@ started engines serves every balancer (engines take minutes to start on a GPU):
 
 - ``POST /bench/policy`` ``{"balancer": NAME, "weights": [w0, w1, ...], "seed": 0,
   "reset_prefix_cache": false}``: swap the balancer (a registered name, a
-  "module:Class" string, or ``pin0``, which sends everything to instance 0), set the
+  "module:Class" string, ``pin0``, which sends everything to instance 0, or
+  ``firstK``, the least loaded of the first K instances), set the
   instances' weights, and optionally empty every engine's prefix cache (vLLM's
   ``AsyncLLM.reset_prefix_cache``) so that runs start cold. Refused (409) while
   requests are in flight.
@@ -52,6 +53,16 @@ class PinFirst(Balancer):
         return candidates[0]
 
 
+class FirstK(Balancer):
+    """The least loaded of the first ``k`` candidates: a pool of k engines out of more (scaling arms)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def choose(self, candidates: Sequence[Instance], request: RequestInfo) -> Instance:
+        return min(candidates[: self.k], key=lambda c: c.in_flight_requests)
+
+
 class Switch(Balancer):
     """Delegates to whichever balancer was set last."""
 
@@ -82,9 +93,11 @@ def _process_tree(engine: Any) -> list[int]:
 def _device_env(pids: list[int]) -> dict[str, str | None]:
     """The device-control variable (CUDA_VISIBLE_DEVICES on NVIDIA) of each spawned process, from /proc.
 
-    /proc/PID/environ holds the environment a process was exec'd with: right for a
-    spawned engine process, but a forked one (vLLM forks on CUDA unless told to
-    spawn) shows its parent's start-up environment instead; those read "forked".
+    /proc/PID/environ holds the environment a process was exec'd with, in the memory
+    just after its argv. vLLM renames its processes (``VLLM::EngineCore``, through
+    setproctitle where installed, as on the GPU image), which overwrites that memory,
+    and a forked process shows its parent's start-up environment: both read
+    "unreadable". A plainly spawned process (the CPU build) reads true.
     """
     from vllm.platforms import current_platform
 
@@ -97,7 +110,7 @@ def _device_env(pids: list[int]) -> dict[str, str | None]:
         except OSError:
             continue
         if pid != os.getpid() and b"spawn_main" not in cmdline:
-            out[str(pid)] = "forked"
+            out[str(pid)] = "unreadable"
             continue
         values = [i.split(b"=", 1)[1].decode() for i in items if i.startswith(name + b"=")]
         out[str(pid)] = values[0] if values else None
@@ -115,7 +128,12 @@ def build_app(pool: EnginePool, switch: Switch, *, gc_freeze: bool = False) -> S
             return JSONResponse({"error": f"{busy} requests in flight"}, status_code=409)
         name = body.get("balancer", switch.name)
         rng = random.Random(body.get("seed", 0))
-        switch.inner = PinFirst() if name == "pin0" else resolve_balancer(name, rng=rng)
+        if name == "pin0":
+            switch.inner = PinFirst()
+        elif name.startswith("first") and name[5:].isdigit():
+            switch.inner = FirstK(int(name[5:]))
+        else:
+            switch.inner = resolve_balancer(name, rng=rng)
         switch.name = name
         weights = body.get("weights")
         if weights is not None:
