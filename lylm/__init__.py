@@ -15,6 +15,7 @@ from ._engine import EngineSignals as EngineSignals
 from ._engine import EngineStep as EngineStep
 from ._engine import RenderedPrompt as RenderedPrompt
 from ._exceptions import ConfigError as ConfigError
+from ._exceptions import ContextLengthError as ContextLengthError
 from ._exceptions import EngineDeadError as EngineDeadError
 from ._exceptions import EngineError as EngineError
 from ._exceptions import EngineStartError as EngineStartError
@@ -22,6 +23,7 @@ from ._exceptions import InvalidRequestError as InvalidRequestError
 from ._exceptions import LylmError as LylmError
 from ._exceptions import NoHealthyEngineError as NoHealthyEngineError
 from ._exceptions import OverloadedError as OverloadedError
+from ._exceptions import PromptError as PromptError
 from ._exceptions import ShuttingDownError as ShuttingDownError
 from ._exceptions import UnknownModelError as UnknownModelError
 from ._instance import EngineStats as EngineStats
@@ -42,6 +44,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Balancer",
     "ConfigError",
+    "ContextLengthError",
     "Engine",
     "EngineDeadError",
     "EngineError",
@@ -61,6 +64,7 @@ __all__ = [
     "OverloadedError",
     "PoolConfig",
     "Prompt",
+    "PromptError",
     "RenderedPrompt",
     "RequestInfo",
     "RequestRecord",

@@ -9,7 +9,9 @@ Every error lylm raises on purpose derives from :class:`LylmError`::
     ├── NoHealthyEngineError     every instance of the requested model is unhealthy
     ├── OverloadedError          the model is at its admission limit; retry later
     ├── ShuttingDownError        the pool is draining before shutdown and takes no new requests
-    ├── InvalidRequestError      the engine rejected the request itself (also a ValueError)
+    ├── InvalidRequestError      the request cannot be served as asked (also a ValueError)
+    │   ├── PromptError          ... its prompt could not be rendered (tokenizer, chat template)
+    │   └── ContextLengthError   ... its prompt plus max_tokens exceed the context
     └── EngineError              an engine failed while serving a request
         └── EngineDeadError      ... and will not serve again
 
@@ -88,7 +90,26 @@ class ShuttingDownError(LylmError):
 
 
 class InvalidRequestError(LylmError, ValueError):
-    """The engine rejected the request itself: a prompt too long, a bad parameter."""
+    """The request cannot be served as asked: a prompt too long, a bad parameter, a
+    prompt the tokenizer or chat template rejects."""
+
+
+class PromptError(InvalidRequestError):
+    """The prompt could not be rendered: not a prompt, or refused by the tokenizer or chat template."""
+
+
+class ContextLengthError(InvalidRequestError):
+    """The prompt plus the requested output exceed the model's context length."""
+
+    def __init__(self, *, context: int, prompt_tokens: int, max_tokens: int | None) -> None:
+        self.context = context
+        self.prompt_tokens = prompt_tokens
+        self.max_tokens = max_tokens
+        more = f"{max_tokens} more were requested" if max_tokens else "no room is left for output"
+        super().__init__(
+            f"This model's maximum context length is {context} tokens; the prompt has "
+            f"{prompt_tokens} tokens and {more}"
+        )
 
 
 class EngineError(LylmError):

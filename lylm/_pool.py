@@ -1,15 +1,21 @@
-"""EnginePool: several engine instances of several models, driven as one."""
+"""EnginePool: several engine instances of several models, driven as one.
+
+The pool composes small parts, each the one owner of its state: :class:`Membership`
+(which instances each model has), :class:`Starter` (engine starts under per-GPU
+locks), :class:`Router` (balancers and shadows), :class:`Books` (what each instance
+has in flight and has served), :class:`Admission` (limits) and :class:`Supervisor`
+(health, restarts). The pool itself owns its lifecycle and one request's path:
+render once, check once, admit, choose, serve, retry.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import time
-import uuid
-from contextlib import aclosing
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
+from contextlib import aclosing
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Union
 
@@ -17,22 +23,19 @@ import anyio
 
 from ._admission import Admission
 from ._balancer import Balancer
-from ._config import EngineSpec, PoolConfig, instance_spec
+from ._books import Books
+from ._config import EngineSpec, PoolConfig
 from ._engine import Engine, RenderedPrompt
-from ._exceptions import (
-    EngineDeadError,
-    EngineError,
-    LylmError,
-    NoHealthyEngineError,
-    ShuttingDownError,
-    UnknownModelError,
-)
-from ._instance import EngineStats, Instance, Outcome
-from ._request import RequestInfo, RequestRecord
-from ._shadow import ShadowReport, Shadows
+from ._exceptions import EngineError, LylmError, NoHealthyEngineError, ShuttingDownError, UnknownModelError
+from ._instance import EngineStats, Instance
+from ._membership import Membership
+from ._render import Prompt as Prompt
+from ._render import describe_request, render_prompt
+from ._request import RequestRecord
+from ._routing import Router
+from ._shadow import ShadowReport
 from ._startup import Starter
 from ._supervisor import RestartPolicy, Supervisor
-from .balancers import resolve_balancer
 
 if TYPE_CHECKING:
     from .balancers._resolve import BalancerLike
@@ -42,11 +45,7 @@ logger = logging.getLogger("lylm")
 EngineFactory = Callable[[EngineSpec], Engine]
 """Builds an (unstarted) engine for one instance spec."""
 
-Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], Mapping[str, Any]]
-"""A plain prompt, token ids, chat messages, or ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``."""
-
 ConfigSource = Union[PoolConfig, Mapping[str, Any], str, "os.PathLike[str]", Iterable[EngineSpec]]
-
 
 def _vllm_engine_factory(spec: EngineSpec) -> Engine:
     from ._vllm_engine import VLLMEngine
@@ -106,36 +105,20 @@ class EnginePool:
             raise ValueError(f"health_interval must be a number of seconds in (0, 60] (got {health_interval!r})")
         self._retries = retries
         rng = rng if rng is not None else random.Random()
-        self._engine_factory = engine_factory or _vllm_engine_factory
+        self._router = Router(config, balancer=balancer, balancers=balancers, rng=rng)
+        factory = engine_factory or _vllm_engine_factory
         # One starter for every engine start (pool start, add_instance, restarts):
         # it owns the per-GPU start locks.
-        self._starter = Starter(self._engine_factory)
+        self._starter = Starter(factory)
+        self._members = Membership(config, starter=self._starter, factory=factory)
         self._supervisor = Supervisor(
-            instances=self.instances,
+            instances=self._members.all,
             start_engine=self._starter.start_engine,
             policy=restart,
             interval=health_interval,
             rng=random.Random(rng.getrandbits(64)),
         )
-        self._next_index: dict[str, int] = {m.name: len(m.instances) for m in config.models}
-        self._clock = clock
-        self._observers: list[Callable[[RequestRecord], None]] = []
-        overrides = dict(balancers or {})
-        for name in overrides:
-            if name not in config.model_names:
-                raise UnknownModelError(name, config.model_names)
-        # Resolved here, before any engine starts, so a bad name costs nothing.
-        self._balancers: dict[str, Balancer] = {}
-        for model in config.models:
-            choice = overrides.get(model.name, balancer)
-            quoted = json.dumps(model.name)
-            path = f"balancers[{quoted}]" if model.name in overrides else "balancer"
-            if choice is None:
-                choice, path = model.balancer, f"models[{quoted}].balancer"
-            child_rng = random.Random(rng.getrandbits(64))
-            self._balancers[model.name] = resolve_balancer(choice, rng=child_rng, path=path)
-        self._instances: dict[str, list[Instance]] = {}
-        self._shadows = Shadows()
+        self._books = Books(clock=clock, engine_died=self._supervisor.engine_failed)
         self._state = "new"
         self._lock = anyio.Lock()
 
@@ -174,9 +157,7 @@ class EnginePool:
             if self._state == "closed":
                 raise LylmError("the pool is closed; build a new one")
             specs = [spec for model in self._config.models for spec in model.instances]
-            engines = await self._starter.start_all(specs)
-            for spec, engine in zip(specs, engines):
-                self._instances.setdefault(spec.model, []).append(Instance(spec, engine))
+            self._members.adopt(specs, await self._starter.start_all(specs))
             self._state = "running"
             self._supervisor.start()
 
@@ -189,12 +170,9 @@ class EnginePool:
             if self._state == "closed":
                 return
             self._state = "closed"
-            instances = [i for group in self._instances.values() for i in group]
             with anyio.CancelScope(shield=True):
                 await self._supervisor.aclose()
-                for instance in reversed(instances):
-                    instance.mark_stopped()
-                    await instance.engine.shutdown()
+                await self._members.stop_all()
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Stop admitting requests and wait for those in flight to end (at most ``timeout`` s).
@@ -230,31 +208,12 @@ class EnginePool:
         ``engine_args`` default to those of the model's first configured
         instance (another replica). Values are validated like the config file's
         (a :class:`ConfigError` names the bad one). The instance is listed as
-        ``starting`` until its engine is up; a failed start raises
-        :class:`EngineStartError` and leaves nothing behind.
+        ``starting`` until its engine is up (which waits for its GPUs' start
+        locks); a failed start raises :class:`EngineStartError` and leaves
+        nothing behind.
         """
-        group = self._group(model)
-        if engine_args is None:
-            engine_args = self._config.model(model).instances[0].engine_args
-        index = self._next_index[model]
-        spec = instance_spec(
-            model,
-            {"devices": {"gpu_ids": list(gpu_ids), "weight": weight}, "engine_args": dict(engine_args)},
-            index=index,
-        )
-        self._next_index[model] = index + 1
-        # Listed (as 'starting') while its engine starts, so /health shows it.
-        instance = Instance(spec, self._engine_factory(spec), state="starting")
-        group.append(instance)
-        try:
-            await self._starter.start_engine(spec, instance.engine)
-        except BaseException:
-            if instance in group:
-                group.remove(instance)
-            instance.mark_stopped()
-            raise
-        instance.mark_healthy()  # unless drained or removed while it started
-        return instance
+        self._group(model)  # a served model, in a running pool
+        return await self._members.add(model, engine_args=engine_args, gpu_ids=gpu_ids, weight=weight)
 
     async def drain_instance(self, instance: Instance | str, *, timeout: float | None = None) -> bool:
         """Take an instance out of balancing, let its requests finish, then stop and remove it.
@@ -263,29 +222,11 @@ class EnginePool:
         still running then fail with :class:`EngineDeadError` (those without
         output yet are retried elsewhere). Returns True if none had to fail.
         """
-        target = self._find(instance)
-        target.mark_draining()
-        with anyio.move_on_after(timeout):
-            while target.in_flight_requests and target.state == "draining":
-                await anyio.sleep(0.05)
-        clean = target.in_flight_requests == 0
-        group = self._instances.get(target.model, [])
-        if target in group:
-            group.remove(target)
-        target.mark_stopped()
-        with anyio.CancelScope(shield=True):
-            await target.engine.shutdown()
-        return clean
+        return await self._members.drain(instance, timeout=timeout)
 
     async def remove_instance(self, instance: Instance | str) -> None:
         """Stop an instance now and remove it; its requests fail (or retry elsewhere before output)."""
-        await self.drain_instance(instance, timeout=0)
-
-    def _find(self, instance: Instance | str) -> Instance:
-        for candidate in self.instances():
-            if candidate is instance or candidate.name == instance:
-                return candidate
-        raise LookupError(f"no instance {instance!r} in the pool")
+        await self._members.drain(instance, timeout=0)
 
     # -- introspection ---------------------------------------------------------
 
@@ -302,10 +243,9 @@ class EnginePool:
     def instances(self, model: str | None = None) -> tuple[Instance, ...]:
         """The running instances of ``model``, or of every model."""
         if model is None:
-            return tuple(i for group in self._instances.values() for i in group)
-        if model not in self._balancers:
-            raise UnknownModelError(model, self.models)
-        return tuple(self._instances.get(model, ()))
+            return self._members.all()
+        self._router.balancer(model)  # UnknownModelError for a model not served
+        return tuple(self._members.group(model))
 
     def max_model_len(self, model: str) -> int:
         """The context length of ``model``'s engines (prompt plus output, in tokens)."""
@@ -313,9 +253,7 @@ class EnginePool:
 
     def balancer(self, model: str) -> Balancer:
         """The balancer that chooses among ``model``'s instances."""
-        if model not in self._balancers:
-            raise UnknownModelError(model, self.models)
-        return self._balancers[model]
+        return self._router.balancer(model)
 
     def add_observer(self, observer: Callable[[RequestRecord], None]) -> None:
         """Call ``observer`` with a :class:`RequestRecord` whenever a dispatched request ends.
@@ -323,11 +261,11 @@ class EnginePool:
         Observers run on the event loop, synchronously: keep them cheap (count,
         observe a histogram). An observer that raises is logged and ignored.
         """
-        self._observers.append(observer)
+        self._books.observers.append(observer)
 
     def remove_observer(self, observer: Callable[[RequestRecord], None]) -> None:
         """Stop calling ``observer``."""
-        self._observers.remove(observer)
+        self._books.observers.remove(observer)
 
     # -- shadow mode: a candidate balancer beside the active one, never routing --------
 
@@ -347,33 +285,27 @@ class EnginePool:
         the active balancer on the same candidates and books, so its cost adds to each
         request's; if it raises, the error is counted and logged once, and ignored.
         """
-        if model not in self._balancers:
-            raise UnknownModelError(model, self.models)
-        shadow = resolve_balancer(balancer, rng=rng, path="shadow")
-        if name is None:
-            name = balancer if isinstance(balancer, str) else type(shadow).__name__
-        self._shadows.add(model, name, shadow)
+        self._router.add_shadow(model, balancer, name=name, rng=rng)
 
     def remove_shadow(self, model: str, name: str) -> None:
         """Stop the shadow ``name`` of ``model``."""
-        self._shadows.remove(model, name)
+        self._router.remove_shadow(model, name)
 
     def shadow_report(self, model: str | None = None) -> list[ShadowReport]:
         """Agreement and choice counts of ``model``'s shadows (or of every model's)."""
-        return self._shadows.reports(model)
+        return self._router.shadow_report(model)
 
     def stats(self) -> dict[str, list[EngineStats]]:
         """A snapshot of every instance's books, by model."""
-        return {m: [i.stats() for i in group] for m, group in self._instances.items()}
+        return {m: [i.stats() for i in self._members.group(m)] for m in self.models if self._members.group(m)}
 
     def _group(self, model: str) -> list[Instance]:
-        if model not in self._balancers:
-            raise UnknownModelError(model, self.models)
+        self._router.balancer(model)  # UnknownModelError for a model not served
         if self._state != "running":
             if self._state == "draining":
                 raise ShuttingDownError()
             raise LylmError(f"the pool is {self._state}; use 'async with pool' or 'await pool.start()'")
-        return self._instances[model]
+        return self._members.group(model)
 
     # -- requests --------------------------------------------------------------
 
@@ -386,26 +318,7 @@ class EnginePool:
     ) -> RenderedPrompt:
         """Tokenize ``prompt`` (applying the chat template to messages) with ``model``'s tokenizer."""
         engine = _first_healthy(model, self._group(model)).engine
-        if isinstance(prompt, str):
-            return await engine.render_text(prompt)
-        if isinstance(prompt, Mapping):
-            if "prompt_token_ids" in prompt:
-                return RenderedPrompt(list(prompt["prompt_token_ids"]))
-            if "prompt" in prompt:
-                return await engine.render_text(prompt["prompt"])
-            raise TypeError('a dict prompt needs "prompt" or "prompt_token_ids"')
-        if isinstance(prompt, RenderedPrompt):
-            return prompt
-        items: list[Any] = list(prompt)
-        if not items:
-            raise ValueError("the prompt is empty")
-        if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
-            return RenderedPrompt(items)
-        if all(isinstance(m, Mapping) for m in items):
-            return await engine.render_chat(items, chat_template_kwargs=chat_template_kwargs)
-        raise TypeError(
-            "a prompt is a string, a list of token ids, or a list of chat messages (dicts)"
-        )
+        return await render_prompt(engine, prompt, chat_template_kwargs=chat_template_kwargs)
 
     async def generate(
         self,
@@ -420,39 +333,37 @@ class EnginePool:
         """Serve one request on an instance of ``model`` chosen by its balancer; stream the outputs.
 
         ``prompt`` is a string, token ids, or chat messages (rendered with the
-        model's chat template). Outputs are the engine's own (vLLM's
-        ``RequestOutput``). Closing the iterator early aborts the request in the
-        engine; use ``contextlib.aclosing`` to make that immediate.
+        model's chat template), rendered once. A prompt plus ``max_tokens`` longer
+        than the model's context raises :class:`ContextLengthError` (without
+        ``max_tokens`` the request may use the rest of the context). Outputs are
+        the engine's own (vLLM's ``RequestOutput``). Closing the iterator early
+        aborts the request in the engine; use ``contextlib.aclosing`` to make
+        that immediate.
         """
         group = self._group(model)
-        rendered = await self.render(model, prompt, chat_template_kwargs=chat_template_kwargs)
         # Instances of one model share tokenizer, defaults and context length.
         reference = _first_healthy(model, group).engine
+        rendered = await render_prompt(reference, prompt, chat_template_kwargs=chat_template_kwargs)
         if sampling_params is None:
             sampling_params = reference.default_sampling_params()
-        prompt_tokens = len(rendered.token_ids)
-        n = getattr(sampling_params, "n", 1) or 1
-        max_tokens = getattr(sampling_params, "max_tokens", None)
-        if max_tokens is None:
-            max_tokens = max(reference.max_model_len - prompt_tokens, 0)
-        request = RequestInfo(
-            model=model,
-            request_id=request_id or uuid.uuid4().hex,
-            prompt_tokens=prompt_tokens,
-            max_tokens=max_tokens,
-            n=n,
-            prompt_token_ids=rendered.token_ids,
+        request = describe_request(
+            model,
+            rendered,
+            sampling_params,
+            context=reference.max_model_len,
+            request_id=request_id,
             session_key=session_key,
         )
         self._admission.admit(group, request)
-        instance = self._choose(group, request)
+        balancer = self._router.balancer(model)
+        instance = self._router.choose(group, request)
         tried: list[Instance] = []
         while True:
             started = False
             try:
                 # aclosing: when our caller closes us early, the inner stream (and the
                 # engine's request) must close now, not whenever the GC gets to it.
-                async with aclosing(self._serve(instance, request, rendered, sampling_params)) as outputs:
+                async with aclosing(self._books.serve(instance, request, rendered, sampling_params, balancer)) as outputs:
                     async for output in outputs:
                         started = True
                         yield output
@@ -463,92 +374,10 @@ class EnginePool:
                     raise
                 tried.append(instance)
                 try:
-                    instance = self._choose(group, request, exclude=tried)
+                    instance = self._router.choose(group, request, exclude=tried)
                 except NoHealthyEngineError:
                     raise exc from None
                 logger.info("request %s: retrying on %s after: %s", request.request_id, instance.name, exc)
-
-    def _choose(
-        self, group: list[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()
-    ) -> Instance:
-        candidates = [i for i in group if i.healthy and not any(i is x for x in exclude)]
-        if not candidates:
-            raise NoHealthyEngineError(request.model)
-        balancer = self._balancers[request.model]
-        chosen = balancer.choose(candidates, request)
-        if not any(chosen is c for c in candidates):
-            raise LylmError(
-                f"{type(balancer).__name__}.choose() returned {chosen!r}, "
-                "which is not one of the candidates it was given"
-            )
-        # -- shadow mode: candidates choose too, after the fact; never raises ---------
-        if self._shadows:
-            self._shadows.observe(candidates, request, chosen)
-        return chosen
-
-    async def _serve(
-        self,
-        instance: Instance,
-        request: RequestInfo,
-        rendered: RenderedPrompt,
-        sampling_params: Any,
-    ) -> AsyncGenerator[Any, None]:
-        remaining = request.token_budget
-        instance.in_flight_requests += 1
-        instance.in_flight_tokens += remaining
-        instance.dispatched += 1
-        outcome: Outcome = "failed"
-        prefilled = False
-        started = self._clock()
-        first_token: float | None = None
-        generated = 0
-        steps = instance.engine.generate(request.request_id, rendered, sampling_params)
-        try:
-            async for step in steps:
-                done = step.new_tokens
-                generated += step.new_tokens
-                if first_token is None and step.new_tokens:
-                    first_token = self._clock() - started
-                if not prefilled:
-                    prefilled = True
-                    done += request.prompt_tokens
-                    instance.prompt_tokens += request.prompt_tokens
-                instance.generated_tokens += step.new_tokens
-                done = min(done, remaining)
-                remaining -= done
-                instance.in_flight_tokens -= done
-                yield step.output
-            outcome = "completed"
-        except (GeneratorExit, anyio.get_cancelled_exc_class()):
-            outcome = "aborted"
-            raise
-        except EngineDeadError as exc:
-            self._supervisor.engine_failed(instance, str(exc))
-            raise
-        finally:
-            if outcome != "completed":
-                # Closing the engine's stream aborts the request there; shielded so a
-                # cancelled caller still frees the engine's slot.
-                with anyio.CancelScope(shield=True):
-                    await steps.aclose()
-            instance.in_flight_requests -= 1
-            instance.in_flight_tokens -= remaining
-            if outcome == "completed":
-                instance.completed += 1
-            elif outcome == "aborted":
-                instance.aborted += 1
-            else:
-                instance.failed += 1
-            self._balancers[request.model].on_finish(instance, request, outcome)
-            if self._observers:
-                record = RequestRecord(
-                    request, instance, outcome, first_token, self._clock() - started, generated
-                )
-                for observer in self._observers:
-                    try:
-                        observer(record)
-                    except Exception:
-                        logger.exception("request observer %r failed", observer)
 
 
 def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:

@@ -19,9 +19,11 @@ from lylm import (
     EngineSpec,
     EngineStartError,
     Instance,
+    InvalidRequestError,
     LylmError,
     NoHealthyEngineError,
     OverloadedError,
+    PromptError,
     RequestInfo,
     UnknownModelError,
 )
@@ -344,13 +346,20 @@ async def test_prompt_forms(prompt: Any, expected: list[int]) -> None:
 
 
 @pytest.mark.parametrize(
-    ("prompt", "error"),
-    [([], ValueError), ([1, "a"], TypeError), ({"text": "hi"}, TypeError), ([True, 2], TypeError)],
+    ("prompt", "message"),
+    [
+        ([], "the prompt is empty"),
+        ([1, "a"], "a prompt is a string, a list of token ids, or a list of chat messages"),
+        ({"text": "hi"}, 'a dict prompt needs "prompt" or "prompt_token_ids"'),
+        ([True, 2], "a prompt is a string, a list of token ids, or a list of chat messages"),
+    ],
 )
-async def test_bad_prompts_are_rejected_before_dispatch(prompt: Any, error: type[Exception]) -> None:
+async def test_bad_prompts_are_rejected_before_dispatch(prompt: Any, message: str) -> None:
     async with fake_pool([1.0]) as pool:
-        with pytest.raises(error):
+        with pytest.raises(PromptError) as info:
             await run(pool, prompt)
+        assert str(info.value).startswith(message)
+        assert isinstance(info.value, InvalidRequestError) and isinstance(info.value, ValueError)
         assert pool.stats()["m"][0].dispatched == 0
 
 

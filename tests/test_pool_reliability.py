@@ -4,7 +4,7 @@ engine states, runtime membership (add, drain, remove) and draining the pool."""
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from typing import Any
 
 import anyio
@@ -12,6 +12,7 @@ import pytest
 
 from _helpers import fake_specs
 from lylm import (
+    ContextLengthError,
     Balancer,
     ConfigError,
     EngineDeadError,
@@ -149,10 +150,21 @@ async def test_retry_needs_another_healthy_engine_and_skips_bad_requests() -> No
             await collect(pool)
         assert pool.instances("m")[0].dispatched == 1
     async with pool_of(2, lambda s: FakeEngine(max_model_len=8)) as pool:
-        # The request itself is at fault: another engine would reject it too.
-        with pytest.raises(InvalidRequestError):
+        # Too long for the context: refused before any engine sees it.
+        with pytest.raises(ContextLengthError, match="maximum context length is 8 tokens; the prompt has 2"):
             await collect(pool, max_tokens=50)
-        assert [i.dispatched for i in pool.instances("m")] == [1, 0]
+        assert [i.dispatched for i in pool.instances("m")] == [0, 0]
+
+    class Rejecting(FakeEngine):
+        async def generate(self, request_id: str, prompt: Any, params: Any) -> AsyncGenerator[Any, None]:
+            raise InvalidRequestError("the engine refuses these parameters")
+            yield  # an async generator
+
+    async with pool_of(2, lambda s: Rejecting()) as pool:
+        # The request itself is at fault: another engine would reject it too.
+        with pytest.raises(InvalidRequestError, match="refuses"):
+            await collect(pool)
+        assert sorted(i.dispatched for i in pool.instances("m")) == [0, 1]
 
 
 def test_retries_and_health_interval_are_validated() -> None:

@@ -9,12 +9,14 @@ from typing import Any, Union
 import attrs
 
 from .._exceptions import (
+    ContextLengthError,
     EngineDeadError,
     EngineError,
     InvalidRequestError,
     LylmError,
     NoHealthyEngineError,
     OverloadedError,
+    PromptError,
     ShuttingDownError,
     UnknownModelError,
 )
@@ -75,41 +77,29 @@ async def start(
 
     Errors (unknown model, prompt too long, no healthy engine, engine rejection)
     surface here, while a proper status can still be sent; on any error the
-    streams already started are closed, which aborts them in their engines.
+    streams already started are closed, which aborts them in their engines. The
+    pool renders each prompt and checks it against the context, once.
     """
     if request.model not in pool.models:
         raise to_openai_error(UnknownModelError(request.model, pool.models))
     started: list[Started] = []
     try:
+        params = build_sampling_params(request, stream=request.stream)
         for i, prompt in enumerate(prompts):
-            try:
-                rendered = await pool.render(request.model, prompt)
-            except (InvalidRequestError, ValueError, TypeError) as exc:
-                # The tokenizer or chat template rejected what the client sent.
-                raise bad_request(str(exc), param=param) from exc
-            context = pool.max_model_len(request.model)
-            prompt_tokens = len(rendered.token_ids)
-            sampling = dict(request.sampling)
-            max_tokens = sampling.setdefault("max_tokens", context - prompt_tokens)
-            if prompt_tokens + max(max_tokens, 1) > context:
-                raise bad_request(
-                    f"This model's maximum context length is {context} tokens; the prompt has "
-                    f"{prompt_tokens} tokens and {max_tokens} more were requested",
-                    param=param,
-                    code="context_length_exceeded",
-                )
-            params = build_sampling_params(
-                attrs.evolve(request, sampling=sampling), stream=request.stream
-            )
             outputs = pool.generate(
                 request.model,
-                rendered,
+                prompt,
                 params,
                 request_id=f"{request_id}-{i}",
                 session_key=request.user,
             )
             try:
                 first = await outputs.__anext__()
+            except ContextLengthError as exc:
+                raise bad_request(str(exc), param=param, code="context_length_exceeded") from exc
+            except PromptError as exc:
+                # The tokenizer or chat template rejected what the client sent.
+                raise bad_request(str(exc), param=param) from exc
             except BaseException:
                 await outputs.aclose()
                 raise

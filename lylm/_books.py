@@ -1,0 +1,103 @@
+"""The pool's books: what each instance has in flight and has served.
+
+Every request runs through :meth:`Books.serve`, which is the only writer of an
+instance's counters: they go up at dispatch and come down in one ``finally``,
+whatever happens (completion, error, cancellation). Request observers and the
+balancer's ``on_finish`` hook hear of each request's end from here too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+import anyio
+
+from ._balancer import Balancer
+from ._engine import RenderedPrompt
+from ._exceptions import EngineDeadError
+from ._instance import Instance, Outcome
+from ._request import RequestInfo, RequestRecord
+
+logger = logging.getLogger("lylm")
+
+
+class Books:
+    """Keeps every instance's request books and tells observers how each request went."""
+
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        engine_died: Callable[[Instance, str], None],
+    ) -> None:
+        self._clock = clock
+        self._engine_died = engine_died
+        self.observers: list[Callable[[RequestRecord], None]] = []
+
+    async def serve(
+        self,
+        instance: Instance,
+        request: RequestInfo,
+        rendered: RenderedPrompt,
+        sampling_params: Any,
+        balancer: Balancer,
+    ) -> AsyncGenerator[Any, None]:
+        """Run ``request`` on ``instance``'s engine, keeping its books; yield the engine's outputs."""
+        remaining = request.token_budget
+        instance.in_flight_requests += 1
+        instance.in_flight_tokens += remaining
+        instance.dispatched += 1
+        outcome: Outcome = "failed"
+        prefilled = False
+        started = self._clock()
+        first_token: float | None = None
+        generated = 0
+        steps = instance.engine.generate(request.request_id, rendered, sampling_params)
+        try:
+            async for step in steps:
+                done = step.new_tokens
+                generated += step.new_tokens
+                if first_token is None and step.new_tokens:
+                    first_token = self._clock() - started
+                if not prefilled:
+                    prefilled = True
+                    done += request.prompt_tokens
+                    instance.prompt_tokens += request.prompt_tokens
+                instance.generated_tokens += step.new_tokens
+                done = min(done, remaining)
+                remaining -= done
+                instance.in_flight_tokens -= done
+                yield step.output
+            outcome = "completed"
+        except (GeneratorExit, anyio.get_cancelled_exc_class()):
+            outcome = "aborted"
+            raise
+        except EngineDeadError as exc:
+            self._engine_died(instance, str(exc))
+            raise
+        finally:
+            if outcome != "completed":
+                # Closing the engine's stream aborts the request there; shielded so a
+                # cancelled caller still frees the engine's slot.
+                with anyio.CancelScope(shield=True):
+                    await steps.aclose()
+            instance.in_flight_requests -= 1
+            instance.in_flight_tokens -= remaining
+            if outcome == "completed":
+                instance.completed += 1
+            elif outcome == "aborted":
+                instance.aborted += 1
+            else:
+                instance.failed += 1
+            balancer.on_finish(instance, request, outcome)
+            if self.observers:
+                self._tell(RequestRecord(request, instance, outcome, first_token, self._clock() - started, generated))
+
+    def _tell(self, record: RequestRecord) -> None:
+        for observer in self.observers:
+            try:
+                observer(record)
+            except Exception:
+                logger.exception("request observer %r failed", observer)

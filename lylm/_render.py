@@ -1,0 +1,93 @@
+"""From what a caller sends to what a balancer sees: one pass per request.
+
+A prompt is tokenized once, by an engine of its model (its tokenizer and chat
+template), checked against the model's context length once, and described once as
+a :class:`RequestInfo`; the chosen engine then receives the token ids. Callers of
+:meth:`EnginePool.generate` (the OpenAI adapter and embedding users alike) get the
+same rendering, the same context check and the same errors.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Union
+
+from ._engine import Engine, RenderedPrompt
+from ._exceptions import ContextLengthError, InvalidRequestError, PromptError
+from ._request import RequestInfo
+
+Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], Mapping[str, Any]]
+"""A plain prompt, token ids, chat messages, or ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``."""
+
+
+async def render_prompt(
+    engine: Engine,
+    prompt: Prompt | RenderedPrompt,
+    *,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> RenderedPrompt:
+    """Tokenize ``prompt`` with ``engine``'s tokenizer (applying its chat template to messages).
+
+    Raises :class:`PromptError` for anything that is not a prompt or that the
+    tokenizer or chat template refuses.
+    """
+    try:
+        return await _render(engine, prompt, chat_template_kwargs)
+    except PromptError:
+        raise
+    except (InvalidRequestError, ValueError, TypeError) as exc:
+        raise PromptError(str(exc)) from exc
+
+
+async def _render(
+    engine: Engine, prompt: Prompt | RenderedPrompt, chat_template_kwargs: Mapping[str, Any] | None
+) -> RenderedPrompt:
+    if isinstance(prompt, RenderedPrompt):
+        return prompt
+    if isinstance(prompt, str):
+        return await engine.render_text(prompt)
+    if isinstance(prompt, Mapping):
+        if "prompt_token_ids" in prompt:
+            return RenderedPrompt(list(prompt["prompt_token_ids"]))
+        if "prompt" in prompt:
+            return await engine.render_text(prompt["prompt"])
+        raise TypeError('a dict prompt needs "prompt" or "prompt_token_ids"')
+    items: list[Any] = list(prompt)
+    if not items:
+        raise ValueError("the prompt is empty")
+    if all(isinstance(t, int) and not isinstance(t, bool) for t in items):
+        return RenderedPrompt(items)
+    if all(isinstance(m, Mapping) for m in items):
+        return await engine.render_chat(items, chat_template_kwargs=chat_template_kwargs)
+    raise TypeError("a prompt is a string, a list of token ids, or a list of chat messages (dicts)")
+
+
+def describe_request(
+    model: str,
+    rendered: RenderedPrompt,
+    sampling_params: Any,
+    *,
+    context: int,
+    request_id: str | None = None,
+    session_key: str | None = None,
+) -> RequestInfo:
+    """The balancer's view of one request; :class:`ContextLengthError` if it cannot fit.
+
+    A request without ``max_tokens`` may use the rest of the context (as vLLM
+    sizes it), and that is its decode budget in the books.
+    """
+    prompt_tokens = len(rendered.token_ids)
+    n = getattr(sampling_params, "n", 1) or 1
+    asked = getattr(sampling_params, "max_tokens", None)
+    if prompt_tokens + max(asked or 0, 1) > context:
+        raise ContextLengthError(context=context, prompt_tokens=prompt_tokens, max_tokens=asked)
+    return RequestInfo(
+        model=model,
+        request_id=request_id or uuid.uuid4().hex,
+        prompt_tokens=prompt_tokens,
+        max_tokens=asked if asked is not None else context - prompt_tokens,
+        n=n,
+        prompt_token_ids=rendered.token_ids,
+        session_key=session_key,
+    )

@@ -1,0 +1,88 @@
+"""Routing: each model's balancer chooses an instance; its shadows choose too, unheeded."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from ._balancer import Balancer
+from ._config import PoolConfig
+from ._exceptions import LylmError, NoHealthyEngineError, UnknownModelError
+from ._instance import Instance
+from ._request import RequestInfo
+from ._shadow import ShadowReport, Shadows
+from .balancers import resolve_balancer
+
+if TYPE_CHECKING:
+    from .balancers._resolve import BalancerLike
+
+
+class Router:
+    """The balancer of every model, and the shadow balancers beside them."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        *,
+        balancer: BalancerLike | None,
+        balancers: Mapping[str, BalancerLike] | None,
+        rng: random.Random,
+    ) -> None:
+        self._models = config.model_names
+        overrides = dict(balancers or {})
+        for name in overrides:
+            if name not in config.model_names:
+                raise UnknownModelError(name, config.model_names)
+        # Resolved here, before any engine starts, so a bad name costs nothing.
+        self._balancers: dict[str, Balancer] = {}
+        for model in config.models:
+            choice = overrides.get(model.name, balancer)
+            quoted = json.dumps(model.name)
+            path = f"balancers[{quoted}]" if model.name in overrides else "balancer"
+            if choice is None:
+                choice, path = model.balancer, f"models[{quoted}].balancer"
+            child_rng = random.Random(rng.getrandbits(64))
+            self._balancers[model.name] = resolve_balancer(choice, rng=child_rng, path=path)
+        self._shadows = Shadows()
+
+    def balancer(self, model: str) -> Balancer:
+        """The balancer that chooses among ``model``'s instances."""
+        if model not in self._balancers:
+            raise UnknownModelError(model, self._models)
+        return self._balancers[model]
+
+    def choose(self, group: Sequence[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()) -> Instance:
+        """The instance that serves ``request``: the balancer's pick among the healthy ones."""
+        candidates = [i for i in group if i.healthy and not any(i is x for x in exclude)]
+        if not candidates:
+            raise NoHealthyEngineError(request.model)
+        balancer = self._balancers[request.model]
+        chosen = balancer.choose(candidates, request)
+        if not any(chosen is c for c in candidates):
+            raise LylmError(
+                f"{type(balancer).__name__}.choose() returned {chosen!r}, "
+                "which is not one of the candidates it was given"
+            )
+        # Shadow mode: candidates choose too, after the fact; never raises.
+        if self._shadows:
+            self._shadows.observe(candidates, request, chosen)
+        return chosen
+
+    def add_shadow(self, model: str, balancer: BalancerLike, *, name: str | None, rng: random.Random | None) -> None:
+        """See :meth:`EnginePool.add_shadow`."""
+        if model not in self._balancers:
+            raise UnknownModelError(model, self._models)
+        shadow = resolve_balancer(balancer, rng=rng, path="shadow")
+        if name is None:
+            name = balancer if isinstance(balancer, str) else type(shadow).__name__
+        self._shadows.add(model, name, shadow)
+
+    def remove_shadow(self, model: str, name: str) -> None:
+        """Stop the shadow ``name`` of ``model``."""
+        self._shadows.remove(model, name)
+
+    def shadow_report(self, model: str | None = None) -> list[ShadowReport]:
+        """Agreement and choice counts of ``model``'s shadows (or of every model's)."""
+        return self._shadows.reports(model)
