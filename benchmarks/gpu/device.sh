@@ -13,13 +13,14 @@
 #   multi1 several GPUs (issues 8, 12): one instance per GPU, pinning in nvidia-smi, scaling 1/2/4/8 GPUs (1.5B)
 #   multi2 several GPUs (issue 8): the balancers with one instance per GPU (1.5B)
 #   place  placement (issue 12), any GPU count: pinning at spawn, warm start times, the 1:2 split (1.5B)
+#   clients issue 13's mechanism: one engine core, 1/2/4 front-end processes attached to it (1.5B, no HTTP)
 #
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
 # .gpurun, a copy of this repository's lylm/, benchmarks/, examples/ and a whl/ folder with
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|clients}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -99,6 +100,10 @@ case $CALL in
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       python3 "$B/placement.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/placement_1.5b" --log-dir /tmp/logs-place
+    ;;
+  clients)  # issue 13: does spreading output processing over front-end processes pay on one GPU?
+    python3 "$B/engine_clients.py" --model-dir "$MODELS/1.5b" --clients 1,2,4 --streams 256 --requests 1024 \
+      --rounds 2 --out "$OUT/engine_clients_1.5b"
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;
 esac

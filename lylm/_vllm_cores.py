@@ -1,0 +1,139 @@
+"""vLLM engine cores launched apart from their front ends, for several clients at once.
+
+An ``AsyncLLM`` normally launches its own engine-core process and is its only
+client. vLLM's engine cores accept several front-end clients, though: ``vllm serve
+--api-server-count N`` launches each core once and gives each of N API-server
+processes its own ``AsyncLLM(..., client_addresses=, client_count=N,
+client_index=i)``, each with its own input and output sockets, so output processing
+(detokenization, ``RequestOutput``s) is spread over N processes. This module does
+the launching half of that for one lylm instance: :meth:`EngineCores.launch`
+spawns the engine core pinned to the instance's GPUs (the device variable set
+only around the spawn, see :mod:`lylm._placement`) and waits until it is ready;
+:meth:`EngineCores.client_addresses` is what client ``i`` passes to ``AsyncLLM``.
+
+The parts of vLLM used here (``launch_core_engines``, ``EngineZmqAddresses``,
+``get_open_zmq_ipc_path``, ``AsyncLLM``'s ``client_*`` arguments) exist in vLLM
+0.26 and 0.32; the launcher yields a tuple in 0.26 and an object in 0.32, both
+read below. Every address is a local IPC path: nothing listens on a network port.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ._placement import spawn_environment
+
+
+class EngineCores:
+    """One instance's engine core (and its workers), serving ``clients`` front ends.
+
+    Build with :meth:`launch` (blocking for as long as the engine takes to start:
+    call it off the event loop). :meth:`shutdown` stops the processes. Pickled
+    into another process (a front-end worker), it carries what :meth:`client`
+    needs and not the processes: only the launching process owns those.
+    """
+
+    def __init__(self, *, vllm_config: Any, executor_class: Any, manager: Any, inputs: list[str], outputs: list[str]) -> None:
+        self.vllm_config = vllm_config
+        self.executor_class = executor_class
+        self._manager = manager
+        self._inputs = inputs
+        self._outputs = outputs
+
+    def __getstate__(self) -> dict[str, Any]:
+        # What a front end in another process needs; the processes stay with their owner.
+        state = dict(self.__dict__)
+        state["_manager"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @classmethod
+    def launch(
+        cls,
+        engine_args: Mapping[str, Any],
+        *,
+        clients: int,
+        environment: Mapping[str, str] | None = None,
+        usage_context: Any = None,
+    ) -> EngineCores:
+        """Start the engine core for ``clients`` front ends; return once it is ready.
+
+        ``environment`` (the instance's device variable) is set only while the
+        engine-core process is spawned.
+        """
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.network_utils import get_open_zmq_ipc_path
+        from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
+        from vllm.v1.executor import Executor
+
+        if clients < 1:
+            raise ValueError(f"clients must be at least 1 (got {clients})")
+        args = AsyncEngineArgs(**engine_args)
+        # As `vllm serve --api-server-count N` sets them: the core serves N clients.
+        args._api_process_count = clients
+        args._api_process_rank = -1
+        inputs = [get_open_zmq_ipc_path() for _ in range(clients)]
+        outputs = [get_open_zmq_ipc_path() for _ in range(clients)]
+        addresses = EngineZmqAddresses(inputs=list(inputs), outputs=list(outputs))
+        with spawn_environment(dict(environment or {})):
+            # The config is built under the instance's devices too, as the engine sees them.
+            vllm_config = args.create_engine_config(usage_context or UsageContext.OPENAI_API_SERVER)
+            executor_class = Executor.get_class(vllm_config)
+            launcher = launch_core_engines(vllm_config, executor_class, not args.disable_log_stats, addresses)
+            launched = launcher.__enter__()  # spawns the engine core, then returns
+        manager = getattr(launched, "engine_manager", None)
+        if manager is None and isinstance(launched, tuple):  # vLLM 0.26 yields a tuple
+            manager = launched[0]
+        try:
+            # Leaving the launcher waits for the engine's handshake: model loaded,
+            # memory profiled, KV cache allocated, compiled.
+            launcher.__exit__(None, None, None)
+        except BaseException:
+            if manager is not None:
+                manager.shutdown()
+            raise
+        return cls(vllm_config=vllm_config, executor_class=executor_class, manager=manager, inputs=inputs, outputs=outputs)
+
+    @property
+    def clients(self) -> int:
+        """How many front-end clients the core serves."""
+        return len(self._inputs)
+
+    def client_addresses(self, index: int) -> dict[str, Any]:
+        """``AsyncLLM``'s ``client_addresses`` for client ``index`` (0-based)."""
+        return {"input_address": self._inputs[index], "output_address": self._outputs[index]}
+
+    def process_ids(self) -> list[int]:
+        """PIDs of the engine-core processes (their workers are their children)."""
+        return [p.pid for p in getattr(self._manager, "processes", ()) if p.pid is not None]
+
+    def alive(self) -> bool:
+        """True while every engine-core process runs."""
+        processes = getattr(self._manager, "processes", ())
+        return bool(processes) and all(p.exitcode is None for p in processes)
+
+    def client(self, index: int, *, stat_loggers: list[Any] | None = None) -> Any:
+        """A new ``AsyncLLM`` front end attached to this core as client ``index``."""
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        return AsyncLLM(
+            vllm_config=self.vllm_config,
+            executor_class=self.executor_class,
+            log_stats=True,
+            usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=stat_loggers,
+            client_addresses=self.client_addresses(index),
+            client_count=self.clients,
+            client_index=index,
+        )
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop the engine core and its workers; idempotent."""
+        manager, self._manager = self._manager, None
+        if manager is not None:
+            manager.shutdown(timeout) if timeout is not None else manager.shutdown()
