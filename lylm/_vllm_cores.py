@@ -124,6 +124,7 @@ class EngineCores:
         return AsyncLLM(
             vllm_config=self.vllm_config,
             executor_class=self.executor_class,
+            log_requests=False,  # AsyncLLM's own default logs a line per request
             log_stats=True,
             usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=stat_loggers,

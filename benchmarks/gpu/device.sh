@@ -103,7 +103,7 @@ case $CALL in
     ;;
   clients)  # issue 13: does spreading output processing over front-end processes pay on one GPU?
     python3 "$B/engine_clients.py" --model-dir "$MODELS/1.5b" --clients 1,2,4 --streams 256 --requests 1024 \
-      --rounds 2 --out "$OUT/engine_clients_1.5b"
+      --rounds 3 --out "$OUT/engine_clients_1.5b"
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;
 esac
