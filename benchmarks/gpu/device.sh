@@ -20,7 +20,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|clients}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -100,6 +100,11 @@ case $CALL in
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
       python3 "$B/placement.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/placement_1.5b" --log-dir /tmp/logs-place
+    ;;
+  placequick)  # issue 12 on a short device budget: 0.5B, cold start, placement config, pinning, split
+    KIT_SKIP_GPU_TEST=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
+      python3 "$B/placement.py" --model-dir "$MODELS/0.5b" --shape qwen2.5-0.5b --quick --split-requests 600 \
+      --split-tokens 16 --out "$OUT/placement_quick_0.5b" --log-dir /tmp/logs-placequick
     ;;
   clients)  # issue 13: does spreading output processing over front-end processes pay on one GPU?
     python3 "$B/engine_clients.py" --model-dir "$MODELS/1.5b" --clients 1,2,4 --streams 256 --requests 1024 \

@@ -201,6 +201,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--out", default="placement")
     parser.add_argument("--log-dir", default=None)
+    parser.add_argument("--quick", action="store_true",
+                        help="only the cold start, the placement config, pinning and the split (short device time)")
     args = parser.parse_args()
 
     gpus = args.gpus or gpu_count()
@@ -235,6 +237,12 @@ def main() -> None:
         result["split"] = anyio.run(split, url, args, weights, gpucommon.vocab_size(args.model_dir))
     finally:
         ctx.__exit__(None, None, None)
+    if args.quick:
+        result["start"] = {"cold_s": starts["cold"], "placement_s": starts["placement"],
+                           "pool_log": {name: ready_lines(log_dir, name) for name in ("cold", "placement")}}
+        print(json.dumps(result["start"], indent=1), flush=True)
+        gpucommon.save_results(args.out, result, "quick run: see the JSON\n", log_dir)
+        return
     # One instance last, when the compile cache is as warm as it gets (it kept warming over the
     # first starts: 94, 60, then 44 and 21 s for the engines of one 1.5B model on an H200).
     ctx, starts["one"], _ = start_server("one", one, log_dir)
