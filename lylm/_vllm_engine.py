@@ -69,7 +69,8 @@ class VLLMEngine(Engine):
         return {**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}
 
     def spawn_environment(self) -> dict[str, str]:
-        """The variables the engine's processes are spawned with: its GPUs (empty when not pinned).
+        """The variables the engine's processes are spawned with: its GPUs, and vLLM's
+        spawn start method unless the server chose one (empty when not pinned).
 
         Raises :class:`ConfigError` for a GPU this machine does not have.
         """
@@ -85,14 +86,23 @@ class VLLMEngine(Engine):
                 count = int(counter())
             except Exception:  # a platform that cannot count without initialising: unknown
                 count = None
-        value = visible_devices(
-            self.spec.gpu_ids,
-            variable=variable,
-            environ=os.environ,
-            device_count=count,
-            path=f"{self.spec.name}.devices.gpu_ids",
-        )
-        return {variable: value}
+        environment = {
+            variable: visible_devices(
+                self.spec.gpu_ids,
+                variable=variable,
+                environ=os.environ,
+                device_count=count,
+                path=f"{self.spec.name}.devices.gpu_ids",
+            )
+        }
+        # Spawned, not forked: a forked engine process inherits the server's
+        # in-process state, and on a 2 x H200 host (vLLM 0.26) three engines forked
+        # with CUDA_VISIBLE_DEVICES 0, 1 and 1 all landed on GPU 0. A spawned one
+        # starts a fresh interpreter from exactly this environment. A start method
+        # the user set for the whole server is kept.
+        if "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ:
+            environment["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
+        return environment
 
     async def start(self) -> None:
         """Build the AsyncLLM in a worker thread: it blocks until the engine is ready."""
