@@ -83,7 +83,10 @@ class EngineCores:
             # The config is built under the instance's devices too, as the engine sees them.
             vllm_config = args.create_engine_config(usage_context or UsageContext.OPENAI_API_SERVER)
             executor_class = Executor.get_class(vllm_config)
-            launcher = launch_core_engines(vllm_config, executor_class, not args.disable_log_stats, addresses)
+            # Stats on: lylm's engine signals (running, waiting, KV use, prefix cache)
+            # come from the core's scheduler stats; `disable_log_stats` only keeps
+            # vLLM's periodic log line off, on the client side.
+            launcher = launch_core_engines(vllm_config, executor_class, True, addresses)
             launched = launcher.__enter__()  # spawns the engine core, then returns
         manager = getattr(launched, "engine_manager", None)
         if manager is None and isinstance(launched, tuple):  # vLLM 0.26 yields a tuple

