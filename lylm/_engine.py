@@ -78,6 +78,15 @@ class Engine(abc.ABC):
         """Why the engine is unhealthy, if it knows (shown in logs and ``/health``)."""
         return None
 
+    def check(self) -> None:
+        """Look for failures that no flag reports by itself (optional; a no-op by default).
+
+        The pool's health watch calls it every ``health_interval`` seconds, just
+        before reading :attr:`healthy`; an engine whose process it does not own
+        (attached to a core another process launched) looks at that process here,
+        so that :attr:`healthy` itself stays a cheap read on every request.
+        """
+
     @property
     @abc.abstractmethod
     def max_model_len(self) -> int:

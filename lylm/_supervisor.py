@@ -116,7 +116,13 @@ class Supervisor:
         while True:
             await asyncio.sleep(self._interval)
             for instance in list(self._instances()):
-                if instance.state in ("healthy", "draining") and not instance.engine.healthy:
+                if instance.state not in ("healthy", "draining"):
+                    continue
+                try:
+                    instance.engine.check()
+                except Exception:
+                    logger.exception("%s: the engine's health check raised", instance.name)
+                if not instance.engine.healthy:
                     reason = instance.engine.failure_reason() or "the engine reports itself unhealthy"
                     self.engine_failed(instance, reason)
 

@@ -40,6 +40,8 @@ class EngineCores:
         self._manager = manager
         self._inputs = inputs
         self._outputs = outputs
+        #: The engine-core pids, kept in copies too: any process on the host can look.
+        self._pids = [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
 
     def __getstate__(self) -> dict[str, Any]:
         # What a front end in another process needs; the processes stay with their owner.
@@ -112,12 +114,26 @@ class EngineCores:
 
     def process_ids(self) -> list[int]:
         """PIDs of the engine-core processes (their workers are their children)."""
-        return [p.pid for p in getattr(self._manager, "processes", ()) if p.pid is not None]
+        return list(self._pids)
 
     def alive(self) -> bool:
-        """True while every engine-core process runs."""
-        processes = getattr(self._manager, "processes", ())
-        return bool(processes) and all(p.exitcode is None for p in processes)
+        """True while every engine-core process runs (false once shut down by its owner).
+
+        The launching process asks its process handles; a copy in another process
+        asks the operating system about the pids (a few system calls: poll it, do
+        not call it per request).
+        """
+        if self._manager is not None:
+            processes = getattr(self._manager, "processes", ())
+            return bool(processes) and all(p.exitcode is None for p in processes)
+        if not self._pids:
+            return False
+        import psutil  # a dependency of vLLM
+
+        try:
+            return all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in self._pids)
+        except psutil.Error:
+            return False
 
     def client(self, index: int, *, stat_loggers: list[Any] | None = None) -> Any:
         """A new ``AsyncLLM`` front end attached to this core as client ``index``."""
@@ -139,5 +155,6 @@ class EngineCores:
     def shutdown(self, timeout: float | None = None) -> None:
         """Stop the engine core and its workers; idempotent."""
         manager, self._manager = self._manager, None
+        self._pids = []
         if manager is not None:
             manager.shutdown(timeout) if timeout is not None else manager.shutdown()

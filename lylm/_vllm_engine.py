@@ -66,6 +66,7 @@ class VLLMEngine(Engine):
         self._processes: list[Any] = []
         self._cores: EngineCores | None = None
         self._client_index = 0
+        self._core_lost: str | None = None
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -75,7 +76,11 @@ class VLLMEngine(Engine):
         Its :meth:`start` builds only the front end (``AsyncLLM`` with
         ``client_addresses``); its :meth:`shutdown` stops only that: the engine
         core belongs to whoever launched it. This is how several front-end
-        processes share one engine (issue 13's workers).
+        processes share one engine (issue 13's workers). vLLM does not notice
+        when such a core dies (its client would wait forever): :meth:`check`, which
+        the pool's health watch calls, looks at the core's process and fails the
+        engine's requests when it is gone. Restarting the core is its owner's
+        job: give a pool of attached engines ``restart=None``.
         """
         if not 0 <= client_index < cores.clients:
             raise ValueError(f"client_index must be in [0, {cores.clients}) (got {client_index})")
@@ -175,10 +180,17 @@ class VLLMEngine(Engine):
     @property
     def healthy(self) -> bool:
         """True while the engine runs and vLLM has not flagged it as errored."""
-        return self._llm is not None and not self._closed and not self._llm.errored
+        return self._llm is not None and not self._closed and not self._llm.errored and self._core_lost is None
+
+    def check(self) -> None:
+        """For an attached engine: notice that its engine core is gone (vLLM does not)."""
+        if self._cores is not None and self._llm is not None and self._core_lost is None and not self._cores.alive():
+            self._core_lost = f"engine core (pid {', '.join(map(str, self._cores.process_ids()))}) is gone"
 
     def failure_reason(self) -> str | None:
         """Which engine process exited and how, once vLLM has flagged the engine as errored."""
+        if self._core_lost is not None:
+            return self._core_lost
         llm = self._llm
         if llm is None or not llm.errored:
             return None

@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import anyio
 import psutil
 import pytest
 
-from lylm import EnginePool, EngineSpec, VLLMEngine
+from lylm import EngineDeadError, EnginePool, EngineSpec, VLLMEngine
 from lylm import EngineSignals
 from lylm._vllm_cores import EngineCores
 from lylm._vllm_stats import stat_logger_factory
@@ -39,7 +41,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 async def cores(model_dir: Path) -> AsyncIterator[EngineCores]:
     args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS, "disable_log_stats": True}
-    launched = await anyio.to_thread.run_sync(lambda: EngineCores.launch(args, clients=4, environment=MARK))
+    launched = await anyio.to_thread.run_sync(lambda: EngineCores.launch(args, clients=5, environment=MARK))
     (pid,) = launched.process_ids()
     yield launched
     launched.shutdown()
@@ -60,7 +62,7 @@ async def tokens_of(llm: Any, request_id: str, max_tokens: int) -> tuple[int, bo
 
 async def test_two_clients_share_one_engine_core(cores: EngineCores) -> None:
     (pid,) = cores.process_ids()
-    assert cores.alive() and cores.clients == 4
+    assert cores.alive() and cores.clients == 5
     # The spawn environment reached the engine core (spawned on the CPU build), not this process.
     assert b"LYLM_TEST_SPAWN_MARK=core-1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
     assert "LYLM_TEST_SPAWN_MARK" not in os.environ
@@ -83,9 +85,10 @@ async def test_two_clients_share_one_engine_core(cores: EngineCores) -> None:
     finally:
         for c in clients:
             c.shutdown()
-    # What a worker process receives: the addresses, not the process handles.
+    # What a worker process receives: the addresses and pids, not the process handles.
     copy = pickle.loads(pickle.dumps(cores))
-    assert copy.client_addresses(1) == cores.client_addresses(1) and copy.process_ids() == []
+    assert copy.client_addresses(1) == cores.client_addresses(1) and copy.process_ids() == [pid]
+    assert copy.alive()  # asked of the operating system
     assert cores.alive()  # the clients' shutdown left the core running
 
 
@@ -101,7 +104,7 @@ async def test_two_pools_attached_to_one_core_serve_side_by_side(cores: EngineCo
 
     pools = [worker(2), worker(3)]
     with pytest.raises(ValueError, match="client_index must be in"):
-        VLLMEngine.attached(EngineSpec(model="tiny", engine_args={"model": "x"}), cores, 4)
+        VLLMEngine.attached(EngineSpec(model="tiny", engine_args={"model": "x"}), cores, 5)
     async with pools[0], pools[1]:
         served: dict[int, list[int]] = {0: [], 1: []}
 
@@ -125,3 +128,28 @@ async def test_two_pools_attached_to_one_core_serve_side_by_side(cores: EngineCo
         print(f"\nprefix-cache queries seen by worker 0 / 1: {seen}")
         assert sum(seen) > 0
     assert cores.alive()  # the pools closed their front ends only
+
+
+async def test_a_dead_core_fails_its_attached_engines_requests_instead_of_hanging(cores: EngineCores) -> None:
+    """Last in this module: it kills the shared core. vLLM's client alone would wait forever."""
+    config = {"models": {"tiny": [{"engine_args": {"model": "unused", **TINY_MODEL_ENGINE_ARGS}}]}}
+    pool = EnginePool.from_config(
+        config, engine_factory=lambda spec: VLLMEngine.attached(spec, cores, 4), restart=None, health_interval=0.1
+    )
+    (pid,) = cores.process_ids()
+    async with pool:
+        params = SamplingParams(max_tokens=900, ignore_eos=True)
+        outputs = pool.generate("tiny", [7] * 16, params)
+        await outputs.__anext__()  # streaming now
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        with anyio.fail_after(10):
+            with pytest.raises(EngineDeadError):
+                async for _ in outputs:
+                    pass
+        failed_after = time.monotonic() - killed
+        (inst,) = pool.instances("tiny")
+        assert inst.state == "dead" and "engine core (pid" in (inst.last_error or "")
+        assert (inst.failed, inst.in_flight_requests) == (1, 0)
+    print(f"\nrequest failed {failed_after:.2f} s after the core was killed")
+    assert failed_after < 2.0
