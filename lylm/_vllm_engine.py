@@ -122,7 +122,7 @@ class VLLMEngine(Engine):
         }
         # Spawned, not forked: a forked engine process inherits the server's
         # in-process state, and on a 2 x H200 host (vLLM 0.26) three engines forked
-        # with CUDA_VISIBLE_DEVICES 0, 1 and 1 all landed on GPU 0. A spawned one
+        # with CUDA_VISIBLE_DEVICES 0, 1 and 1 all ran on one GPU. A spawned one
         # starts a fresh interpreter from exactly this environment. A start method
         # the user set for the whole server is kept.
         if "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ:
