@@ -25,6 +25,7 @@ from ._exceptions import (
     LylmError,
 )
 from ._placement import spawn_environment, visible_devices
+from ._reaper import REAPER
 from ._vllm_cores import EngineCores
 from ._vllm_stats import stat_logger_factory
 
@@ -166,6 +167,9 @@ class VLLMEngine(Engine):
         # other engine process appears while a pinned one is being spawned.
         self._llm = _build_with_environment(build, self.spawn_environment())
         self._processes = _process_tree(self.process_ids())
+        # Should this server die without stopping the engine (SIGKILL, OOM), a
+        # watchdog stops it instead of leaving it holding its GPU memory.
+        REAPER.watch(self._processes)
 
     def _require(self) -> Any:
         if self._llm is None:
@@ -306,6 +310,7 @@ class VLLMEngine(Engine):
         processes, self._processes = self._processes, []
         if processes:
             await anyio.to_thread.run_sync(_reap, processes)
+            REAPER.forget(processes)
 
     def _manager(self) -> Any:
         # vLLM's engine-core process manager (internal; None where it has none).

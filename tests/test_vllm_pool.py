@@ -243,9 +243,10 @@ def _children() -> dict[int, str]:
             cmdline = " ".join(p.cmdline())
         except psutil.Error:  # exited while we looked
             continue
-        # multiprocessing's resource tracker is one helper per Python process,
-        # started on first use and kept until exit; it belongs to no engine.
-        if "resource_tracker" not in cmdline:
+        # multiprocessing's resource tracker and lylm's reaper (the watchdog that
+        # stops engines if this process is killed) are one helper each per
+        # process, kept until it exits; neither belongs to an engine.
+        if "resource_tracker" not in cmdline and "lylm._reaper" not in cmdline:
             found[p.pid] = cmdline
     return found
 

@@ -1,0 +1,112 @@
+"""A watchdog that stops a server's engine processes when the server dies without
+stopping them (SIGKILL, the OOM killer), so they do not keep their GPU memory.
+
+An engine's processes are children of the server; killed outright, the server
+cannot shut them down, and they live on, re-parented to init. The watchdog is a
+small separate process, started on the first engine start, that the server tells
+which processes to watch (``pid`` and creation time, so a reused pid is never
+mistaken for an engine) and to forget when it stops them itself. It reaps them,
+with their children, as soon as the server is gone: its standard input (the
+server holds the only write end) reaches end-of-file, or its parent process
+changes (a forked engine process may hold a copy of that write end too).
+
+One per server process, like the environment it protects: a module-level instance.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable
+from typing import IO, Any
+
+POLL_S = 0.5
+"""How often the watchdog looks at its parent between messages."""
+
+
+class Reaper:
+    """The server's side: starts the watchdog once and tells it what to watch."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def watch(self, processes: Iterable[Any]) -> None:
+        """Reap these psutil processes (and their children) if this process dies first."""
+        lines = [f"+ {p.pid} {p.create_time()!r}\n" for p in processes]
+        self._send(lines)
+
+    def forget(self, processes: Iterable[Any]) -> None:
+        """They were stopped properly: stop watching them."""
+        self._send([f"- {p.pid}\n" for p in processes])
+
+    def _send(self, lines: list[str]) -> None:
+        if not lines:
+            return
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-c", "from lylm._reaper import main; main()"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    # Its own session: a signal to the server's process group spares it.
+                    start_new_session=True,
+                )
+            stdin: IO[bytes] | None = self._proc.stdin
+            if stdin is None:
+                return
+            try:
+                stdin.write("".join(lines).encode())
+                stdin.flush()
+            except OSError:  # the watchdog is gone: nothing to protect with
+                pass
+
+
+REAPER = Reaper()
+
+
+def main() -> None:
+    """The watchdog process."""
+    import select
+    import signal
+
+    import psutil
+
+    parent = os.getppid()
+    watched: dict[int, float] = {}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C meant for the server
+    buffer = b""
+    while True:
+        ready, _, _ = select.select([sys.stdin.fileno()], [], [], POLL_S)
+        if ready:
+            chunk = os.read(sys.stdin.fileno(), 65536)
+            if not chunk:
+                break
+            buffer += chunk
+            *lines, buffer = buffer.split(b"\n")
+            for line in lines:
+                parts = line.decode().split()
+                if len(parts) == 3 and parts[0] == "+":
+                    watched[int(parts[1])] = float(parts[2])
+                elif len(parts) == 2 and parts[0] == "-":
+                    watched.pop(int(parts[1]), None)
+        if os.getppid() != parent:
+            break
+    victims = []
+    for pid, created in watched.items():
+        try:
+            process = psutil.Process(pid)
+            if process.create_time() != created:
+                continue  # the pid now names another process
+            victims += [*process.children(recursive=True), process]
+        except psutil.Error:
+            continue
+    for process in victims:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=5)
