@@ -15,6 +15,7 @@ One per server process, like the environment it protects: a module-level instanc
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Reaper:
                     # Its own session: a signal to the server's process group spares it.
                     start_new_session=True,
                 )
+                atexit.register(self._close)
             stdin: IO[bytes] | None = self._proc.stdin
             if stdin is None:
                 return
@@ -65,7 +67,39 @@ class Reaper:
                 pass
 
 
+    def _close(self) -> None:
+        # At a normal exit: end-of-file tells the watchdog to stop whatever is still
+        # registered (engines a user never closed) and leave; wait for it briefly.
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 REAPER = Reaper()
+
+
+def process_tree(pids: Iterable[int]) -> list[Any]:
+    """These processes and their children (an engine core's workers), as psutil handles."""
+    import psutil  # a dependency of vLLM
+
+    found: list[Any] = []
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            found += [root, *root.children(recursive=True)]
+        except psutil.Error:
+            pass
+    return found
 
 
 def main() -> None:

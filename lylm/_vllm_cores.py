@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ._placement import spawn_environment
+from ._reaper import REAPER, process_tree
 
 
 class EngineCores:
@@ -42,11 +43,17 @@ class EngineCores:
         self._outputs = outputs
         #: The engine-core pids, kept in copies too: any process on the host can look.
         self._pids = [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
+        self._watched: list[Any] = []
+        if manager is not None:
+            # Should the launching process be killed outright, the watchdog stops the core.
+            self._watched = process_tree(self._pids)
+            REAPER.watch(self._watched)
 
     def __getstate__(self) -> dict[str, Any]:
         # What a front end in another process needs; the processes stay with their owner.
         state = dict(self.__dict__)
         state["_manager"] = None
+        state["_watched"] = []
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -158,3 +165,5 @@ class EngineCores:
         self._pids = []
         if manager is not None:
             manager.shutdown(timeout) if timeout is not None else manager.shutdown()
+        watched, self._watched = self._watched, []
+        REAPER.forget(watched)

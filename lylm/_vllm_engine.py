@@ -25,7 +25,7 @@ from ._exceptions import (
     LylmError,
 )
 from ._placement import spawn_environment, visible_devices
-from ._reaper import REAPER
+from ._reaper import REAPER, process_tree
 from ._vllm_cores import EngineCores
 from ._vllm_stats import stat_logger_factory
 
@@ -166,7 +166,7 @@ class VLLMEngine(Engine):
         # Unpinned engines take the spawn lock too (with nothing to set), so that no
         # other engine process appears while a pinned one is being spawned.
         self._llm = _build_with_environment(build, self.spawn_environment())
-        self._processes = _process_tree(self.process_ids())
+        self._processes = process_tree(self.process_ids())
         # Should this server die without stopping the engine (SIGKILL, OOM), a
         # watchdog stops it instead of leaving it holding its GPU memory.
         REAPER.watch(self._processes)
@@ -359,20 +359,6 @@ def _build_with_environment(build: Callable[[], Any], environment: Mapping[str, 
     if "error" in outcome:
         raise outcome["error"]
     return outcome["llm"]
-
-
-def _process_tree(pids: list[int]) -> list[Any]:
-    """The engine's processes and their children (vLLM's workers), as psutil handles."""
-    import psutil  # a dependency of vLLM
-
-    found: list[Any] = []
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            found += [root, *root.children(recursive=True)]
-        except psutil.Error:
-            pass
-    return found
 
 
 def _reap(processes: list[Any], grace: float = 5.0) -> None:

@@ -79,15 +79,9 @@ class Switch(Balancer):
 
 def _process_tree(engine: Any) -> list[int]:
     """The engine's processes and their children (workers), to find them in nvidia-smi."""
-    import psutil
+    from lylm._reaper import process_tree
 
-    pids = []
-    for pid in getattr(engine, "process_ids", lambda: [])():
-        try:
-            pids += [pid, *(c.pid for c in psutil.Process(pid).children(recursive=True))]
-        except psutil.Error:
-            pass
-    return pids
+    return [p.pid for p in process_tree(getattr(engine, "process_ids", lambda: [])())]
 
 
 def _device_env(pids: list[int]) -> dict[str, str | None]:
