@@ -33,10 +33,18 @@ class Reaper:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[bytes] | None = None
+        atexit.register(self._close)  # a no-op unless a watchdog was started
 
     def watch(self, processes: Iterable[Any]) -> None:
         """Reap these psutil processes (and their children) if this process dies first."""
-        lines = [f"+ {p.pid} {p.create_time()!r}\n" for p in processes]
+        import psutil  # a dependency of vLLM
+
+        lines = []
+        for process in processes:
+            try:
+                lines.append(f"+ {process.pid} {process.create_time()!r}\n")
+            except psutil.Error:  # already gone: nothing to watch
+                continue
         self._send(lines)
 
     def forget(self, processes: Iterable[Any]) -> None:
@@ -56,7 +64,6 @@ class Reaper:
                     # Its own session: a signal to the server's process group spares it.
                     start_new_session=True,
                 )
-                atexit.register(self._close)
             stdin: IO[bytes] | None = self._proc.stdin
             if stdin is None:
                 return
@@ -65,7 +72,6 @@ class Reaper:
                 stdin.flush()
             except OSError:  # the watchdog is gone: nothing to protect with
                 pass
-
 
     def _close(self) -> None:
         # At a normal exit: end-of-file tells the watchdog to stop whatever is still

@@ -37,16 +37,15 @@ class StartProgress:
     waiting_for: tuple[str, ...]  # instances holding a GPU it needs; empty once it starts
 
     def describe(self) -> str:
-        """``models["m"][1] on GPU 2: 41 s`` or ``... waiting for models["m"][0]``."""
-        where = f" on GPU{'s' if len(self.gpu_ids) > 1 else ''} {','.join(map(str, self.gpu_ids))}" if self.gpu_ids else ""
+        """``models["m"][1] on GPU 2: starting, 41 s`` or ``...: waiting for models["m"][0], 41 s``."""
         what = f"waiting for {', '.join(self.waiting_for)}" if self.waiting_for else "starting"
-        return f"{self.instance}{where}: {what}, {self.elapsed:.0f} s"
+        return f"{self.instance}{_where(self.gpu_ids)}: {what}, {self.elapsed:.0f} s"
 
 
-def _where(spec: EngineSpec) -> str:
-    if not spec.gpu_ids:
+def _where(gpu_ids: tuple[int, ...]) -> str:
+    if not gpu_ids:
         return ""
-    return f" on GPU{'s' if len(spec.gpu_ids) > 1 else ''} {', '.join(map(str, spec.gpu_ids))}"
+    return f" on GPU{'s' if len(gpu_ids) > 1 else ''} {', '.join(map(str, gpu_ids))}"
 
 
 class Starter:
@@ -85,7 +84,7 @@ class Starter:
                 began = self._clock()
                 if engine is None:
                     engine = self._factory(spec)
-                logger.info("%s: starting its engine%s", spec.name, _where(spec))
+                logger.info("%s: starting its engine%s", spec.name, _where(spec.gpu_ids))
                 await engine.start()
             logger.info("%s: engine ready in %.1f s", spec.name, self._clock() - began)
         except BaseException as exc:
