@@ -157,6 +157,7 @@ def main() -> None:
     for row in rows:
         md.append(f"| {row['clients']} | {row['tok_s']:.0f} | {row['tok_s'] / base:.2f}x | {row['max_client_cpu']:.2f} |")
     result["rows"] = rows
+    result["commit"] = result["machine"].get("lylm_commit")
     text = "\n".join(md) + "\n"
     print(text, flush=True)
     Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str) + "\n")

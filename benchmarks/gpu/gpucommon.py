@@ -175,6 +175,8 @@ def save_results(prefix: str, result: Any, md: str, log_dir: Path | None = None)
     """PREFIX.json (raw), PREFIX.md (the table) and PREFIX_logs.tar.gz (the servers' logs)."""
     import tarfile
 
+    if isinstance(result, dict):  # the commit measured, at the top where a reader looks first
+        result.setdefault("commit", (result.get("machine") or {}).get("lylm_commit") or loadgen.machine_info()["lylm_commit"])
     write_json(Path(prefix + ".json"), result)
     Path(prefix + ".md").write_text(md)
     if log_dir is not None:
