@@ -46,9 +46,7 @@ class Books:
     ) -> AsyncGenerator[Any, None]:
         """Run ``request`` on ``instance``'s engine, keeping its books; yield the engine's outputs."""
         remaining = request.token_budget
-        instance.in_flight_requests += 1
-        instance.in_flight_tokens += remaining
-        instance.dispatched += 1
+        self.begin(instance, request)
         outcome: Outcome = "failed"
         prefilled = False
         started = self._clock()
@@ -83,17 +81,48 @@ class Books:
                 # cancelled caller still frees the engine's slot.
                 with anyio.CancelScope(shield=True):
                     await steps.aclose()
-            instance.in_flight_requests -= 1
-            instance.in_flight_tokens -= remaining
-            if outcome == "completed":
-                instance.completed += 1
-            elif outcome == "aborted":
-                instance.aborted += 1
-            else:
-                instance.failed += 1
-            balancer.on_finish(instance, request, outcome)
-            if self.observers:
-                self._tell(RequestRecord(request, instance, outcome, first_token, self._clock() - started, generated))
+            self.end(
+                instance,
+                request,
+                outcome,
+                remaining=remaining,
+                first_token=first_token,
+                latency=self._clock() - started,
+                generated=generated,
+                balancer=balancer,
+            )
+
+    def begin(self, instance: Instance, request: RequestInfo) -> None:
+        """Book ``request`` as dispatched to ``instance``: in flight, with its whole token budget."""
+        instance.in_flight_requests += 1
+        instance.in_flight_tokens += request.token_budget
+        instance.dispatched += 1
+
+    def end(
+        self,
+        instance: Instance,
+        request: RequestInfo,
+        outcome: Outcome,
+        *,
+        remaining: int,
+        first_token: float | None,
+        latency: float,
+        generated: int,
+        balancer: Balancer,
+    ) -> None:
+        """Book the end of ``request`` (``remaining``: its token budget still booked in flight)
+        and tell the balancer and the observers."""
+        instance.in_flight_requests -= 1
+        instance.in_flight_tokens -= remaining
+        if outcome == "completed":
+            instance.completed += 1
+        elif outcome == "aborted":
+            instance.aborted += 1
+        else:
+            instance.failed += 1
+        balancer.on_finish(instance, request, outcome)
+        if self.observers:
+            self._tell(RequestRecord(request, instance, outcome, first_token, latency, generated))
 
     def _tell(self, record: RequestRecord) -> None:
         for observer in self.observers:

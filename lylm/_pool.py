@@ -27,11 +27,11 @@ from ._books import Books
 from ._config import EngineSpec, PoolConfig
 from ._engine import Engine, RenderedPrompt
 from ._exceptions import EngineError, LylmError, NoHealthyEngineError, ShuttingDownError, UnknownModelError
-from ._instance import EngineStats, Instance
+from ._instance import EngineStats, Instance, Outcome
 from ._membership import Membership
 from ._render import Prompt as Prompt
 from ._render import describe_request, render_prompt
-from ._request import RequestRecord
+from ._request import RequestInfo, RequestRecord
 from ._routing import Router
 from ._shadow import ShadowReport
 from ._startup import Starter
@@ -354,16 +354,14 @@ class EnginePool:
             request_id=request_id,
             session_key=session_key,
         )
-        self._admission.admit(group, request)
-        balancer = self._router.balancer(model)
-        instance = self._router.choose(group, request)
+        instance = await self._choose(group, request, ())
         tried: list[Instance] = []
         while True:
             started = False
             try:
                 # aclosing: when our caller closes us early, the inner stream (and the
                 # engine's request) must close now, not whenever the GC gets to it.
-                async with aclosing(self._books.serve(instance, request, rendered, sampling_params, balancer)) as outputs:
+                async with aclosing(self._serve(instance, request, rendered, sampling_params)) as outputs:
                     async for output in outputs:
                         started = True
                         yield output
@@ -374,10 +372,60 @@ class EnginePool:
                     raise
                 tried.append(instance)
                 try:
-                    instance = self._router.choose(group, request, exclude=tried)
+                    instance = await self._choose(group, request, tried)
                 except NoHealthyEngineError:
                     raise exc from None
                 logger.info("request %s: retrying on %s after: %s", request.request_id, instance.name, exc)
+
+    # -- one request's dispatch: admission and choice, then the books ----------------
+    # (A front-end worker's pool overrides these two to ask the pool-wide hub.)
+
+    async def _choose(self, group: list[Instance], request: RequestInfo, tried: Sequence[Instance]) -> Instance:
+        """Admit ``request`` (on its first try) and choose its instance, excluding ``tried``."""
+        if not tried:
+            self._admission.admit(group, request)
+        return self._router.choose(group, request, exclude=tried)
+
+    def _serve(
+        self, instance: Instance, request: RequestInfo, rendered: RenderedPrompt, sampling_params: Any
+    ) -> AsyncGenerator[Any, None]:
+        return self._books.serve(instance, request, rendered, sampling_params, self._router.balancer(request.model))
+
+    # -- the books of requests served elsewhere (by front-end workers; see lylm._hub) ----
+
+    def _dispatch_elsewhere(self, request: RequestInfo, exclude: Sequence[str], first: bool) -> Instance:
+        """Admit and choose as :meth:`generate` does, and book the request as in flight
+        there, for a request that another process serves."""
+        group = self._group(request.model)
+        tried = [i for i in group if i.name in exclude]
+        if first:
+            self._admission.admit(group, request)
+        instance = self._router.choose(group, request, exclude=tried)
+        self._books.begin(instance, request)
+        return instance
+
+    def _ended_elsewhere(
+        self,
+        instance: Instance,
+        request: RequestInfo,
+        outcome: Outcome,
+        *,
+        remaining: int,
+        first_token: float | None,
+        latency: float,
+        generated: int,
+    ) -> None:
+        """Book the end of a request :meth:`_dispatch_elsewhere` booked."""
+        self._books.end(
+            instance,
+            request,
+            outcome,
+            remaining=remaining,
+            first_token=first_token,
+            latency=latency,
+            generated=generated,
+            balancer=self._router.balancer(request.model),
+        )
 
 
 def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:

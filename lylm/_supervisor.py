@@ -148,14 +148,15 @@ class Supervisor:
             instance.in_flight_requests,
             "; restarting" if restart else "",
         )
-        self._spawn(self._recover(instance, restart), f"lylm-recover {instance.name}")
+        self._spawn(self._recover(instance, instance.engine, restart), f"lylm-recover {instance.name}")
 
-    async def _recover(self, instance: Instance, restart: bool) -> None:
+    async def _recover(self, instance: Instance, failed: Engine, restart: bool) -> None:
         # Shutting the dead engine down fails the requests it still holds (and
-        # reaps its processes) instead of leaving them to wait for it.
+        # reaps its processes) instead of leaving them to wait for it. The engine
+        # that failed, not whatever the instance holds when this task runs.
         with anyio.CancelScope(shield=True):
             try:
-                await instance.engine.shutdown()
+                await failed.shutdown()
             except Exception:
                 logger.exception("%s: shutting the failed engine down raised", instance.name)
         if not restart or self._policy is None:
