@@ -22,7 +22,7 @@ from .balancers._registry import BALANCERS, DEFAULT_BALANCER
 __all__ = ["EngineSpec", "ModelSpec", "PoolConfig"]
 
 _TOP_KEYS = ("common", "models")
-_COMMON_KEYS = ("balancer", "engine_args", "limits")
+_COMMON_KEYS = ("balancer", "engine_args", "limits", "workers")
 _MODEL_KEYS = ("instances", "balancer", "limits")
 _LIMIT_KEYS = ("max_in_flight_requests", "max_in_flight_tokens")
 _INSTANCE_KEYS = ("devices", "engine_args")
@@ -68,11 +68,22 @@ class PoolConfig:
     """A validated pool configuration."""
 
     models: tuple[ModelSpec, ...]
+    #: Front-end worker processes for a server (``common.workers``); None: the server decides.
+    workers: int | None = None
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PoolConfig:
         """Validate a config in dict form (as parsed from JSON)."""
-        return cls(models=_build(data))
+        models = _build(data)
+        workers = data.get("common", {}).get("workers")
+        if workers is not None and (not _is_int(workers) or workers < 1):
+            _fail("common.workers", f"must be a positive integer (got {_show(workers)})")
+        return cls(models=models, workers=workers)
+
+    @property
+    def gpus(self) -> tuple[int, ...]:
+        """Every GPU some instance is pinned to, in order."""
+        return tuple(sorted({g for m in self.models for spec in m.instances for g in spec.gpu_ids}))
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "<config>") -> PoolConfig:

@@ -19,9 +19,14 @@ read below. Every address is a local IPC path: nothing listens on a network port
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
+import anyio
+
+from ._config import EngineSpec
+from ._engine import Engine, EngineStep, RenderedPrompt
+from ._exceptions import EngineDeadError, LylmError
 from ._placement import spawn_environment
 from ._reaper import REAPER, process_tree
 
@@ -167,3 +172,87 @@ class EngineCores:
             manager.shutdown(timeout) if timeout is not None else manager.shutdown()
         watched, self._watched = self._watched, []
         REAPER.forget(watched)
+
+
+class CoreEngine(Engine):
+    """An instance's engine core, launched for ``clients`` front-end workers and watched.
+
+    The engine of the main process's pool when a server runs several front-end
+    workers (:mod:`lylm._hub`): it starts the engine core (pinned like any
+    :class:`VLLMEngine`), reports its health and stops it; the workers attach to
+    it (:meth:`VLLMEngine.attached`) and serve the requests. ``on_started`` runs
+    once the core is ready, with the instance name and the cores: the hub uses it
+    to re-attach every worker to a restarted core before the instance serves again.
+    """
+
+    def __init__(
+        self,
+        spec: EngineSpec,
+        *,
+        clients: int,
+        on_started: Callable[[str, EngineCores], Awaitable[None]] | None = None,
+    ) -> None:
+        super().__init__()
+        self.spec = spec
+        self.clients = clients
+        self._on_started = on_started
+        self.cores: EngineCores | None = None
+        self._lost: str | None = None
+
+    @property
+    def handle(self) -> EngineCores | None:
+        """What a worker needs to attach (picklable); None before start."""
+        return self.cores
+
+    async def start(self) -> None:
+        from ._vllm_engine import VLLMEngine
+
+        template = VLLMEngine(self.spec)  # the same engine args and device variables as a plain engine
+        args, environment = template.engine_args(), template.spawn_environment()
+        self.cores = await anyio.to_thread.run_sync(
+            lambda: EngineCores.launch(args, clients=self.clients, environment=environment)
+        )
+        if self._on_started is not None:
+            await self._on_started(self.spec.name, self.cores)
+
+    @property
+    def healthy(self) -> bool:
+        return self.cores is not None and self._lost is None
+
+    def check(self) -> None:
+        if self.cores is not None and self._lost is None and not self.cores.alive():
+            self._lost = f"engine core (pid {', '.join(map(str, self.cores.process_ids()))}) exited"
+
+    def failure_reason(self) -> str | None:
+        return self._lost
+
+    @property
+    def max_model_len(self) -> int:
+        if self.cores is None:
+            raise EngineDeadError(f"{self.spec.name} is not running")
+        return int(self.cores.vllm_config.model_config.max_model_len)
+
+    def default_sampling_params(self) -> Any:
+        raise LylmError("an engine core serves requests through its workers' engines")
+
+    async def render_text(self, text: str) -> RenderedPrompt:
+        raise LylmError("an engine core serves requests through its workers' engines")
+
+    async def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, chat_template_kwargs: Mapping[str, Any] | None = None
+    ) -> RenderedPrompt:
+        raise LylmError("an engine core serves requests through its workers' engines")
+
+    def generate(self, request_id: str, prompt: RenderedPrompt, sampling_params: Any) -> AsyncGenerator[EngineStep, None]:
+        raise LylmError("an engine core serves requests through its workers' engines")
+
+    async def abort(self, request_id: str) -> None:
+        return None
+
+    def num_unfinished_requests(self) -> int:
+        return 0
+
+    async def shutdown(self) -> None:
+        cores, self.cores = self.cores, None
+        if cores is not None:
+            await anyio.to_thread.run_sync(cores.shutdown)

@@ -91,8 +91,21 @@ class VLLMEngine(Engine):
         return engine
 
     def engine_args(self) -> dict[str, Any]:
-        """The keyword arguments for vLLM's ``AsyncEngineArgs``."""
-        return {**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}
+        """The keyword arguments for vLLM's ``AsyncEngineArgs``.
+
+        Raises :class:`ConfigError` naming a key the installed vLLM does not know.
+        """
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        args = {**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}
+        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+        for key in args:
+            if key not in known:
+                raise ConfigError(
+                    f"{self.spec.name}.engine_args.{key}",
+                    "not an engine argument of the installed vLLM",
+                )
+        return args
 
     def spawn_environment(self) -> dict[str, str]:
         """The variables the engine's processes are spawned with: its GPUs, and vLLM's
@@ -142,13 +155,6 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = self.engine_args()
-        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-        for key in args:
-            if key not in known:
-                raise ConfigError(
-                    f"{self.spec.name}.engine_args.{key}",
-                    "not an engine argument of the installed vLLM",
-                )
         factory = stat_logger_factory(self.signals)
         loggers = [factory] if factory is not None else None
         if self._cores is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -274,7 +275,7 @@ def test_instance_errors(instance: dict[str, Any], expected: str) -> None:
             'models["m"].balancers: unknown key (allowed: instances, balancer, limits)',
         ),
         ({"common": [], "models": {}}, "common: must be an object (got [])"),
-        ({"common": {"foo": 1}}, "common.foo: unknown key (allowed: balancer, engine_args, limits)"),
+        ({"common": {"foo": 1}}, "common.foo: unknown key (allowed: balancer, engine_args, limits, workers)"),
         ({"common": {"engine_args": "x"}}, 'common.engine_args: must be an object (got "x")'),
         (
             {"common": {"engine_args": {"device_ids": [0]}}},
@@ -498,3 +499,29 @@ def test_importing_config_does_not_import_heavy_dependencies() -> None:
     root = Path(__file__).resolve().parent.parent
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
     assert out.stdout.strip() == "[]"
+
+
+def test_common_workers_is_a_positive_integer_and_gpus_lists_every_pinned_gpu() -> None:
+    base = {"models": {"m": [{"devices": {"gpu_ids": [3]}, "engine_args": {"model": "/m"}},
+                             {"devices": {"gpu_ids": [1]}, "engine_args": {"model": "/m"}},
+                             {"engine_args": {"model": "/m"}}]}}
+    config = PoolConfig.from_dict({**base, "common": {"workers": 3}})
+    assert config.workers == 3 and config.gpus == (1, 3)
+    assert PoolConfig.from_dict(base).workers is None
+    for bad in (0, -1, "2", True, 1.5):
+        with pytest.raises(ConfigError, match=r"^common\.workers: must be a positive integer"):
+            PoolConfig.from_dict({**base, "common": {"workers": bad}})
+
+
+def test_the_default_worker_count_is_one_per_gpu_in_use() -> None:
+    from lylm.openai import default_workers
+
+    def config(gpus: list[list[int]], **common: Any) -> PoolConfig:
+        instances = [{"devices": {"gpu_ids": g}, "engine_args": {"model": "/m"}} for g in gpus]
+        return PoolConfig.from_dict({"models": {"m": instances}, **({"common": common} if common else {})})
+
+    cpus = os.cpu_count() or 1
+    assert default_workers(config([[]])) == 1  # nothing pinned (the CPU build): one process
+    assert default_workers(config([[0], [1]])) == min(2, cpus)
+    assert default_workers(config([[0], [0]])) == 1  # one GPU, however many instances
+    assert default_workers(config([[0]], workers=5)) == 5
