@@ -1,6 +1,6 @@
 """lylm's HTTP front end over zero-latency FakeEngines: what the server alone can stream.
 
-    python benchmarks/fake_server.py [--port 8000] [--engines 2]
+    python benchmarks/fake_server.py [--port 8000] [--engines 2] [--workers N]
 
 Every token is ready at once, so the numbers measure lylm's own per-token work:
 validation, the pool's books, SSE encoding, Starlette and uvicorn. Profile it with
@@ -11,14 +11,32 @@ and stop it with Ctrl-C (or SIGINT) to write the profile.
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
-import uvicorn
-
-from lylm import EnginePool, EngineSpec
-from lylm.openai import create_app
+from lylm import EngineSpec, PoolConfig
+from lylm.openai import EngineKinds, ServerOptions, serve
 from lylm.testing import FakeEngine
 
 MODEL = "fake"
+
+
+def fake_engine(spec: EngineSpec) -> FakeEngine:
+    """A zero-latency engine (or ``token_delay`` s per token, from the spec's engine args)."""
+    return FakeEngine(max_model_len=1 << 20, token_delay=float(spec.engine_args.get("token_delay", 0.0)))
+
+
+def launch_fake(spec: EngineSpec, workers: int, on_started: Any) -> FakeEngine:
+    """With workers: the main process's stand-in for an engine core."""
+    engine = fake_engine(spec)
+    engine.handle = None  # type: ignore[attr-defined]
+    return engine
+
+
+def attach_fake(spec: EngineSpec, handle: Any, index: int) -> FakeEngine:
+    """With workers: a worker's engine (each worker generates its own tokens)."""
+    import vllm.sampling_params  # noqa: F401  (see main())
+
+    return fake_engine(spec)
 
 
 def main() -> None:
@@ -32,12 +50,18 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token (default: none)")
+    parser.add_argument("--workers", type=int, default=1, help="front-end worker processes")
     args = parser.parse_args()
-    specs = [EngineSpec(model=MODEL, engine_args={"model": "fake"}) for _ in range(args.engines)]
-    pool = EnginePool.from_config(
-        specs, engine_factory=lambda spec: FakeEngine(max_model_len=1 << 20, token_delay=args.token_delay)
-    )
-    uvicorn.run(create_app(pool), host=args.host, port=args.port, log_level="warning")
+    specs = [
+        EngineSpec(model=MODEL, engine_args={"model": "fake", "token_delay": args.token_delay}, index=i)
+        for i in range(args.engines)
+    ]
+    config = PoolConfig.from_specs(specs)
+    options = ServerOptions(host=args.host, port=args.port, log_level="warning")
+    if args.workers == 1:
+        serve(config, options=options, pool_options={"engine_factory": fake_engine})
+    else:
+        serve(config, workers=args.workers, options=options, engines=EngineKinds(launch=launch_fake, attach=attach_fake))
 
 
 if __name__ == "__main__":

@@ -60,8 +60,17 @@ class ServerProcess:
     """examples/serve.py (or another server ``script``) in a subprocess; ``url`` is its base URL once ready."""
 
     def __init__(
-        self, *args: str, env: dict[str, str] | None = None, log: Path, script: str = "examples/serve.py"
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log: Path,
+        script: str = "examples/serve.py",
+        workers: int | None = None,
     ) -> None:
+        #: Front-end worker processes (--workers); None: the script's default.
+        self.workers = workers
+        if workers is not None:
+            args = ("--workers", str(workers), *args)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log

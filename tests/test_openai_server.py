@@ -1,5 +1,6 @@
 """examples/serve.py with its embedded default (2 real CPU engines, weights 1:2),
-driven over HTTP on 127.0.0.1 by the official openai client."""
+driven over HTTP on 127.0.0.1 by the official openai client; every test runs against
+a one-process server and a server of two front-end workers over the same engines."""
 
 from __future__ import annotations
 
@@ -28,10 +29,10 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("lylm-cache")
 
 
-@pytest.fixture(scope="module")
-def server(cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def server(cache: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    proc = ServerProcess(env={"LYLM_CACHE_DIR": str(cache)}, log=log)
+    proc = ServerProcess(env={"LYLM_CACHE_DIR": str(cache)}, log=log, workers=request.param)
     try:
         proc.wait_ready(timeout=240)
         yield proc
@@ -214,6 +215,84 @@ def test_metrics_and_health_cover_both_engines(server: ServerProcess) -> None:
     completed = metric(server.url, "lylm_requests_total")
     assert all(completed[f'{{engine="{e}",model="{MODEL}",outcome="completed"}}'] > 0 for e in (0, 1))
     assert metric(server.url, "lylm_time_to_first_token_seconds_count")
+
+
+def test_every_worker_serves_and_one_scrape_counts_them_all(server: ServerProcess) -> None:
+    if server.workers == 1:
+        pytest.skip("one process: nothing to spread")
+    before = sum(metric(server.url, "lylm_requests_total").values())
+    sent = 0
+    # Connections go to whichever worker accepts first; concurrent ones reach both.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        threads = [
+            threading.Thread(
+                target=lambda i=i: httpx.post(
+                    f"{server.url}/v1/completions",
+                    json={"model": MODEL, "prompt": f"spread {i}", "max_tokens": 20, "ignore_eos": True},
+                    timeout=60,
+                ).raise_for_status()
+            )
+            for i in range(8)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        sent += len(threads)
+        per_worker = metric(server.url, "lylm_worker_requests_total")
+        if len(per_worker) == 2 and all(v > 0 for v in per_worker.values()):
+            break
+    assert sorted(per_worker) == ['{worker="0"}', '{worker="1"}'] and min(per_worker.values()) > 0, per_worker
+    # One scrape, from whichever worker answers it, has every worker's requests.
+    after = sum(metric(server.url, "lylm_requests_total").values())
+    assert after - before == sent
+
+
+def _engine_cores(server: ServerProcess) -> list[psutil.Process]:
+    found = []
+    for p in psutil.Process(server.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
+
+
+def test_a_killed_engine_core_is_ejected_restarted_and_serves_again(server: ServerProcess) -> None:
+    cores = _engine_cores(server)
+    assert len(cores) == 2, [p.name() for p in cores]
+    cores[0].kill()
+    killed = time.monotonic()
+    # Ejected within 2 s; meanwhile requests go to the other engine.
+    ejected = None
+    while time.monotonic() - killed < 2.0:
+        engines = httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]
+        dead = [e for e in engines if not e["healthy"]]
+        if dead:
+            ejected = dead[0]["engine"]
+            break
+        time.sleep(0.02)
+    assert ejected is not None, "the engine was not taken out of balancing within 2 s"
+    for i in range(4):
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": f"meanwhile {i}", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+    # Restarted (and, with workers, attached to by every worker) within two minutes.
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        engines = httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]
+        if engines[ejected]["healthy"] and engines[ejected]["restarts"] == 1:
+            break
+        time.sleep(0.5)
+    assert engines[ejected]["healthy"] and engines[ejected]["restarts"] == 1, engines
+    key = f'{{engine="{ejected}",model="{MODEL}",outcome="completed"}}'
+    before = metric(server.url, "lylm_requests_total")
+    for i in range(30):
+        r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": f"after {i}", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+    after = metric(server.url, "lylm_requests_total")
+    assert after[key] > before.get(key, 0), "the restarted engine served nothing"
+    failed = [k for k in after if 'outcome="failed"' in k]
+    assert all(after[k] == before.get(k, 0) for k in failed)
 
 
 def test_sigterm_under_load_drains_and_leaves_no_engine_process(server: ServerProcess) -> None:

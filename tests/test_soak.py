@@ -20,10 +20,12 @@ STREAMS = 1000
 TOKENS = 40
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
+def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "fake_server.log"
-    proc = ServerProcess("--token-delay", "0.1", log=log, script="benchmarks/fake_server.py")
+    proc = ServerProcess(
+        "--token-delay", "0.1", log=log, script="benchmarks/fake_server.py", workers=request.param
+    )
     try:
         proc.wait_ready(timeout=120)
         yield proc
@@ -97,7 +99,8 @@ def test_a_thousand_streams_with_half_hanging_up_leak_nothing(server: ServerProc
         assert ended["lylm_requests_total:completed"] + ended["lylm_requests_total:aborted"] == STREAMS, ended
         assert ended["lylm_requests_total:completed"] >= STREAMS - hung_up, ended
         before = now
-        rss.append(process.memory_info().rss)
+        # The server's processes together: with workers, most of it is theirs.
+        rss.append(sum(p.memory_info().rss for p in [process, *process.children(recursive=True)]))
         print(f"round {round_}: {completed} completed, {hung_up} hung up, {ended}, rss {rss[-1] / 2**20:.1f} MiB")
     measured = rss[1:]
     growth = measured[-1] - measured[0]

@@ -3,7 +3,8 @@
     from lylm.openai import create_app
     app = create_app(pool)           # a Starlette app; run it with uvicorn
 
-or mount :func:`routes` in your own app. Needs the ``server`` extra:
+or mount :func:`routes` in your own app, or let :func:`serve` run the server
+(uvicorn; with ``workers=N``, N front-end processes over shared engine cores). Needs the ``server`` extra:
 ``pip install "lylm[server]"``.
 """
 
@@ -23,4 +24,24 @@ from ._app import routes as routes
 from ._errors import OpenAIError as OpenAIError
 from ._metrics import PoolMetrics as PoolMetrics
 
-__all__ = ["OpenAIError", "PoolMetrics", "create_app", "routes"]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._server import EngineKinds as EngineKinds
+    from ._server import ServerOptions as ServerOptions
+    from ._server import default_workers as default_workers
+    from ._server import serve as serve
+
+_SERVER = ("EngineKinds", "ServerOptions", "default_workers", "serve")
+
+
+def __getattr__(name: str) -> Any:
+    # The server needs uvicorn; mounting the routes in your own app does not.
+    if name in _SERVER:
+        from . import _server
+
+        return getattr(_server, name)
+    raise AttributeError(f"module 'lylm.openai' has no attribute {name!r}")
+
+
+__all__ = ["EngineKinds", "OpenAIError", "PoolMetrics", "ServerOptions", "create_app", "default_workers", "routes", "serve"]

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .._pool import EnginePool
+from .._worker_pool import WorkerPool
 from ._chat import chat_completion
 from ._completions import completion
 from ._errors import OpenAIError
@@ -65,6 +66,33 @@ async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Re
     return result[0] if result else Response(status_code=499)
 
 
+def health_report(pool: EnginePool) -> tuple[int, dict[str, Any]]:
+    """``/health``'s status code and body for ``pool``: every engine's state and load."""
+    models: dict[str, Any] = {}
+    for model in pool.models:
+        engines = [
+            {
+                "engine": instance.index,
+                "name": instance.name,
+                "state": instance.state,
+                "healthy": instance.healthy,
+                "restarts": instance.restarts,
+                "last_error": instance.last_error,
+                "weight": instance.weight,
+                "in_flight_requests": instance.in_flight_requests,
+                "in_flight_tokens": instance.in_flight_tokens,
+            }
+            for instance in pool.instances()
+            if instance.model == model
+        ]
+        models[model] = {"healthy": any(e["healthy"] for e in engines), "engines": engines}
+    # Ready while every model has a healthy engine; a draining server is not
+    # ready, so that load balancers stop sending it requests.
+    ok = bool(models) and all(m["healthy"] for m in models.values()) and not pool.draining
+    status = "draining" if pool.draining else "ok" if ok else "unavailable"
+    return (200 if ok else 503), {"status": status, "models": models}
+
+
 def _error_response(error: OpenAIError) -> Response:
     return json_response(error.body(), status=error.status, headers=error.headers or None)
 
@@ -87,6 +115,9 @@ def routes(
     <one of them>`` (401 otherwise); ``/health`` and ``/metrics`` too when
     ``keys_for_health``. Bodies over ``max_body_bytes`` get a 413.
     """
+    # A front-end worker's pool (several worker processes): health, metrics and
+    # response counts are the hub's, which sees every worker.
+    hub = pool.hub if isinstance(pool, WorkerPool) else None
     metrics = metrics if metrics is not None else PoolMetrics(pool)
     keys = ApiKeys(api_keys) if api_keys is not None else None
     created = int(time.time())
@@ -106,7 +137,10 @@ def routes(
                 # Shutting down: let no connection stay idle for a request that the
                 # closing server could cut off; the client reconnects (elsewhere).
                 response.headers["Connection"] = "close"
-            metrics.http_responses.labels(route, str(response.status_code)).inc()
+            if hub is not None:
+                hub.count_response(route, response.status_code)
+            else:
+                metrics.http_responses.labels(route, str(response.status_code)).inc()
             return response
 
         return wrapped
@@ -124,32 +158,15 @@ def routes(
         return await _unless_disconnected(request, lambda: completion(pool, body))
 
     async def health(request: Request) -> Response:
-        models: dict[str, Any] = {}
-        for model in pool.models:
-            engines = [
-                {
-                    "engine": instance.index,
-                    "name": instance.name,
-                    "state": instance.state,
-                    "healthy": instance.healthy,
-                    "restarts": instance.restarts,
-                    "last_error": instance.last_error,
-                    "weight": instance.weight,
-                    "in_flight_requests": instance.in_flight_requests,
-                    "in_flight_tokens": instance.in_flight_tokens,
-                }
-                for instance in pool.instances()
-                if instance.model == model
-            ]
-            models[model] = {"healthy": any(e["healthy"] for e in engines), "engines": engines}
-        # Ready while every model has a healthy engine; a draining server is not
-        # ready, so that load balancers stop sending it requests.
-        ok = bool(models) and all(m["healthy"] for m in models.values()) and not pool.draining
-        status = "draining" if pool.draining else "ok" if ok else "unavailable"
-        return json_response({"status": status, "models": models}, status=200 if ok else 503)
+        if hub is not None and not pool.draining:
+            status, body = await hub.call("health")  # the whole pool, as the hub sees it
+        else:
+            status, body = health_report(pool)
+        return json_response(body, status=status)
 
     async def prometheus(request: Request) -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        text = await hub.call("metrics") if hub is not None else metrics.render()
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/v1/models", endpoint("/v1/models", list_models), methods=["GET"]),

@@ -1,0 +1,108 @@
+"""examples/serve.py --workers 2 over 2 real CPU engines: limits that hold for the whole
+server, and a server killed outright (SIGKILL) that leaves no process behind."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from _server import ServerProcess, metric
+
+MODEL = "lylm-tiny-demo"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    cache = tmp_path_factory.mktemp("lylm-cache")
+    log = tmp_path_factory.mktemp("logs") / "serve.log"
+    proc = ServerProcess("--max-in-flight", "2", env={"LYLM_CACHE_DIR": str(cache)}, log=log, workers=2)
+    try:
+        proc.wait_ready(timeout=240)
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_the_admission_limit_is_the_whole_servers(server: ServerProcess) -> None:
+    # 900 tokens (the tiny model's context is 1024) stream for well over a second on the CPU.
+    body = {"model": MODEL, "prompt": "hold", "max_tokens": 900, "ignore_eos": True, "stream": True}
+    release = threading.Event()
+    streaming = threading.Semaphore(0)
+
+    def hold() -> None:
+        # Each on its own connection, so that they can land on either worker.
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            for _ in r.iter_lines():
+                streaming.release()
+                if release.wait(0):
+                    break
+
+    threads = [threading.Thread(target=hold) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        assert streaming.acquire(timeout=60) and streaming.acquire(timeout=60)
+        with contextlib.suppress(ValueError):
+            while streaming.acquire(blocking=False):
+                pass
+        assert sum(metric(server.url, "lylm_in_flight_requests").values()) == 2
+        before = metric(server.url, "lylm_worker_requests_total")
+        statuses: list[int] = []
+
+        def more(i: int) -> None:
+            r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": f"more {i}", "max_tokens": 2})
+            statuses.append(r.status_code)
+            if r.status_code == 429:
+                assert float(r.headers["retry-after"]) > 0
+
+        # Concurrent, on new connections: whichever worker takes each, it is refused.
+        extra = [threading.Thread(target=more, args=(i,)) for i in range(8)]
+        for t in extra:
+            t.start()
+        for t in extra:
+            t.join(30)
+        # Honest only while both streams still hold their slots.
+        assert sum(metric(server.url, "lylm_in_flight_requests").values()) == 2
+        assert statuses == [429] * 8
+        assert metric(server.url, "lylm_worker_requests_total") == before  # refused before dispatch
+    finally:
+        release.set()
+        for t in threads:
+            t.join(60)
+    deadline = time.monotonic() + 10
+    while sum(metric(server.url, "lylm_in_flight_requests").values()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+
+
+def test_sigkill_of_the_server_leaves_no_worker_and_no_engine(server: ServerProcess) -> None:
+    # Last here: it kills the shared server.
+    descendants = psutil.Process(server.proc.pid).children(recursive=True)
+    names = [" ".join(p.cmdline()) for p in descendants]
+    assert sum("lylm.openai._server" in n or "spawn_main" in n for n in names) >= 2, names
+    assert sum(1 for p in descendants if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline())) == 2
+    server.proc.send_signal(signal.SIGKILL)
+    server.proc.wait(10)
+
+    def alive() -> list[str]:
+        found = []
+        for p in descendants:
+            with contextlib.suppress(psutil.Error):
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(f"{p.pid} {p.name()}")
+        return found
+
+    deadline = time.monotonic() + 20
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive() == []
