@@ -14,13 +14,15 @@
 #   multi2 several GPUs (issue 8): the balancers with one instance per GPU (1.5B)
 #   place  placement (issue 12), any GPU count: pinning at spawn, warm start times, the 1:2 split (1.5B)
 #   clients issue 13's mechanism: one engine core, 1/2/4 front-end processes attached to it (1.5B, no HTTP)
+#   workers issue 13: lylm --workers 1/4 vs vllm serve --api-server-count 1/4, one engine on one GPU (1.5B)
+#   ceiling issue 13: front-end ceiling with 1/2/4/8 workers over fake engines, on the host's CPUs
 #
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
 # .gpurun, a copy of this repository's lylm/, benchmarks/, examples/ and a whl/ folder with
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|ceiling}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -109,6 +111,13 @@ case $CALL in
   clients)  # issue 13: does spreading output processing over front-end processes pay on one GPU?
     python3 "$B/engine_clients.py" --model-dir "$MODELS/1.5b" --clients 1,2,4 --streams 256 --requests 1024 \
       --rounds 3 --out "$OUT/engine_clients_1.5b"
+    ;;
+  workers)  # issue 13: lylm --workers 1/4 vs vllm serve --api-server-count 1/4, one engine on one GPU
+    python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --budget-s "$(($(left) - 40))" --out "$OUT/workers_vs_vllm_1.5b" --log-dir /tmp/logs-workers
+    ;;
+  ceiling)  # issue 13: the front end's ceiling with 1/2/4/8 workers over fake engines, on this host's CPUs
+    python3 "$B/worker_ceiling.py" --procs 6 --budget "$(($(left) - 30))" --out "$OUT/worker_ceiling_gpu_host"
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;
 esac

@@ -1,0 +1,184 @@
+"""lylm with N front-end workers against `vllm serve --api-server-count N`, one engine on one GPU.
+
+    python benchmarks/gpu/workers_vs_vllm.py --model-dir DIR --shape qwen2.5-1.5b \
+        [--arms lylm:1,vllm:1,lylm:4,vllm:4] [--gpu-mem 0.2] [--grid 64x256,256x1024] \
+        [--rounds 2] [--prompt-len 128] [--max-tokens 256] [--procs 6] [--budget-s 480] \
+        [--out PREFIX] [--log-dir DIR]
+
+Every arm is a server over one engine on GPU 0 with the same engine args
+(``gpucommon.BASE_ENGINE_ARGS``, ``gpu_memory_utilization`` = --gpu-mem so that all
+fit): ``examples/serve.py --workers N`` with a one-instance config, or ``vllm serve
+--api-server-count N``. They start one after another and each is idle while another
+is measured. Every request carries the same explicit sampling (``SAMPLING``: the
+Qwen2.5 generation config's values), so neither server's defaults decide what the
+GPU samples. Requests: streamed ``/v1/completions``, token-id prompts of exactly
+--prompt-len random ids (unique: no prefix-cache help), --max-tokens with
+ignore_eos. Rounds alternate the order of the arms, cell by cell. The client is
+``mpload.MultiClient`` (--procs processes, each reporting its CPU share); each
+cell also records the server's CPU (its process tree: API processes and engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import psutil
+
+import gpucommon
+import loadgen
+import mpload
+
+NAME = "m"
+#: Qwen2.5-Instruct's generation_config.json, sent explicitly in every request on both sides.
+SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
+
+
+def vllm_command(eargs: dict[str, Any], port: int, api_servers: int) -> list[str]:
+    """`vllm serve MODEL --api-server-count N` with exactly ``eargs`` (the CLI, for its multi-process server)."""
+    base = gpucommon.vllm_serve_command({k: v for k, v in eargs.items() if k != "model"}, NAME, port)
+    # base = [python, -m, vllm.entrypoints.openai.api_server, ...flags]; the CLI takes the model first.
+    return [base[0], "-m", "vllm.entrypoints.cli.main", "serve", str(eargs["model"]), *base[3:],
+            "--api-server-count", str(api_servers)]
+
+
+def lylm_command(config: Path, port: int, workers: int) -> list[str]:
+    return [*gpucommon.lylm_serve_command(config, port), "--workers", str(workers)]
+
+
+def tree_cpu(pid: int) -> float:
+    total = 0.0
+    root = psutil.Process(pid)
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
+    return {**mpload.body(NAME, "completions", prompt, max_tokens), **SAMPLING}
+
+
+async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int], vocab: int,
+                  deadline: gpucommon.Deadline) -> tuple[list[dict[str, Any]], int]:
+    grid = loadgen.parse_grid(args.grid)
+    names = list(urls)
+    samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {cell: {n: [] for n in names} for cell in grid}
+    rounds_done = 0
+    with mpload.MultiClient(args.procs) as mc:
+        for name in names:
+            warm = gpucommon.token_prompts(64, args.prompt_len, 12345, vocab)
+            await mc.run(urls[name], "completions", [body(p, 32) for p in warm], 64)
+        last_round = 0.0
+        for r in range(args.rounds):
+            if r >= 1 and deadline.left() < last_round * 1.1 + 15:
+                print(f"stopping after {r} rounds ({deadline.left():.0f} s left)", flush=True)
+                break
+            t_round = time.monotonic()
+            for ci, (conc, total) in enumerate(grid):
+                prompts = gpucommon.token_prompts(total, args.prompt_len, 1000 * conc + r, vocab)
+                payloads = [body(p, args.max_tokens) for p in prompts]
+                order = names if (r + ci) % 2 == 0 else names[::-1]
+                for name in order:
+                    cpu0, t0 = tree_cpu(pids[name]), time.monotonic()
+                    s = (await mc.run(urls[name], "completions", payloads, conc)).summary()
+                    s["server_cores"] = (tree_cpu(pids[name]) - cpu0) / max(time.monotonic() - t0, 1e-9)
+                    s["round"] = r
+                    samples[(conc, total)][name].append(s)
+                    print(f"r{r} c={conc:<3} {name:8s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT p50 "
+                          f"{s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms ITL p50 "
+                          f"{s['itl_p50_ms'] or 0:5.1f} ms server {s['server_cores']:.2f} cores client max "
+                          f"{s['client_cpu_share_max']:.0%} ok {s['success_rate']:.0%}", flush=True)
+            rounds_done = r + 1
+            last_round = time.monotonic() - t_round
+    rows = []
+    med = gpucommon.median
+    for (conc, total), per in samples.items():
+        for name in names:
+            ss = per[name]
+            if not ss:
+                continue
+            rows.append({
+                "concurrency": conc, "total": total, "server": name, "rounds": len(ss),
+                "tok_s": med([s["system_tokens_per_s"] for s in ss]),
+                "tok_s_all": [s["system_tokens_per_s"] for s in ss],
+                **{k: med([s[k] for s in ss]) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "server_cores",
+                                                        "client_cpu_share_max")},
+                "success": min(s["success_rate"] for s in ss),
+            })
+    return rows, rounds_done
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    f = gpucommon.fmt
+    lines = ["| streams | server | tok/s (median) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | server cores | client max CPU | ok | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['concurrency']} | {r['server']} | {f(r['tok_s'])} | {f(r['ttft_p50_ms'], '.1f')} | "
+                     f"{f(r['ttft_p99_ms'], '.1f')} | {f(r['itl_p50_ms'], '.1f')} | {f(r['server_cores'], '.2f')} | "
+                     f"{f(r['client_cpu_share_max'], '.2f')} | {r['success']:.0%} | {r['rounds']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--shape", required=True)
+    parser.add_argument("--arms", default="lylm:1,vllm:1,lylm:4,vllm:4")
+    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
+    parser.add_argument("--gpu-mem", type=float, default=0.2)
+    parser.add_argument("--grid", default="64x256,256x1024")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--procs", type=int, default=6)
+    parser.add_argument("--budget-s", type=float, default=480.0)
+    parser.add_argument("--out", default="workers_vs_vllm")
+    parser.add_argument("--log-dir", default=None)
+    args = parser.parse_args()
+
+    deadline = gpucommon.Deadline(args.budget_s)
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="wvv-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    config = gpucommon.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}])
+    vocab = gpucommon.vocab_size(args.model_dir)
+    commands: dict[str, list[str]] = {}
+    for arm in args.arms.split(","):
+        kind, n = arm.split(":")
+        port = gpucommon.free_port()
+        name = f"{kind}x{n}"
+        commands[name] = lylm_command(config, port, int(n)) if kind == "lylm" else vllm_command(eargs, port, int(n))
+    result: dict[str, Any] = {
+        "config": {**vars(args), "engine_args": eargs, "sampling": SAMPLING,
+                   "commands": {k: " ".join(v) for k, v in commands.items()}},
+        "machine": gpucommon.device_info(),
+        "start_s": {},
+    }
+    urls: dict[str, str] = {}
+    pids: dict[str, int] = {}
+    with contextlib.ExitStack() as stack:
+        for name, command in commands.items():
+            t0 = time.monotonic()
+            port = int(command[command.index("--port") + 1])
+            urls[name] = stack.enter_context(gpucommon.server(name, command, log_dir, port))
+            result["start_s"][name] = time.monotonic() - t0
+            pids[name] = next(p.pid for p in psutil.Process().children() if str(port) in " ".join(p.cmdline()))
+        result["gpu_processes"] = gpucommon.gpu_processes()
+        rows, rounds = anyio.run(measure, args, urls, pids, vocab, deadline)
+    result["rows"] = rows
+    result["rounds_done"] = rounds
+    md = f"{args.shape}, one engine on one GPU, {rounds} rounds, sampling {SAMPLING}\n\n" + table(rows)
+    print(md, flush=True)
+    gpucommon.save_results(args.out, result, md, log_dir)
+
+
+if __name__ == "__main__":
+    main()
