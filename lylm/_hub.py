@@ -287,6 +287,11 @@ class Hub:
                 target.prefix_cache_hits += hits
 
 
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(EngineError(f"the hub did not answer within {CALL_TIMEOUT:g} s"))
+
+
 class HubClient:
     """A worker's side of the hub: one DEALER socket, one reader task, one sender task."""
 
@@ -323,6 +328,7 @@ class HubClient:
         self._tasks = [
             loop.create_task(self._read(), name="lylm-hub-reader"),
             loop.create_task(self._flush(), name="lylm-hub-sender"),
+            loop.create_task(self._tick(), name="lylm-hub-ticker"),
         ]
 
     async def close(self) -> None:
@@ -347,14 +353,16 @@ class HubClient:
         await self._socket.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
 
     async def _request(self, message: tuple[Any, ...], call: int) -> Any:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
         self._calls[call] = future
+        # A timer, not asyncio.wait_for: that costs a task per call, on every request.
+        timer = loop.call_later(CALL_TIMEOUT, _expire, future)
         try:
             await self._send(message)
-            return await asyncio.wait_for(future, CALL_TIMEOUT)
-        except asyncio.TimeoutError:
-            raise EngineError(f"the hub did not answer within {CALL_TIMEOUT:g} s") from None
+            return await future
         finally:
+            timer.cancel()
             self._calls.pop(call, None)
 
     async def choose(self, request: RequestInfo, exclude: Sequence[str], first: bool) -> str:
@@ -400,14 +408,16 @@ class HubClient:
     async def _flush(self) -> None:
         # A request's end goes out at once, with the token progress up to it, so the
         # hub's books never lag behind an ended request; progress of requests still
-        # streaming goes out every FLUSH_INTERVAL.
+        # streaming goes out every FLUSH_INTERVAL (the ticker wakes this loop).
         while True:
-            try:
-                await asyncio.wait_for(self._wake.wait(), FLUSH_INTERVAL)
-            except asyncio.TimeoutError:
-                pass
+            await self._wake.wait()
             self._wake.clear()
             await self._send_batch()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL)
+            self._wake.set()
 
     async def _read(self) -> None:
         while True:

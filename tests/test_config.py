@@ -513,7 +513,7 @@ def test_common_workers_is_a_positive_integer_and_gpus_lists_every_pinned_gpu() 
             PoolConfig.from_dict({**base, "common": {"workers": bad}})
 
 
-def test_the_default_worker_count_is_one_per_gpu_in_use() -> None:
+def test_the_default_worker_count_is_one_per_gpu_in_use_and_two_for_one_gpu() -> None:
     from lylm.openai import default_workers
 
     def config(gpus: list[list[int]], **common: Any) -> PoolConfig:
@@ -522,6 +522,6 @@ def test_the_default_worker_count_is_one_per_gpu_in_use() -> None:
 
     cpus = os.cpu_count() or 1
     assert default_workers(config([[]])) == 1  # nothing pinned (the CPU build): one process
-    assert default_workers(config([[0], [1]])) == min(2, cpus)
-    assert default_workers(config([[0], [0]])) == 1  # one GPU, however many instances
+    assert default_workers(config([[0], [1], [2]])) == min(3, cpus)
+    assert default_workers(config([[0], [0]])) == min(2, cpus)  # one GPU: still two
     assert default_workers(config([[0]], workers=5)) == 5

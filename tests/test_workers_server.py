@@ -1,5 +1,6 @@
-"""examples/serve.py --workers 2 over 2 real CPU engines: limits that hold for the whole
-server, and a server killed outright (SIGKILL) that leaves no process behind."""
+"""examples/serve.py --workers 2 over 2 real CPU engines: API keys and admission limits that
+hold in every worker and for the whole server, and a server killed outright (SIGKILL)
+that leaves no process behind."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import psutil
@@ -17,18 +17,30 @@ import pytest
 from _server import ServerProcess, metric
 
 MODEL = "lylm-tiny-demo"
+KEY = {"Authorization": "Bearer test-key"}
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     cache = tmp_path_factory.mktemp("lylm-cache")
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    proc = ServerProcess("--max-in-flight", "2", env={"LYLM_CACHE_DIR": str(cache)}, log=log, workers=2)
+    proc = ServerProcess("--max-in-flight", "2", "--api-key", "test-key", env={"LYLM_CACHE_DIR": str(cache)}, log=log, workers=2)
     try:
         proc.wait_ready(timeout=240)
         yield proc
     finally:
         proc.stop()
+
+
+def test_every_worker_asks_for_the_api_key(server: ServerProcess) -> None:
+    body = {"model": MODEL, "prompt": "key?", "max_tokens": 2}
+    statuses = set()
+    for _ in range(8):  # new connections: whichever worker takes each
+        statuses.add(httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).status_code)
+        statuses.add(httpx.post(f"{server.url}/v1/completions", json=body, headers={"Authorization": "Bearer nope"}).status_code)
+    assert statuses == {401}
+    assert httpx.post(f"{server.url}/v1/completions", json=body, headers=KEY, timeout=60).status_code == 200
+    assert httpx.get(f"{server.url}/health").status_code == 200  # public, as configured
 
 
 def test_the_admission_limit_is_the_whole_servers(server: ServerProcess) -> None:
@@ -39,7 +51,7 @@ def test_the_admission_limit_is_the_whole_servers(server: ServerProcess) -> None
 
     def hold() -> None:
         # Each on its own connection, so that they can land on either worker.
-        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as r:
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, headers=KEY, timeout=60) as r:
             assert r.status_code == 200
             for _ in r.iter_lines():
                 streaming.release()
@@ -59,7 +71,7 @@ def test_the_admission_limit_is_the_whole_servers(server: ServerProcess) -> None
         statuses: list[int] = []
 
         def more(i: int) -> None:
-            r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": f"more {i}", "max_tokens": 2})
+            r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": f"more {i}", "max_tokens": 2}, headers=KEY)
             statuses.append(r.status_code)
             if r.status_code == 429:
                 assert float(r.headers["retry-after"]) > 0
@@ -81,7 +93,7 @@ def test_the_admission_limit_is_the_whole_servers(server: ServerProcess) -> None
     deadline = time.monotonic() + 10
     while sum(metric(server.url, "lylm_in_flight_requests").values()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 2}, timeout=60)
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "again", "max_tokens": 2}, headers=KEY, timeout=60)
     assert r.status_code == 200
 
 

@@ -15,6 +15,7 @@
 #   place  placement (issue 12), any GPU count: pinning at spawn, warm start times, the 1:2 split (1.5B)
 #   clients issue 13's mechanism: one engine core, 1/2/4 front-end processes attached to it (1.5B, no HTTP)
 #   workers issue 13: lylm --workers 1/4 vs vllm serve --api-server-count 1/4, one engine on one GPU (1.5B)
+#   workers2 the same, lylm --workers 2/4 vs vllm serve --api-server-count 4, more rounds
 #   ceiling issue 13: front-end ceiling with 1/2/4/8 workers over fake engines, on the host's CPUs
 #
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
@@ -22,7 +23,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|ceiling}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|ceiling}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -115,6 +116,10 @@ case $CALL in
   workers)  # issue 13: lylm --workers 1/4 vs vllm serve --api-server-count 1/4, one engine on one GPU
     python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/workers_vs_vllm_1.5b" --log-dir /tmp/logs-workers
+    ;;
+  workers2)  # issue 13, more rounds: lylm --workers 2 and 4 vs vllm serve --api-server-count 4
+    python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --arms lylm:4,vllm:4,lylm:2 \
+      --rounds 3 --budget-s "$(($(left) - 40))" --out "$OUT/workers_vs_vllm_1.5b_r2" --log-dir /tmp/logs-workers2
     ;;
   ceiling)  # issue 13: the front end's ceiling with 1/2/4/8 workers over fake engines, on this host's CPUs
     python3 "$B/worker_ceiling.py" --procs 6 --budget "$(($(left) - 30))" --out "$OUT/worker_ceiling_gpu_host"
