@@ -16,6 +16,7 @@
 #   clients issue 13's mechanism: one engine core, 1/2/4 front-end processes attached to it (1.5B, no HTTP)
 #   workers issue 13: lylm --workers 1/4 vs vllm serve --api-server-count 1/4, one engine on one GPU (1.5B)
 #   workers2 the same, lylm --workers 2/4 vs vllm serve --api-server-count 4, more rounds
+#   workersk 3 instances (0.5B) on one GPU, lylm --workers 1 vs 3
 #   ceiling issue 13: front-end ceiling with 1/2/4/8 workers over fake engines, on the host's CPUs
 #
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
@@ -23,7 +24,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|ceiling}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -120,6 +121,11 @@ case $CALL in
   workers2)  # issue 13, more rounds: lylm --workers 2 and 4 vs vllm serve --api-server-count 4
     python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --arms lylm:4,vllm:4,lylm:2 \
       --rounds 3 --budget-s "$(($(left) - 40))" --out "$OUT/workers_vs_vllm_1.5b_r2" --log-dir /tmp/logs-workers2
+    ;;
+  workersk)  # issue 13 on one GPU standing in for several: 3 instances (0.5B), lylm --workers 1 vs 3
+    python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/0.5b" --shape qwen2.5-0.5b --arms lylm:1,lylm:3 \
+      --instances 3 --gpu-mem 0.13 --rounds 2 --budget-s "$(($(left) - 30))" --out "$OUT/workers_3_instances_0.5b" \
+      --log-dir /tmp/logs-workersk
     ;;
   ceiling)  # issue 13: the front end's ceiling with 1/2/4/8 workers over fake engines, on this host's CPUs
     python3 "$B/worker_ceiling.py" --procs 6 --budget "$(($(left) - 30))" --out "$OUT/worker_ceiling_gpu_host"

@@ -1,4 +1,5 @@
-"""lylm with N front-end workers against `vllm serve --api-server-count N`, one engine on one GPU.
+"""lylm with N front-end workers against `vllm serve --api-server-count N`, one engine on one GPU
+(or lylm alone with several instances on that GPU: --instances).
 
     python benchmarks/gpu/workers_vs_vllm.py --model-dir DIR --shape qwen2.5-1.5b \
         [--arms lylm:1,vllm:1,lylm:4,vllm:4] [--gpu-mem 0.2] [--grid 64x256,256x1024] \
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--arms", default="lylm:1,vllm:1,lylm:4,vllm:4")
     parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
     parser.add_argument("--gpu-mem", type=float, default=0.2)
+    parser.add_argument("--instances", type=int, default=1,
+                        help="lylm arms: this many instances of the model on GPU 0, each with --gpu-mem (vllm arms: one)")
     parser.add_argument("--grid", default="64x256,256x1024")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=128)
@@ -148,7 +151,9 @@ def main() -> None:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="wvv-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
-    config = gpucommon.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}])
+    config = gpucommon.write_lylm_config(
+        log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}] * args.instances
+    )
     vocab = gpucommon.vocab_size(args.model_dir)
     commands: dict[str, list[str]] = {}
     for arm in args.arms.split(","):
@@ -175,7 +180,8 @@ def main() -> None:
         rows, rounds = anyio.run(measure, args, urls, pids, vocab, deadline)
     result["rows"] = rows
     result["rounds_done"] = rounds
-    md = f"{args.shape}, one engine on one GPU, {rounds} rounds, sampling {SAMPLING}\n\n" + table(rows)
+    what = "one engine" if args.instances == 1 else f"{args.instances} lylm instances (vllm: one engine)"
+    md = f"{args.shape}, {what} on one GPU, {rounds} rounds, sampling {SAMPLING}\n\n" + table(rows)
     print(md, flush=True)
     gpucommon.save_results(args.out, result, md, log_dir)
 
