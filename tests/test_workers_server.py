@@ -118,3 +118,35 @@ def test_sigkill_of_the_server_leaves_no_worker_and_no_engine(server: ServerProc
     while alive() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert alive() == []
+
+
+def test_a_worker_that_dies_stops_the_whole_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # FakeEngines (benchmarks/fake_server.py): the same server machinery, started in seconds.
+    log = tmp_path_factory.mktemp("logs") / "fake_server.log"
+    proc = ServerProcess(log=log, script="benchmarks/fake_server.py", workers=2)
+    try:
+        proc.wait_ready(timeout=120)
+        r = httpx.post(f"{proc.url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200
+        descendants = psutil.Process(proc.proc.pid).children(recursive=True)
+        workers = [p for p in descendants if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
+        assert len(workers) == 2, [" ".join(p.cmdline()) for p in descendants]
+        workers[0].kill()
+        # Its client slots on the engine cores cannot be taken again: the server stops, with an error.
+        assert proc.proc.wait(60) == 1
+        assert "exited with code -9: stopping the server" in proc.tail(200)
+
+        def left() -> list[int]:
+            found = []
+            for p in descendants:
+                with contextlib.suppress(psutil.Error):
+                    if p.status() != psutil.STATUS_ZOMBIE:
+                        found.append(p.pid)
+            return found
+
+        deadline = time.monotonic() + 20
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert left() == []
+    finally:
+        proc.stop()
