@@ -96,6 +96,11 @@ class Engine(abc.ABC):
     def default_sampling_params(self) -> Any:
         """Sampling parameters to use when the caller gives none."""
 
+    def sampling_defaults(self) -> Mapping[str, Any]:
+        """The model's own sampling defaults (its generation config), by sampling-parameter
+        name, for a request that leaves them out (optional; none by default)."""
+        return {}
+
     @abc.abstractmethod
     async def render_text(self, text: str) -> RenderedPrompt:
         """Tokenize a plain prompt with the engine's tokenizer."""

@@ -251,6 +251,12 @@ class EnginePool:
         """The context length of ``model``'s engines (prompt plus output, in tokens)."""
         return _first_healthy(model, self._group(model)).engine.max_model_len
 
+    def sampling_defaults(self, model: str) -> Mapping[str, Any]:
+        """``model``'s own sampling defaults (its generation config: ``temperature``,
+        ``top_p``, ``top_k``...), for what a request leaves out; the OpenAI adapter applies
+        them as ``vllm serve`` does."""
+        return _first_healthy(model, self._group(model)).engine.sampling_defaults()
+
     def balancer(self, model: str) -> Balancer:
         """The balancer that chooses among ``model``'s instances."""
         return self._router.balancer(model)

@@ -222,10 +222,18 @@ class VLLMEngine(Engine):
         """vLLM's defaults, with the model's generation config applied (as ``vllm serve``)."""
         from vllm import SamplingParams
 
+        defaults = self.sampling_defaults()
+        return SamplingParams.from_optional(**defaults) if defaults else SamplingParams()
+
+    def sampling_defaults(self) -> dict[str, Any]:
+        """The model's generation config as sampling parameters (``temperature``, ``top_p``,
+        ``top_k``, ``min_p``, ``repetition_penalty``, ``max_tokens``), read by vLLM
+        (``ModelConfig.get_diff_sampling_param``) as ``vllm serve`` reads it; empty with the
+        engine arg ``generation_config="vllm"``."""
         defaults = dict(self._require().model_config.get_diff_sampling_param())
         if "max_new_tokens" in defaults:  # generation_config.json's name for it
             defaults["max_tokens"] = defaults.pop("max_new_tokens")
-        return SamplingParams.from_optional(**defaults) if defaults else SamplingParams()
+        return defaults
 
     async def render_text(self, text: str) -> RenderedPrompt:
         """Tokenize a completion prompt the way vLLM's completions endpoint does."""

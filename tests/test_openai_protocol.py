@@ -166,7 +166,7 @@ def test_full_completion_body() -> None:
     )
 
 
-def test_minimal_bodies_have_defaults_and_empty_sampling() -> None:
+def test_minimal_bodies_have_defaults_and_only_completions_max_tokens() -> None:
     chat = parse_chat_request(CHAT_MIN)
     assert (chat.stream, chat.include_usage, chat.n, chat.logprobs, chat.top_logprobs) == (
         False, False, 1, False, 0,
@@ -174,7 +174,10 @@ def test_minimal_bodies_have_defaults_and_empty_sampling() -> None:
     assert chat.user is None and dict(chat.sampling) == {}
     completion = parse_completion_request(COMPLETION_MIN)
     assert completion.prompts == ["Hi"] and completion.logprobs is None
-    assert (completion.stream, completion.n, dict(completion.sampling)) == (False, 1, {})
+    # Completions default to 16 tokens, as OpenAI's and vLLM's; chat to the rest of the context.
+    assert (completion.stream, completion.n, dict(completion.sampling)) == (False, 1, {"max_tokens": 16})
+    given = parse_completion_request({**COMPLETION_MIN, "max_tokens": 300})
+    assert given.sampling["max_tokens"] == 300
 
 
 def test_nulls_mean_not_given() -> None:
@@ -515,7 +518,7 @@ def test_sampling_params_with_model_defaults() -> None:
 
 def test_sampling_params_errors_become_400() -> None:
     request = parse_completion_request(COMPLETION_MIN)
-    for bad in ({"min_tokens": 5, "max_tokens": 2}, {"no_such_field": 1}):
+    for bad in ({"min_tokens": 20}, {"no_such_field": 1}):  # min_tokens above the default 16
         with pytest.raises(OpenAIError) as info:
             build_sampling_params(request, stream=False, defaults=bad)
         assert info.value.status == 400

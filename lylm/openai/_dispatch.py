@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Any, Union
 
+import anyio
 import attrs
 
 from .._exceptions import (
@@ -73,7 +74,7 @@ async def start(
     request_id: str,
     param: str,
 ) -> list[Started]:
-    """Dispatch every prompt and wait for each one's first output.
+    """Dispatch every prompt at once and wait for each one's first output.
 
     Errors (unknown model, prompt too long, no healthy engine, engine rejection)
     surface here, while a proper status can still be sent; on any error the
@@ -82,35 +83,55 @@ async def start(
     """
     if request.model not in pool.models:
         raise to_openai_error(UnknownModelError(request.model, pool.models))
-    started: list[Started] = []
     try:
-        params = build_sampling_params(request, stream=request.stream)
-        for i, prompt in enumerate(prompts):
-            outputs = pool.generate(
-                request.model,
-                prompt,
-                params,
-                request_id=f"{request_id}-{i}",
-                session_key=request.user,
-            )
-            try:
-                first = await outputs.__anext__()
-            except ContextLengthError as exc:
-                raise bad_request(str(exc), param=param, code="context_length_exceeded") from exc
-            except PromptError as exc:
-                # The tokenizer or chat template rejected what the client sent.
-                raise bad_request(str(exc), param=param) from exc
-            except BaseException:
-                await outputs.aclose()
-                raise
-            started.append(Started(first, outputs))
-    except BaseException as exc:
-        for s in started:
-            await s.rest.aclose()
-        if isinstance(exc, Exception):
-            raise to_openai_error(exc) from exc
+        # What the request leaves out comes from the model's generation config, as with
+        # `vllm serve` (Qwen2.5: temperature 0.7, top_p 0.8, top_k 20, ...).
+        defaults = pool.sampling_defaults(request.model)
+        params = build_sampling_params(request, stream=request.stream, defaults=defaults)
+    except Exception as exc:
+        raise to_openai_error(exc) from exc
+    streams = [
+        pool.generate(request.model, prompt, params, request_id=f"{request_id}-{i}", session_key=request.user)
+        for i, prompt in enumerate(prompts)
+    ]
+    firsts: list[Any] = [None] * len(streams)
+    errors: list[BaseException | None] = [None] * len(streams)
+
+    async def first(i: int) -> None:
+        try:
+            firsts[i] = await streams[i].__anext__()
+        except Exception as exc:
+            errors[i] = exc
+            tg.cancel_scope.cancel()  # one prompt failed: the request fails, stop the others
+
+    # Every prompt at once: without streaming, a prompt's first output is its last, so
+    # waiting for one before dispatching the next would run them one after another.
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(streams)):
+                tg.start_soon(first, i)
+    except BaseException:
+        await _close(streams)
         raise
-    return started
+    failed = next((e for e in errors if e is not None), None)
+    if failed is not None or any(f is None for f in firsts):
+        await _close(streams)
+        if isinstance(failed, ContextLengthError):
+            raise bad_request(str(failed), param=param, code="context_length_exceeded") from failed
+        if isinstance(failed, PromptError):
+            # The tokenizer or chat template rejected what the client sent.
+            raise bad_request(str(failed), param=param) from failed
+        if failed is None:
+            failed = EngineError("an engine stream ended before its first output")
+        raise to_openai_error(failed) from failed
+    return [Started(f, s) for f, s in zip(firsts, streams)]
+
+
+async def _close(streams: Sequence[AsyncGenerator[Any, None]]) -> None:
+    # Closing a stream aborts its request in the engine (a no-op for one never started).
+    with anyio.CancelScope(shield=True):
+        for stream in streams:
+            await stream.aclose()
 
 
 async def drain(started: Started) -> AsyncGenerator[Any, None]:

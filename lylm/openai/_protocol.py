@@ -19,6 +19,9 @@ from ._errors import OpenAIError, bad_request
 MAX_N = 16
 """The most choices (``n``) one request may ask for: each is a sequence on the engine."""
 
+COMPLETION_MAX_TOKENS = 16
+"""``max_tokens`` of a completions request that gives none (OpenAI's and vLLM's default)."""
+
 MAX_STOP = 16
 #: The most messages one chat request may carry, and prompts one completions request.
 MAX_MESSAGES = 1024
@@ -129,6 +132,9 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     prompts = _prompts(obj.get("prompt"))
     stream, include_usage = _stream(obj)
     sampling = _sampling(obj)
+    # OpenAI's completions API (and vLLM's) default to 16 tokens; chat to the rest of the context.
+    if sampling.get("max_tokens") is None:
+        sampling["max_tokens"] = COMPLETION_MAX_TOKENS
     return CompletionRequest(
         model=model,
         prompts=prompts,

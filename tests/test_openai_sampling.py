@@ -1,0 +1,103 @@
+"""What the OpenAI adapter sends to engines: the model's sampling defaults for what a
+request leaves out, 16 tokens for completions without max_tokens, and every prompt of a
+request dispatched at once (a real CPU engine of a tiny model whose generation config
+makes sampling greedy; FakeEngines where the count of requests in flight matters)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from _server import uvicorn_thread
+from lylm import EnginePool, EngineSpec, PoolConfig
+from lylm._engine import EngineStep, RenderedPrompt
+from lylm.openai import create_app
+from lylm.testing import TINY_MODEL_ENGINE_ARGS, FakeEngine, build_tiny_model
+
+
+class Counting(FakeEngine):
+    """A FakeEngine that records the most requests it had in flight at once."""
+
+    peak = 0
+
+    async def generate(self, request_id: str, prompt: RenderedPrompt, sampling_params: Any) -> AsyncGenerator[EngineStep, None]:
+        type(self).peak = max(type(self).peak, len(self._active) + 1)
+        async for step in super().generate(request_id, prompt, sampling_params):
+            yield step
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_every_prompt_of_a_request_is_dispatched_at_once(stream: bool) -> None:
+    Counting.peak = 0
+    pool = EnginePool.from_config(
+        [EngineSpec(model="fake", engine_args={"model": "fake"})],
+        engine_factory=lambda spec: Counting(prefill_delay=0.2),
+    )
+    with uvicorn_thread(create_app(pool)) as url:
+        body = {"model": "fake", "prompt": ["one", "two", "three", "four"], "max_tokens": 3, "stream": stream}
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+    # Each prompt waits 0.2 s for its first token: had they gone one after another, at
+    # most one would have been in flight at a time.
+    assert Counting.peak == 4
+
+
+def test_completions_without_max_tokens_get_16() -> None:
+    pool = EnginePool.from_config(
+        [EngineSpec(model="fake", engine_args={"model": "fake"})], engine_factory=lambda spec: FakeEngine()
+    )
+    with uvicorn_thread(create_app(pool)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        completion = client.completions.create(model="fake", prompt="count")
+        assert completion.usage is not None and completion.usage.completion_tokens == 16
+
+
+@pytest.fixture(scope="module")
+def greedy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    # The tiny model, with a generation config that asks for greedy decoding.
+    source = build_tiny_model(tmp_path_factory.mktemp("cache") / "tiny-model")
+    model = tmp_path_factory.mktemp("greedy") / "tiny-greedy"
+    shutil.copytree(source, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    pool = EnginePool(
+        PoolConfig.from_dict({"models": {"greedy": [{"engine_args": {"model": str(model), **TINY_MODEL_ENGINE_ARGS}}]}})
+    )
+    with uvicorn_thread(create_app(pool)) as url:
+        # uvicorn_thread returns once the lifespan has run: the engine is up.
+        assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+        yield url
+
+
+def test_the_models_generation_config_fills_in_what_a_request_leaves_out(greedy_server: str) -> None:
+    client = openai.OpenAI(base_url=f"{greedy_server}/v1", api_key="unused", max_retries=0, timeout=60)
+    texts = {
+        client.completions.create(model="greedy", prompt="The same prompt", max_tokens=24, extra_body={"ignore_eos": True})
+        .choices[0].text
+        for _ in range(3)
+    }
+    # No temperature in the request: the model's (0, greedy) applies, so the answers agree.
+    assert len(texts) == 1
+    chats = {
+        client.chat.completions.create(
+            model="greedy", messages=[{"role": "user", "content": "Hi"}], max_tokens=24, extra_body={"ignore_eos": True}
+        ).choices[0].message.content
+        for _ in range(3)
+    }
+    assert len(chats) == 1
+    # An explicit temperature still wins: random weights at temperature 1 rarely repeat 24 tokens.
+    sampled = {
+        client.completions.create(
+            model="greedy", prompt="The same prompt", max_tokens=24, temperature=1.0, seed=s,
+            extra_body={"ignore_eos": True},
+        ).choices[0].text
+        for s in range(3)
+    }
+    assert len(sampled) > 1
