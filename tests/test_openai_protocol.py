@@ -219,6 +219,7 @@ def test_prompt_shapes(prompt: Any, prompts: list[Any]) -> None:
     [
         ({"max_completion_tokens": 5}, "max_tokens", 5),
         ({"max_tokens": 5, "max_completion_tokens": None}, "max_tokens", 5),
+        ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", 6),  # the newer name wins, as in vLLM
         ({"top_k": 0}, "top_k", 0),
         ({"seed": -(2**63)}, "seed", -(2**63)),
         ({"stop": []}, "stop", []),
@@ -382,7 +383,6 @@ CHAT_BAD: list[tuple[dict[str, Any], str]] = [
     ),
     ({"messages": [{"role": "assistant", "function_call": {}}]}, "messages[0].function_call"),
     ({"max_completion_tokens": 0}, "max_completion_tokens"),
-    ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens"),
     ({"logprobs": 1}, "logprobs"),
     ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),

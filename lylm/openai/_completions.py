@@ -56,6 +56,8 @@ async def completion(pool: EnginePool, request: CompletionRequest) -> Response:
                     "text": c.text,
                     "logprobs": logprobs,
                     "finish_reason": c.finish_reason,
+                    # vLLM's: the stop string or token id that ended it, if one did.
+                    "stop_reason": getattr(c, "stop_reason", None),
                 }
             )
     body = {
@@ -64,6 +66,8 @@ async def completion(pool: EnginePool, request: CompletionRequest) -> Response:
         "created": created,
         "model": request.model,
         "choices": choices,
+        "service_tier": None,
+        "system_fingerprint": None,
         "usage": usage(prompt_tokens, completion_tokens, cached),
     }
     return json_response(body)

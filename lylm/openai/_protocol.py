@@ -101,13 +101,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     sampling = _sampling(obj)
     max_completion = _int(obj.get("max_completion_tokens"), "max_completion_tokens", 1)
     if max_completion is not None:
-        given = sampling.setdefault("max_tokens", max_completion)
-        if given != max_completion:
-            raise bad_request(
-                f"'max_tokens' ({given}) and 'max_completion_tokens' ({max_completion}) differ; "
-                "give one of them",
-                param="max_tokens",
-            )
+        # OpenAI's current name; with both given it wins, as in vLLM and OpenAI's API.
+        sampling["max_tokens"] = max_completion
     logprobs = _bool(obj.get("logprobs"), "logprobs") or False
     top_logprobs = _int(obj.get("top_logprobs"), "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:

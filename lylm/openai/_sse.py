@@ -22,6 +22,7 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None)
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
         "prompt_tokens_details": {"cached_tokens": cached_tokens or 0},
+        "completion_tokens_details": None,  # as vLLM: reasoning token counts are not reported
     }
 
 
