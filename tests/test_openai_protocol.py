@@ -258,12 +258,12 @@ def test_non_object_body(parse: Parser, body: Any) -> None:
 
 
 CHAT_UNSUPPORTED = [
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "logit_bias",
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
     "audio", "modalities", "prediction", "reasoning_effort", "service_tier", "store", "metadata",
     "prompt", "echo", "made_up_thing",
 ]  # fmt: skip
 COMPLETION_UNSUPPORTED = [
-    "echo", "suffix", "best_of", "logit_bias", "messages", "max_completion_tokens",
+    "echo", "suffix", "best_of", "messages", "max_completion_tokens",
     "top_logprobs", "tools", "made_up_thing",
 ]  # fmt: skip
 
@@ -412,7 +412,6 @@ COMPLETION_BAD: list[tuple[dict[str, Any], str]] = [
     ({"prompt": [2**64]}, "prompt[0]"),
     ({"logprobs": 6}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
-    ({"logprobs": True}, "logprobs"),
 ]
 
 
@@ -614,3 +613,27 @@ def test_message_and_prompt_counts_are_bounded() -> None:
     assert (info.value.status, info.value.param) == (400, "prompt")
     # A long list of token ids is one prompt, not many.
     assert len(parse_completion_request({"model": "m", "prompt": [1] * 500}).prompts) == 1
+
+
+def test_logit_bias_is_token_ids_to_biases_within_openais_bounds() -> None:
+    for parse, base in ((parse_chat_request, CHAT_MIN), (parse_completion_request, COMPLETION_MIN)):
+        request = parse({**base, "logit_bias": {"5": 100, "17": -2.5}})
+        assert request.sampling["logit_bias"] == {5: 100.0, 17: -2.5}
+        assert build_sampling_params(request, stream=False).logit_bias == {5: 100.0, 17: -2.5}
+        for bad, param in (
+            ({"x": 1}, "logit_bias.x"),
+            ({"-1": 1}, "logit_bias.-1"),
+            ({"5": 101}, "logit_bias.5"),
+            ({"5": None}, "logit_bias.5"),
+            ({"5": "1"}, "logit_bias.5"),
+            ([5], "logit_bias"),
+            ({str(i): 1 for i in range(301)}, "logit_bias"),
+        ):
+            error = rejected(parse, {**base, "logit_bias": bad})
+            assert error.status == 400 and error.param == param, (bad, error.message)
+
+
+def test_completions_read_logprobs_true_as_one_as_vllm_does() -> None:
+    assert parse_completion_request({**COMPLETION_MIN, "logprobs": True}).logprobs == 1
+    assert parse_completion_request({**COMPLETION_MIN, "logprobs": False}).logprobs == 0
+    assert rejected(parse_completion_request, {**COMPLETION_MIN, "logprobs": 6}).param == "logprobs"

@@ -132,3 +132,25 @@ def test_the_models_generation_config_fills_in_what_a_request_leaves_out(greedy_
         for s in range(3)
     }
     assert len(sampled) > 1
+
+
+def test_logit_bias_reaches_the_engine(greedy_server: str) -> None:
+    client = openai.OpenAI(base_url=f"{greedy_server}/v1", api_key="unused", max_retries=0, timeout=60)
+    # A +100 bias on one token makes greedy decoding pick it every time.
+    choice = client.completions.create(
+        model="greedy", prompt="Anything", max_tokens=6, logprobs=1, logit_bias={"7": 100},
+        extra_body={"ignore_eos": True},
+    ).choices[0]
+    assert choice.logprobs is not None and choice.logprobs.tokens is not None
+    assert len(choice.logprobs.tokens) == 6 and len(set(choice.logprobs.tokens)) == 1
+    plain = client.completions.create(
+        model="greedy", prompt="Anything", max_tokens=6, logprobs=1, extra_body={"ignore_eos": True}
+    ).choices[0]
+    assert plain.logprobs is not None and plain.logprobs.tokens != choice.logprobs.tokens
+    # A token id beyond the vocabulary: the engine's own check, as a 400.
+    r = httpx.post(
+        f"{greedy_server}/v1/completions",
+        json={"model": "greedy", "prompt": "Anything", "max_tokens": 2, "logit_bias": {"999999": 5}},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text

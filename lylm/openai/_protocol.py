@@ -22,6 +22,9 @@ MAX_N = 16
 COMPLETION_MAX_TOKENS = 16
 """``max_tokens`` of a completions request that gives none (OpenAI's and vLLM's default)."""
 
+MAX_LOGIT_BIAS = 300
+"""The most tokens one ``logit_bias`` may name (OpenAI's limit)."""
+
 MAX_STOP = 16
 #: The most messages one chat request may carry, and prompts one completions request.
 MAX_MESSAGES = 1024
@@ -46,7 +49,7 @@ _COMMON_KEYS = frozenset(
     {
         "model", "stream", "stream_options", "n", "user", "max_tokens", "stop", "seed",
         "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-        "repetition_penalty", "ignore_eos", "response_format",
+        "repetition_penalty", "ignore_eos", "response_format", "logit_bias",
     }
 )  # fmt: skip
 _CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
@@ -136,7 +139,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         stream=stream,
         include_usage=include_usage,
         n=_int(obj.get("n"), "n", 1, MAX_N) or 1,
-        logprobs=_int(obj.get("logprobs"), "logprobs", 0, MAX_COMPLETION_LOGPROBS),
+        logprobs=_int(_bool_as_int(obj.get("logprobs")), "logprobs", 0, MAX_COMPLETION_LOGPROBS),
         user=_str(obj.get("user"), "user"),
         sampling=MappingProxyType(sampling),
     )
@@ -231,7 +234,34 @@ def _sampling(obj: dict[str, Any]) -> dict[str, Any]:
     values["ignore_eos"] = _bool(obj.get("ignore_eos"), "ignore_eos")
     values["stop"] = _stop(obj.get("stop"))
     values["structured_outputs"] = _response_format(obj.get("response_format"))
+    values["logit_bias"] = _logit_bias(obj.get("logit_bias"))
     return {name: value for name, value in values.items() if value is not None}
+
+
+def _bool_as_int(value: Any) -> Any:
+    # vLLM's completions read `logprobs: true` as 1 (and false as 0), as pydantic coerces it.
+    return int(value) if isinstance(value, bool) else value
+
+
+def _logit_bias(value: Any) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}`` with biases in [-100, 100]; vLLM checks the ids
+    against the vocabulary (an id beyond it is a 400 from the engine's own check)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid("logit_bias", "an object of token id -> bias", value)
+    if len(value) > MAX_LOGIT_BIAS:
+        raise bad_request(f"'logit_bias' may hold at most {MAX_LOGIT_BIAS} tokens", param="logit_bias")
+    out: dict[int, float] = {}
+    for key, bias in value.items():
+        param = f"logit_bias.{_clip(str(key))}"
+        if not (isinstance(key, str) and key.isdigit() and int(key) <= _INT64_MAX):
+            raise bad_request(f"'{param}': keys must be token ids (non-negative integers)", param=param)
+        number = _number(bias, param, -100.0, 100.0, False)
+        if number is None:
+            raise _invalid(param, "a number between -100 and 100", bias)
+        out[int(key)] = number
+    return out
 
 
 def _stop(value: Any) -> str | list[str] | None:
