@@ -103,7 +103,8 @@ class WorkerPool(EnginePool):
         hub.on_attach = self.reattach
         hub.progress = self._progress
         self._reported: dict[str, tuple[int, int, int]] = {}
-        self._signals_seen: dict[str, tuple[int, EngineSignals, tuple[Any, ...]]] = {}
+        # Per instance: the engine signals last reported (each engine has its own object) and their values.
+        self._signals_seen: dict[str, tuple[EngineSignals, tuple[Any, ...]]] = {}
 
     @property
     def hub(self) -> HubClient:
@@ -164,13 +165,13 @@ class WorkerPool(EnginePool):
         s = engine.signals
         current = (s.running, s.waiting, s.kv_cache_usage, s.prefix_cache_queries, s.prefix_cache_hits)
         seen = self._signals_seen.get(name)
-        if seen is not None and seen[0] == id(engine) and seen[1] is s:
-            previous = seen[2]
+        if seen is not None and seen[0] is s:
+            previous = seen[1]
         else:  # a new engine (re-attached): its counters start from zero
             previous = (None, None, None, 0, 0)
         if current == previous:
             return None
-        self._signals_seen[name] = (id(engine), s, current)
+        self._signals_seen[name] = (s, current)
         return (current[0], current[1], current[2], current[3] - previous[3], current[4] - previous[4])
 
     # -- what a worker cannot do on its own ------------------------------------

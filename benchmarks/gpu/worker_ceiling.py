@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import psutil
 
 import gpucommon
 import mpload
@@ -38,19 +37,6 @@ FAKE_SERVER = gpucommon.BENCH / "fake_server.py"
 def start_server(workers: int, engines: int, port: int, log: Path) -> subprocess.Popen[bytes]:
     command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--engines", str(engines), "--workers", str(workers)]
     return subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=gpucommon.ROOT)
-
-
-def tree_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of a process and its descendants."""
-    total = 0.0
-    root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
@@ -74,9 +60,9 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
                         mpload.body("fake", "completions", f"ceiling {i}", args.max_tokens)
                         for i in range(args.streams * args.requests_per_stream)
                     ]
-                    cpu0, t0 = tree_cpu(proc.pid), time.monotonic()
+                    cpu0, t0 = gpucommon.tree_cpu(proc.pid), time.monotonic()
                     s = (await mc.run(url, "completions", payloads, args.streams)).summary()
-                    cpu1, t1 = tree_cpu(proc.pid), time.monotonic()
+                    cpu1, t1 = gpucommon.tree_cpu(proc.pid), time.monotonic()
                 finally:
                     gpucommon.stop(proc)
                 s["server_cores"] = (cpu1 - cpu0) / max(t1 - t0, 1e-9)

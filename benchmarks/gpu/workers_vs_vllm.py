@@ -53,16 +53,6 @@ def lylm_command(config: Path, port: int, workers: int) -> list[str]:
     return [*gpucommon.lylm_serve_command(config, port), "--workers", str(workers)]
 
 
-def tree_cpu(pid: int) -> float:
-    total = 0.0
-    root = psutil.Process(pid)
-    for p in [root, *root.children(recursive=True)]:
-        with contextlib.suppress(psutil.Error):
-            t = p.cpu_times()
-            total += t.user + t.system
-    return total
-
-
 def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
     return {**mpload.body(NAME, "completions", prompt, max_tokens), **SAMPLING}
 
@@ -88,9 +78,9 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
                 payloads = [body(p, args.max_tokens) for p in prompts]
                 order = names if (r + ci) % 2 == 0 else names[::-1]
                 for name in order:
-                    cpu0, t0 = tree_cpu(pids[name]), time.monotonic()
+                    cpu0, t0 = gpucommon.tree_cpu(pids[name]), time.monotonic()
                     s = (await mc.run(urls[name], "completions", payloads, conc)).summary()
-                    s["server_cores"] = (tree_cpu(pids[name]) - cpu0) / max(time.monotonic() - t0, 1e-9)
+                    s["server_cores"] = (gpucommon.tree_cpu(pids[name]) - cpu0) / max(time.monotonic() - t0, 1e-9)
                     s["round"] = r
                     samples[(conc, total)][name].append(s)
                     print(f"r{r} c={conc:<3} {name:8s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT p50 "
