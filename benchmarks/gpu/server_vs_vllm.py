@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/server_vs_vllm.py --model-dir DIR --shape qwen2.5-1.5b \
         [--gpu-mem 0.4] [--grid 1x4,16x64,64x256,128x512,256x1024] [--rounds 3] \
-        [--prompt-len 128] [--max-tokens 256] [--procs 4] [--budget-s 480] \
+        [--prompt-len 128] [--max-tokens 256] [--procs 4] [--workers 1] [--budget-s 480] \
         [--seed-table] [--out PREFIX] [--log-dir DIR]
 
 Both servers run at once on the same GPU, each with the same engine args
@@ -148,6 +148,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="lylm's front-end workers (vllm serve runs one API server: 1 compares like with like)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no round that would end past this")
     parser.add_argument("--seed-table", action="store_true")
     parser.add_argument("--seed-grid", default=SEED_GRID)
@@ -163,7 +165,7 @@ def main() -> None:
     vocab = gpucommon.vocab_size(args.model_dir)
     ports = {"lylm": gpucommon.free_port(), "vllm": gpucommon.free_port()}
     commands = {
-        "lylm": gpucommon.lylm_serve_command(config, ports["lylm"]),
+        "lylm": [*gpucommon.lylm_serve_command(config, ports["lylm"]), "--workers", str(args.workers)],
         "vllm": gpucommon.vllm_serve_command(eargs, NAME, ports["vllm"]),
     }
     result: dict[str, Any] = {
