@@ -30,9 +30,13 @@ TINY_MODEL_ENGINE_ARGS: dict[str, Any] = {
 }
 
 # Bumped whenever the files written below change, so stale directories get rebuilt.
-_FORMAT_VERSION = 4
+_FORMAT_VERSION = 5
 _MARKER = "lylm_tiny_model.json"
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen's markup for tool calls (Hermes format) and reasoning, as plain (not special) added
+# tokens like Qwen's: vLLM's hermes tool parser and its think-tag reasoning parsers look
+# them up in the vocabulary, so a test pool can run them.
+_MARKUP_TOKENS = ("<tool_call>", "</tool_call>", "<think>", "</think>")
 _MIN_HEAD_DIM = 32  # vLLM's CPU attention backend rejects smaller heads.
 # Qwen2's pre-tokenizer split: words, single digits, punctuation runs, newlines, spaces.
 _QWEN2_SPLIT = (
@@ -68,6 +72,13 @@ do questions: what time is it? where are we going? why does the sky look blue to
 # spell 'developer' out: vLLM rewrites developer messages to system ones for templates that
 # do not mention it, and then its rendering would differ from transformers'.
 _CHAT_TEMPLATE = (
+    # Declared tools, as Qwen2.5 renders them (Hermes format): a system turn listing them.
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n# Tools\\n<tools>' -}}"
+    "{%- for tool in tools -%}{{- '\\n' + (tool | tojson) -}}{%- endfor -%}"
+    "{{- '\\n</tools>\\nCall a function with <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>'"
+    " + '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- for message in messages -%}"
     "{%- if message['role'] not in ['system', 'developer', 'user', 'assistant', 'tool'] -%}"
     "{{- raise_exception('unsupported chat role: ' + message['role']) -}}"
@@ -83,6 +94,11 @@ _CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
+    # An assistant turn's earlier calls, in the markup the hermes parser reads back.
+    "{%- for call in message['tool_calls'] or [] -%}"
+    "{{- '<tool_call>' + ({'name': call['function']['name'], 'arguments': call['function']['arguments']}"
+    " | tojson) + '</tool_call>' -}}"
+    "{%- endfor -%}"
     "{{- '<|im_end|>\\n' -}}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
@@ -120,7 +136,7 @@ def _train_tokenizer(vocab_size: int, seed: int) -> Any:
         tokenizer.decoder = decoders.ByteLevel()
         tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size,
+            vocab_size=vocab_size - len(_MARKUP_TOKENS),
             # Listed first so that they get ids 0, 1, 2 whatever the vocabulary size.
             special_tokens=list(_SPECIAL_TOKENS),
             # All 256 byte symbols, so that any text can be encoded.
@@ -132,7 +148,10 @@ def _train_tokenizer(vocab_size: int, seed: int) -> Any:
             corpus.append(_filler_text(seed, filler_words))
         tokenizer.train_from_iterator(corpus, trainer=trainer)
         size = tokenizer.get_vocab_size(with_added_tokens=True)
-        if size >= vocab_size:
+        if size >= vocab_size - len(_MARKUP_TOKENS):
+            from tokenizers import AddedToken
+
+            tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in _MARKUP_TOKENS])
             return tokenizer
         # The text ran out of pairs to merge before the vocabulary was full: add more text.
         filler_words = max(256, filler_words * 2)
@@ -191,7 +210,7 @@ def build_tiny_model(
     if num_heads % num_kv_heads:
         raise ValueError(f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})")
     # 256 byte symbols + the special tokens are the least a byte-level BPE can have.
-    min_vocab = 256 + len(_SPECIAL_TOKENS)
+    min_vocab = 256 + len(_SPECIAL_TOKENS) + len(_MARKUP_TOKENS)
     if vocab_size < min_vocab:
         raise ValueError(f"vocab_size must be at least {min_vocab}, got {vocab_size}")
 
