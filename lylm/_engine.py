@@ -101,9 +101,20 @@ class Engine(abc.ABC):
         name, for a request that leaves them out (optional; none by default)."""
         return {}
 
+    def output_parsing(self) -> Any:
+        """How tool calls and reasoning are found in this engine's output, for the OpenAI
+        adapter (optional; None: output is plain content). :class:`lylm.VLLMEngine`
+        returns vLLM's own parsers, composed as ``vllm serve`` composes them."""
+        return None
+
     @abc.abstractmethod
     async def render_text(self, text: str) -> RenderedPrompt:
         """Tokenize a plain prompt with the engine's tokenizer."""
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        """Detokenize ``token_ids`` with the engine's tokenizer (optional; echoing a
+        prompt given as token ids needs it)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot detokenize")
 
     @abc.abstractmethod
     async def render_chat(

@@ -101,13 +101,16 @@ class PromptError(InvalidRequestError):
 class ContextLengthError(InvalidRequestError):
     """The prompt plus the requested output exceed the model's context length."""
 
-    def __init__(self, *, context: int, prompt_tokens: int, max_tokens: int | None) -> None:
+    def __init__(
+        self, *, context: int, prompt_tokens: int, max_tokens: int | None, message: str | None = None
+    ) -> None:
         self.context = context
         self.prompt_tokens = prompt_tokens
         self.max_tokens = max_tokens
         more = f"{max_tokens} more were requested" if max_tokens else "no room is left for output"
         super().__init__(
-            f"This model's maximum context length is {context} tokens; the prompt has "
+            message
+            or f"This model's maximum context length is {context} tokens; the prompt has "
             f"{prompt_tokens} tokens and {more}"
         )
 

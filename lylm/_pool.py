@@ -251,6 +251,11 @@ class EnginePool:
         """The context length of ``model``'s engines (prompt plus output, in tokens)."""
         return _first_healthy(model, self._group(model)).engine.max_model_len
 
+    def output_parsing(self, model: str) -> Any:
+        """How ``model``'s output is parsed into tool calls and reasoning (see
+        :meth:`Engine.output_parsing`); the same for every instance of a model."""
+        return _first_healthy(model, self._group(model)).engine.output_parsing()
+
     def sampling_defaults(self, model: str) -> Mapping[str, Any]:
         """``model``'s own sampling defaults (its generation config: ``temperature``,
         ``top_p``, ``top_k``...), for what a request leaves out; the OpenAI adapter applies
@@ -325,6 +330,11 @@ class EnginePool:
         """Tokenize ``prompt`` (applying the chat template to messages) with ``model``'s tokenizer."""
         engine = _first_healthy(model, self._group(model)).engine
         return await render_prompt(engine, prompt, chat_template_kwargs=chat_template_kwargs)
+
+    async def decode(self, model: str, token_ids: Sequence[int]) -> str:
+        """Detokenize ``token_ids`` with ``model``'s tokenizer."""
+        engine = _first_healthy(model, self._group(model)).engine
+        return await engine.decode(token_ids)
 
     async def generate(
         self,

@@ -30,11 +30,12 @@ async def render_prompt(
     """Tokenize ``prompt`` with ``engine``'s tokenizer (applying its chat template to messages).
 
     Raises :class:`PromptError` for anything that is not a prompt or that the
-    tokenizer or chat template refuses.
+    tokenizer or chat template refuses, :class:`ContextLengthError` for a prompt that
+    the engine's tokenizer already finds longer than the context.
     """
     try:
         return await _render(engine, prompt, chat_template_kwargs)
-    except PromptError:
+    except (PromptError, ContextLengthError):  # the tokenizer found it too long: said as such
         raise
     except (InvalidRequestError, ValueError, TypeError) as exc:
         raise PromptError(str(exc)) from exc

@@ -19,6 +19,7 @@ from ._config import EngineSpec
 from ._engine import Engine, EngineStep, RenderedPrompt
 from ._exceptions import (
     ConfigError,
+    ContextLengthError,
     EngineDeadError,
     EngineError,
     InvalidRequestError,
@@ -27,6 +28,7 @@ from ._exceptions import (
 from ._placement import spawn_environment, visible_devices
 from ._reaper import REAPER, process_tree
 from ._vllm_cores import EngineCores
+from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
 
 # Defaults lylm applies unless the config sets them: vLLM's periodic stats log
@@ -68,6 +70,7 @@ class VLLMEngine(Engine):
         self._cores: EngineCores | None = None
         self._client_index = 0
         self._core_lost: str | None = None
+        self._parsing: OutputParsing | None = None
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -93,11 +96,15 @@ class VLLMEngine(Engine):
     def engine_args(self) -> dict[str, Any]:
         """The keyword arguments for vLLM's ``AsyncEngineArgs``.
 
-        Raises :class:`ConfigError` naming a key the installed vLLM does not know.
+        Raises :class:`ConfigError` naming a key the installed vLLM does not know. The
+        ``vllm serve`` front-end flags an instance may carry (``tool_call_parser``,
+        ``enable_auto_tool_choice``) are not among them: see :meth:`output_parsing`.
         """
         from vllm.engine.arg_utils import AsyncEngineArgs
 
-        args = {**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}
+        path = f"{self.spec.name}.engine_args"
+        args, serving = split_serving_args({**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}, path)
+        check_parser_names(serving, args.get("reasoning_parser"), path)
         known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
         for key in args:
             if key not in known:
@@ -159,6 +166,7 @@ class VLLMEngine(Engine):
         loggers = [factory] if factory is not None else None
         if self._cores is not None:
             self._llm = self._cores.client(self._client_index, stat_loggers=loggers)
+            self._parsing = self._build_parsing()
             return
 
         def build() -> Any:
@@ -173,9 +181,20 @@ class VLLMEngine(Engine):
         # other engine process appears while a pinned one is being spawned.
         self._llm = _build_with_environment(build, self.spawn_environment())
         self._processes = process_tree(self.process_ids())
+        self._parsing = self._build_parsing()  # names checked in engine_args(): cannot fail on them
         # Should this server die without stopping the engine (SIGKILL, OOM), a
         # watchdog stops it instead of leaving it holding its GPU memory.
         REAPER.watch(self._processes)
+
+    def _build_parsing(self) -> OutputParsing:
+        path = f"{self.spec.name}.engine_args"
+        _, serving = split_serving_args(self.spec.engine_args, path)
+        return build_output_parsing(serving, llm=self._llm, path=path)
+
+    def output_parsing(self) -> OutputParsing | None:
+        """How this model's tool calls and reasoning are parsed (vLLM's parsers, as
+        ``vllm serve`` composes them from the same flags); None before start."""
+        return self._parsing
 
     def _require(self) -> Any:
         if self._llm is None:
@@ -247,6 +266,15 @@ class VLLMEngine(Engine):
             ids = await anyio.to_thread.run_sync(tokenizer.encode, text)
             return RenderedPrompt(ids)
         except Exception as exc:
+            raise self._render_error(exc) from exc
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        """Detokenize with the model's tokenizer, as vLLM's completions echo does."""
+        tokenizer = self._require().get_tokenizer()
+        ids = list(token_ids)
+        try:
+            return str(await anyio.to_thread.run_sync(tokenizer.decode, ids))
+        except Exception as exc:
             raise translate_error(exc) from exc
 
     async def render_chat(
@@ -275,7 +303,16 @@ class VLLMEngine(Engine):
             )
             return RenderedPrompt(list(ids))
         except Exception as exc:
-            raise translate_error(exc) from exc
+            raise self._render_error(exc) from exc
+
+    def _render_error(self, exc: Exception) -> LylmError:
+        # vLLM's renderer counts the prompt against the context itself (0.32: a
+        # VLLMValidationError on "input_tokens"): the same condition as the pool's check.
+        if getattr(exc, "parameter", None) == "input_tokens":
+            value = getattr(exc, "value", None)
+            tokens = value if isinstance(value, int) else self.max_model_len + 1
+            return ContextLengthError(context=self.max_model_len, prompt_tokens=tokens, max_tokens=None, message=str(exc))
+        return translate_error(exc)
 
     async def generate(
         self, request_id: str, prompt: RenderedPrompt, sampling_params: Any

@@ -258,12 +258,12 @@ def test_non_object_body(parse: Parser, body: Any) -> None:
 
 
 CHAT_UNSUPPORTED = [
-    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "functions", "function_call",
     "audio", "modalities", "prediction", "reasoning_effort", "service_tier", "store", "metadata",
     "prompt", "echo", "made_up_thing",
 ]  # fmt: skip
 COMPLETION_UNSUPPORTED = [
-    "echo", "suffix", "best_of", "messages", "max_completion_tokens",
+    "suffix", "best_of", "messages", "max_completion_tokens",
     "top_logprobs", "tools", "made_up_thing",
 ]  # fmt: skip
 
@@ -286,6 +286,8 @@ def json_schema(**spec: Any) -> dict[str, Any]:
 def user(content: Any, **extra: Any) -> dict[str, Any]:
     return {"messages": [{"role": "user", "content": content, **extra}]}
 
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
 
 COMMON_BAD: list[tuple[dict[str, Any], str]] = [
     ({"model": DELETE}, "model"),
@@ -358,7 +360,9 @@ CHAT_BAD: list[tuple[dict[str, Any], str]] = [
     ({"messages": "hi"}, "messages"),
     ({"messages": ["hi"]}, "messages[0]"),
     ({"messages": [{"content": "hi"}]}, "messages[0].role"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": 1}]}, "messages[0].tool_call_id"),
+    ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "function", "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": ["user"], "content": "x"}]}, "messages[0].role"),
     ({"messages": [{"role": "user"}]}, "messages[0].content"),
@@ -378,7 +382,7 @@ CHAT_BAD: list[tuple[dict[str, Any], str]] = [
     ),
     (user("a", name=1), "messages[0].name"),
     (
-        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": []}]},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": {}}]},
         "messages[1].tool_calls",
     ),
     ({"messages": [{"role": "assistant", "function_call": {}}]}, "messages[0].function_call"),
@@ -388,6 +392,32 @@ CHAT_BAD: list[tuple[dict[str, Any], str]] = [
     ({"logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logprobs": False, "top_logprobs": 0}, "top_logprobs"),
+    # tools and tool_choice
+    ({"tools": []}, "tools"),
+    ({"tools": {}}, "tools"),
+    ({"tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"tools": [{"type": "retrieval", "function": {"name": "f"}}]}, "tools[0].type"),
+    ({"tools": [{"type": "function", "function": {"name": ""}}]}, "tools[0].function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]}, "tools[0].function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "x": 1}}]}, "tools[0].function.x"),
+    ({"tools": [TOOL, TOOL]}, "tools[1].function.name"),
+    ({"tools": [TOOL] * 129}, "tools"),
+    ({"tool_choice": "auto"}, "tool_choice"),
+    ({"tool_choice": "always", "tools": [TOOL]}, "tool_choice"),
+    ({"tool_choice": {"type": "function", "function": {"name": "g"}}, "tools": [TOOL]}, "tool_choice.function.name"),
+    ({"tool_choice": {"type": "function"}, "tools": [TOOL]}, "tool_choice.function"),
+    ({"parallel_tool_calls": "no"}, "parallel_tool_calls"),
+    ({"include_reasoning": 0}, "include_reasoning"),
+    ({"chat_template_kwargs": []}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"tools": []}}, "chat_template_kwargs.tools"),
+    (
+        {"messages": [{"role": "assistant", "tool_calls": [{"id": "1", "type": "function", "function": {"name": "f"}}]}]},
+        "messages[0].tool_calls[0].function.arguments",
+    ),
+    (
+        {"messages": [{"role": "user", "content": "a", "tool_calls": []}]},
+        "messages[0].tool_calls",
+    ),
 ]
 
 COMPLETION_BAD: list[tuple[dict[str, Any], str]] = [
@@ -410,7 +440,7 @@ COMPLETION_BAD: list[tuple[dict[str, Any], str]] = [
     ({"prompt": [[1], []]}, "prompt[1]"),
     ({"prompt": [[1], [2, -5]]}, "prompt[1][1]"),
     ({"prompt": [2**64]}, "prompt[0]"),
-    ({"logprobs": 6}, "logprobs"),
+    ({"logprobs": 21}, "logprobs"),
     ({"logprobs": -1}, "logprobs"),
 ]
 
@@ -636,4 +666,43 @@ def test_logit_bias_is_token_ids_to_biases_within_openais_bounds() -> None:
 def test_completions_read_logprobs_true_as_one_as_vllm_does() -> None:
     assert parse_completion_request({**COMPLETION_MIN, "logprobs": True}).logprobs == 1
     assert parse_completion_request({**COMPLETION_MIN, "logprobs": False}).logprobs == 0
-    assert rejected(parse_completion_request, {**COMPLETION_MIN, "logprobs": 6}).param == "logprobs"
+    assert rejected(parse_completion_request, {**COMPLETION_MIN, "logprobs": 21}).param == "logprobs"
+
+
+def test_tool_fields_kept() -> None:
+    call = {"id": "call-1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    body = {
+        **CHAT_MIN,
+        "messages": [
+            {"role": "user", "content": "use f"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "42", "tool_call_id": "call-1"},
+        ],
+        "tools": [TOOL],
+        "tool_choice": {"type": "function", "function": {"name": "f"}},
+        "parallel_tool_calls": False,
+        "chat_template_kwargs": {"enable_thinking": False},
+    }
+    request = parse_chat_request(body)
+    assert request.messages[1] == {"role": "assistant", "content": "", "tool_calls": [call]}
+    assert request.messages[2] == {"role": "tool", "content": "42", "tool_call_id": "call-1"}
+    assert request.tools == [TOOL]
+    assert request.tool_choice == {"type": "function", "function": {"name": "f"}}
+    assert request.parallel_tool_calls is False
+    assert request.chat_template_kwargs == {"enable_thinking": False}
+    # "none" needs no tools; the stream options vLLM adds are read
+    assert parse_chat_request({**CHAT_MIN, "tool_choice": "none"}).tool_choice == "none"
+    streamed = parse_chat_request(
+        {**CHAT_MIN, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    )
+    assert streamed.continuous_usage
+    alone = parse_chat_request({**CHAT_MIN, "stream": True, "stream_options": {"continuous_usage_stats": True}})
+    assert not alone.continuous_usage  # only with include_usage, as vLLM
+
+
+def test_echo_asks_for_prompt_logprobs() -> None:
+    request = parse_completion_request({**COMPLETION_MIN, "echo": True, "logprobs": 2})
+    params = build_sampling_params(request, stream=False)
+    assert request.echo and params.prompt_logprobs == 2
+    plain = build_sampling_params(parse_completion_request({**COMPLETION_MIN, "echo": True}), stream=False)
+    assert plain.prompt_logprobs is None

@@ -6,20 +6,19 @@ makes sampling greedy; FakeEngines where the count of requests in flight matters
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import AsyncGenerator, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
+from _helpers import greedy_tiny_model
 from _server import uvicorn_thread
 from lylm import EnginePool, EngineSpec, PoolConfig
 from lylm._engine import EngineStep, RenderedPrompt
 from lylm.openai import create_app
-from lylm.testing import TINY_MODEL_ENGINE_ARGS, FakeEngine, build_tiny_model
+from lylm.testing import TINY_MODEL_ENGINE_ARGS, FakeEngine
 
 
 class Counting(FakeEngine):
@@ -77,7 +76,8 @@ def test_responses_carry_the_fields_of_openais_schema_as_vllm_fills_them() -> No
         assert body["usage"]["completion_tokens_details"] is None
         assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
         assert body["choices"][0]["stop_reason"] is None  # ended by length
-    assert chat["choices"][0]["message"] == {"role": "assistant", "content": chat["choices"][0]["message"]["content"], "refusal": None}
+    message = chat["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": message["content"], "refusal": None, "reasoning": None}
 
 
 def test_completions_without_max_tokens_get_16() -> None:
@@ -93,11 +93,7 @@ def test_completions_without_max_tokens_get_16() -> None:
 @pytest.fixture(scope="module")
 def greedy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     # The tiny model, with a generation config that asks for greedy decoding.
-    source = build_tiny_model(tmp_path_factory.mktemp("cache") / "tiny-model")
-    model = tmp_path_factory.mktemp("greedy") / "tiny-greedy"
-    shutil.copytree(source, model)
-    config = json.loads((model / "generation_config.json").read_text())
-    (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0}))
+    model = greedy_tiny_model(tmp_path_factory.mktemp("greedy"), tmp_path_factory.mktemp("cache"))
     pool = EnginePool(
         PoolConfig.from_dict({"models": {"greedy": [{"engine_args": {"model": str(model), **TINY_MODEL_ENGINE_ARGS}}]}})
     )
@@ -154,3 +150,35 @@ def test_logit_bias_reaches_the_engine(greedy_server: str) -> None:
         timeout=60,
     )
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first(greedy_server: str) -> None:
+    def complete(**body: Any) -> dict[str, Any]:
+        r = httpx.post(f"{greedy_server}/v1/completions", json={"model": "greedy", "max_tokens": 5, **body}, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    prompt = "Echo this prompt"
+    plain = complete(prompt=prompt)["choices"][0]["text"]
+    echoed = complete(prompt=prompt, echo=True)
+    assert echoed["choices"][0]["text"] == prompt + plain  # greedy: the same continuation
+    with_logprobs = complete(prompt=prompt, echo=True, logprobs=1)
+    choice, usage = with_logprobs["choices"][0], with_logprobs["usage"]
+    logprobs = choice["logprobs"]
+    assert len(logprobs["tokens"]) == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert "".join(logprobs["tokens"]) == choice["text"] == prompt + plain
+    # Nothing precedes the first prompt token: no logprob for it, as in vLLM.
+    assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+    assert all(isinstance(v, float) for v in logprobs["token_logprobs"][1:])
+    assert logprobs["text_offset"][1] == len(logprobs["tokens"][0])
+    # Token ids are detokenized; a stream sends the prompt in its first chunk.
+    ids = complete(prompt=prompt, max_tokens=1, logprobs=0, echo=True)["choices"][0]["logprobs"]["tokens"]
+    assert complete(prompt=[list(range(40, 44))], echo=True)["choices"][0]["text"].endswith(
+        complete(prompt=[list(range(40, 44))])["choices"][0]["text"]
+    )
+    assert "".join(ids[:-1]) == prompt
+    body = {"model": "greedy", "prompt": prompt, "max_tokens": 5, "echo": True, "stream": True}
+    with httpx.stream("POST", f"{greedy_server}/v1/completions", json=body, timeout=60) as response:
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    texts = [e["choices"][0]["text"] for e in events if e["choices"]]
+    assert texts[0].startswith(prompt) and "".join(texts) == prompt + plain

@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .. import __version__
+from .._exceptions import LylmError
 from .._pool import EnginePool
 from .._worker_pool import WorkerPool
 from ._chat import chat_completion
@@ -26,6 +27,7 @@ from ._guard import ApiKeys, read_json
 from ._json import json_response
 from ._metrics import PoolMetrics
 from ._protocol import parse_chat_request, parse_completion_request
+from ._tokenize import detokenize, tokenize
 
 logger = logging.getLogger("lylm.openai")
 
@@ -157,8 +159,21 @@ def routes(
 
         return wrapped
 
+    def context(model: str) -> int | None:
+        try:
+            return pool.max_model_len(model)
+        except LylmError:  # no engine of it is up: unknown for now
+            return None
+
     async def list_models(request: Request) -> Response:
-        data = [{"id": m, "object": "model", "created": created, "owned_by": "lylm"} for m in pool.models]
+        # root, parent and max_model_len as vLLM lists them (vLLM's extension of OpenAI's).
+        data = [
+            {
+                "id": m, "object": "model", "created": created, "owned_by": "lylm",
+                "root": m, "parent": None, "max_model_len": context(m),
+            }  # fmt: skip
+            for m in pool.models
+        ]
         return json_response({"object": "list", "data": data})
 
     async def chat(request: Request) -> Response:
@@ -168,6 +183,12 @@ def routes(
     async def completions(request: Request) -> Response:
         body = parse_completion_request(await read_json(request, max_body_bytes))
         return await _unless_disconnected(request, lambda: completion(pool, body))
+
+    async def tokenize_route(request: Request) -> Response:
+        return await tokenize(pool, await read_json(request, max_body_bytes))
+
+    async def detokenize_route(request: Request) -> Response:
+        return await detokenize(pool, await read_json(request, max_body_bytes))
 
     async def health(request: Request) -> Response:
         if hub is not None and not pool.draining:
@@ -188,6 +209,9 @@ def routes(
         Route("/v1/models", endpoint("/v1/models", list_models), methods=["GET"]),
         Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
         Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
+        # vLLM's own endpoints (not OpenAI's): behind the API keys like /v1.
+        Route("/tokenize", endpoint("/tokenize", tokenize_route), methods=["POST"]),
+        Route("/detokenize", endpoint("/detokenize", detokenize_route), methods=["POST"]),
         Route("/health", endpoint("/health", health, public=True), methods=["GET"]),
         Route("/version", endpoint("/version", version, public=True), methods=["GET"]),
         Route("/metrics", endpoint("/metrics", prometheus, public=True), methods=["GET"]),

@@ -3,7 +3,7 @@ to an OpenAI error *before* the response starts (a stream cannot change status).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any, Union
 
 import anyio
@@ -66,6 +66,12 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
     return OpenAIError(500, "internal error", type="server_error")
 
 
+def check_model(pool: EnginePool, model: str) -> None:
+    """A 404 for a model the pool does not serve."""
+    if model not in pool.models:
+        raise to_openai_error(UnknownModelError(model, pool.models))
+
+
 async def start(
     pool: EnginePool,
     request: Request,
@@ -73,6 +79,8 @@ async def start(
     *,
     request_id: str,
     param: str,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> list[Started]:
     """Dispatch every prompt at once and wait for each one's first output.
 
@@ -80,18 +88,26 @@ async def start(
     surface here, while a proper status can still be sent; on any error the
     streams already started are closed, which aborts them in their engines. The
     pool renders each prompt and checks it against the context, once.
+    ``chat_template_kwargs`` go to the chat template (declared tools), ``overrides``
+    over the request's sampling parameters (a forced tool call's schema).
     """
-    if request.model not in pool.models:
-        raise to_openai_error(UnknownModelError(request.model, pool.models))
+    check_model(pool, request.model)
     try:
         # What the request leaves out comes from the model's generation config, as with
         # `vllm serve` (Qwen2.5: temperature 0.7, top_p 0.8, top_k 20, ...).
         defaults = pool.sampling_defaults(request.model)
-        params = build_sampling_params(request, stream=request.stream, defaults=defaults)
+        params = build_sampling_params(request, stream=request.stream, defaults=defaults, overrides=overrides)
     except Exception as exc:
         raise to_openai_error(exc) from exc
     streams = [
-        pool.generate(request.model, prompt, params, request_id=f"{request_id}-{i}", session_key=request.user)
+        pool.generate(
+            request.model,
+            prompt,
+            params,
+            request_id=f"{request_id}-{i}",
+            session_key=request.user,
+            chat_template_kwargs=chat_template_kwargs,
+        )
         for i, prompt in enumerate(prompts)
     ]
     firsts: list[Any] = [None] * len(streams)

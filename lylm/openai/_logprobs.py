@@ -47,18 +47,29 @@ def chat_logprobs(
 
 
 def completion_logprobs(
-    token_ids: Sequence[int], logprobs: Iterable[Mapping[int, Any]], top: int, offset: int
+    token_ids: Sequence[int],
+    logprobs: Iterable[Mapping[int, Any] | None],
+    top: int,
+    offset: int,
+    unscored: str = "",
 ) -> dict[str, Any]:
-    """A completions choice's ``logprobs`` object; ``offset`` is the text offset of the first token."""
+    """A completions choice's ``logprobs`` object; ``offset`` is the text offset of the first token.
+
+    A position without logprobs (an echoed prompt's first token: nothing precedes it)
+    gets ``unscored`` as its text and nulls, as in vLLM.
+    """
     tokens: list[str] = []
-    values: list[float] = []
-    tops: list[dict[str, float]] = []
+    values: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
     offsets: list[int] = []
     for token_id, position in zip(token_ids, logprobs):
-        text, value = _chosen(token_id, position)
+        if position is None:
+            text, value, best = unscored, None, None
+        else:
+            (text, value), best = _chosen(token_id, position), dict(_top(position, top))
         tokens.append(text)
         values.append(value)
-        tops.append(dict(_top(position, top)))
+        tops.append(best)
         offsets.append(offset)
         offset += len(text)
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}

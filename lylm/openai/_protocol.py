@@ -31,18 +31,29 @@ MAX_MESSAGES = 1024
 MAX_PROMPTS = 64
 """The most stop strings one request may give."""
 
+MAX_TOOLS = 128
+"""The most tools one request may declare (OpenAI's limit)."""
+
 MAX_TOP_LOGPROBS = 20
 """Chat's ``top_logprobs`` limit (OpenAI's, and vLLM's default ``max_logprobs``)."""
 
-MAX_COMPLETION_LOGPROBS = 5
-"""Completions' integer ``logprobs`` limit (OpenAI's)."""
+MAX_COMPLETION_LOGPROBS = 20
+"""Completions' integer ``logprobs`` limit: vLLM's (its default ``max_logprobs``), above
+OpenAI's 5; an engine started with a lower ``max_logprobs`` refuses more with a 400."""
 
 # The engine's msgpack transport carries 64-bit integers only: a bigger one would
 # fail deep in the engine client instead of here, as a 400.
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
-_ROLES = ("system", "user", "assistant", "developer")
+_ROLES = ("system", "user", "assistant", "developer", "tool")
+_TOOL_CHOICES = ("none", "auto", "required")
+# The keys each role's messages may carry, beyond role and content.
+_MESSAGE_KEYS = {
+    "assistant": frozenset({"role", "content", "name", "tool_calls"}),
+    "tool": frozenset({"role", "content", "tool_call_id"}),
+}
+_PLAIN_MESSAGE_KEYS = frozenset({"role", "content", "name"})
 _RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 _COMMON_KEYS = frozenset(
@@ -52,8 +63,15 @@ _COMMON_KEYS = frozenset(
         "repetition_penalty", "ignore_eos", "response_format", "logit_bias",
     }
 )  # fmt: skip
-_CHAT_KEYS = _COMMON_KEYS | {"messages", "max_completion_tokens", "logprobs", "top_logprobs"}
-_COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs"}
+_CHAT_KEYS = _COMMON_KEYS | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+    "parallel_tool_calls", "include_reasoning", "chat_template_kwargs",
+}  # fmt: skip
+# Chat template variables lylm sets itself: a request's chat_template_kwargs may not.
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {"tools", "add_generation_prompt", "continue_final_message", "tokenize", "chat_template", "messages"}
+)
+_COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs", "echo"}
 
 # (name, low, high, low excluded): numbers passed to vLLM under the same name.
 _NUMBERS = (
@@ -79,6 +97,17 @@ class ChatRequest:
     top_logprobs: int
     user: str | None
     sampling: Mapping[str, Any]
+    #: The declared tools as sent (validated), or None.
+    tools: list[dict[str, Any]] | None = None
+    #: ``"none"``, ``"auto"``, ``"required"``, ``{"type": "function", "function": {"name": ...}}`` or None.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    #: vLLM's extension: False drops the reasoning from responses (a reasoning parser is set).
+    include_reasoning: bool = True
+    #: vLLM's extension: extra chat template variables (e.g. ``{"enable_thinking": false}``).
+    chat_template_kwargs: Mapping[str, Any] = attrs.field(factory=dict)
+    #: vLLM's ``stream_options.continuous_usage_stats``: usage on every chunk.
+    continuous_usage: bool = False
 
 
 @attrs.frozen
@@ -93,6 +122,10 @@ class CompletionRequest:
     logprobs: int | None
     user: str | None
     sampling: Mapping[str, Any]
+    #: vLLM's ``stream_options.continuous_usage_stats``: usage on every chunk.
+    continuous_usage: bool = False
+    #: Put the prompt before each choice's text (and its logprobs before the choice's).
+    echo: bool = False
 
 
 def parse_chat_request(body: Any) -> ChatRequest:
@@ -100,7 +133,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
     obj = _body(body, _CHAT_KEYS)
     model = _model(obj)
     messages = _messages(obj.get("messages"))
-    stream, include_usage = _stream(obj)
+    stream, include_usage, continuous_usage = _stream(obj)
     sampling = _sampling(obj)
     max_completion = _int(obj.get("max_completion_tokens"), "max_completion_tokens", 1)
     if max_completion is not None:
@@ -110,16 +143,23 @@ def parse_chat_request(body: Any) -> ChatRequest:
     top_logprobs = _int(obj.get("top_logprobs"), "top_logprobs", 0, MAX_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:
         raise bad_request("'top_logprobs' requires 'logprobs' to be true", param="top_logprobs")
+    tools = _tools(obj.get("tools"))
     return ChatRequest(
         model=model,
         messages=messages,
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
         n=_int(obj.get("n"), "n", 1, MAX_N) or 1,
         logprobs=logprobs,
         top_logprobs=top_logprobs or 0,
         user=_str(obj.get("user"), "user"),
         sampling=MappingProxyType(sampling),
+        tools=tools,
+        tool_choice=_tool_choice(obj.get("tool_choice"), tools),
+        parallel_tool_calls=_bool(obj.get("parallel_tool_calls"), "parallel_tool_calls"),
+        include_reasoning=_bool(obj.get("include_reasoning"), "include_reasoning") is not False,
+        chat_template_kwargs=_template_kwargs(obj.get("chat_template_kwargs")),
     )
 
 
@@ -128,7 +168,7 @@ def parse_completion_request(body: Any) -> CompletionRequest:
     obj = _body(body, _COMPLETION_KEYS)
     model = _model(obj)
     prompts = _prompts(obj.get("prompt"))
-    stream, include_usage = _stream(obj)
+    stream, include_usage, continuous_usage = _stream(obj)
     sampling = _sampling(obj)
     # OpenAI's completions API (and vLLM's) default to 16 tokens; chat to the rest of the context.
     if sampling.get("max_tokens") is None:
@@ -138,10 +178,12 @@ def parse_completion_request(body: Any) -> CompletionRequest:
         prompts=prompts,
         stream=stream,
         include_usage=include_usage,
+        continuous_usage=continuous_usage,
         n=_int(obj.get("n"), "n", 1, MAX_N) or 1,
         logprobs=_int(_bool_as_int(obj.get("logprobs")), "logprobs", 0, MAX_COMPLETION_LOGPROBS),
         user=_str(obj.get("user"), "user"),
         sampling=MappingProxyType(sampling),
+        echo=_bool(obj.get("echo"), "echo") or False,
     )
 
 
@@ -150,8 +192,10 @@ def build_sampling_params(
     *,
     stream: bool,
     defaults: Mapping[str, Any] | None = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Any:
-    """The request's ``vllm.SamplingParams``; ``defaults`` fill in what the client left out."""
+    """The request's ``vllm.SamplingParams``; ``defaults`` fill in what the client left out,
+    ``overrides`` replace what it set (the server's own needs, e.g. a forced tool call's schema)."""
     from vllm.sampling_params import RequestOutputKind, SamplingParams, StructuredOutputsParams
 
     try:
@@ -161,12 +205,14 @@ def build_sampling_params(
 
     # No max_tokens means "up to the context length" (OpenAI's meaning): None lets the
     # pool and the engine size it, where SamplingParams' own default would be 16.
-    kwargs: dict[str, Any] = {"max_tokens": None, **(defaults or {}), **request.sampling}
+    kwargs: dict[str, Any] = {"max_tokens": None, **(defaults or {}), **request.sampling, **(overrides or {})}
     if isinstance(request, ChatRequest):
         # vLLM's logprobs=k returns the sampled token's logprob plus the top k.
         kwargs["logprobs"] = request.top_logprobs if request.logprobs else None
     else:
         kwargs["logprobs"] = request.logprobs
+        if request.echo and request.logprobs is not None:
+            kwargs["prompt_logprobs"] = request.logprobs  # the echoed prompt's, as vLLM
     kwargs["n"] = request.n
     kwargs["output_kind"] = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     try:
@@ -209,16 +255,19 @@ def _model(obj: dict[str, Any]) -> str:
     return model
 
 
-def _stream(obj: dict[str, Any]) -> tuple[bool, bool]:
-    """``stream`` and ``stream_options.include_usage``."""
+def _stream(obj: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """``stream``, ``stream_options.include_usage`` and (vLLM's)
+    ``stream_options.continuous_usage_stats``, which counts only with include_usage."""
     stream = _bool(obj.get("stream"), "stream") or False
     if obj.get("stream_options") is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         message = "'stream_options' is only allowed when 'stream' is true"
         raise bad_request(message, param="stream_options")
-    options = _object(obj["stream_options"], "stream_options", {"include_usage"})
-    return stream, _bool(options.get("include_usage"), "stream_options.include_usage") or False
+    options = _object(obj["stream_options"], "stream_options", {"include_usage", "continuous_usage_stats"})
+    include = _bool(options.get("include_usage"), "stream_options.include_usage") or False
+    continuous = _bool(options.get("continuous_usage_stats"), "stream_options.continuous_usage_stats") or False
+    return stream, include, include and continuous
 
 
 def _sampling(obj: dict[str, Any]) -> dict[str, Any]:
@@ -317,13 +366,14 @@ def _messages(value: Any) -> list[dict[str, Any]]:
 
 
 def _message(item: Any, path: str) -> dict[str, Any]:
-    """A normalized copy of one message: role, content (and name)."""
-    # Role first: a tool message is refused for its role, not for its tool_call_id.
+    """A normalized copy of one message: role, content, and name / tool_calls / tool_call_id."""
+    # Role first: an unknown role is refused for its role, not for its other keys.
     role = _required(_object(item, path), "role", f"{path}.role")
     if not isinstance(role, str) or role not in _ROLES:
         raise _invalid(f"{path}.role", _one_of(_ROLES), role)
-    _check_keys(item, frozenset({"role", "content", "name"}), f"{path}.")
+    _check_keys(item, _MESSAGE_KEYS.get(role, _PLAIN_MESSAGE_KEYS), f"{path}.")
     content = item.get("content")
+    tool_calls = _tool_calls(item.get("tool_calls"), f"{path}.tool_calls")
     if content is None:
         # OpenAI lets an assistant turn go without content (it had tool calls instead).
         if role != "assistant":
@@ -333,7 +383,101 @@ def _message(item: Any, path: str) -> dict[str, Any]:
     name = _str(item.get("name"), f"{path}.name")
     if name is not None:
         message["name"] = name
+    if tool_calls is not None:
+        message["tool_calls"] = tool_calls
+    if role == "tool":
+        call_id = _str(_required(item, "tool_call_id", f"{path}.tool_call_id"), f"{path}.tool_call_id")
+        message["tool_call_id"] = call_id
     return message
+
+
+def _tool_calls(value: Any, path: str) -> list[dict[str, Any]] | None:
+    """An assistant message's earlier tool calls: ``[{id, type: function, function: {name, arguments}}]``."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise _invalid(path, "a list of tool calls", value)
+    calls = []
+    for i, call in enumerate(value):
+        where = f"{path}[{i}]"
+        _object(call, where, {"id", "type", "function"})
+        call_id = _str(_required(call, "id", f"{where}.id"), f"{where}.id")
+        _function_type(call, where)
+        function = _object(_required(call, "function", f"{where}.function"), f"{where}.function", {"name", "arguments"})
+        name = _str(_required(function, "name", f"{where}.function.name"), f"{where}.function.name")
+        arguments = _str(_required(function, "arguments", f"{where}.function.arguments"), f"{where}.function.arguments")
+        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+    return calls
+
+
+def _function_type(obj: dict[str, Any], path: str) -> None:
+    kind = _required(obj, "type", f"{path}.type")
+    if kind != "function":
+        raise _invalid(f"{path}.type", "'function'", kind)
+
+
+# -- tools -------------------------------------------------------------------------------
+
+
+def _tools(value: Any) -> list[dict[str, Any]] | None:
+    """``tools``: function declarations, as sent (checked, not rewritten)."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        # An empty list is refused as vLLM and OpenAI refuse it: omit the field instead.
+        raise _invalid("tools", "a non-empty list of tools (omit it for none)", value)
+    if len(value) > MAX_TOOLS:
+        raise bad_request(f"'tools' has {len(value)} tools; at most {MAX_TOOLS} are accepted", param="tools")
+    names: set[str] = set()
+    for i, tool in enumerate(value):
+        where = f"tools[{i}]"
+        _object(tool, where, {"type", "function"})
+        _function_type(tool, where)
+        keys = {"name", "description", "parameters", "strict"}
+        function = _object(_required(tool, "function", f"{where}.function"), f"{where}.function", keys)
+        name = _str(_required(function, "name", f"{where}.function.name"), f"{where}.function.name")
+        if not name:
+            raise _invalid(f"{where}.function.name", "a non-empty string", name)
+        if name in names:
+            raise bad_request(f"'{where}.function.name': {_show(name)} is declared twice", param=f"{where}.function.name")
+        names.add(name)
+        _str(function.get("description"), f"{where}.function.description")
+        parameters = function.get("parameters")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise _invalid(f"{where}.function.parameters", "a JSON Schema object", parameters)
+        _bool(function.get("strict"), f"{where}.function.strict")
+    return list(value)
+
+
+def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str | dict[str, Any] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value not in _TOOL_CHOICES:
+            raise _invalid("tool_choice", _one_of(_TOOL_CHOICES) + " or a named function", value)
+        if value != "none" and tools is None:
+            raise bad_request(f"'tool_choice' {_show(value)} requires 'tools'", param="tool_choice")
+        return value
+    _object(value, "tool_choice", {"type", "function"})
+    _function_type(value, "tool_choice")
+    function = _object(_required(value, "function", "tool_choice.function"), "tool_choice.function", {"name"})
+    name = _str(_required(function, "name", "tool_choice.function.name"), "tool_choice.function.name")
+    declared = [t["function"]["name"] for t in tools or ()]
+    if name not in declared:
+        message = f"'tool_choice.function.name' {_show(name)} is not among 'tools' ({', '.join(declared) or 'none'})"
+        raise bad_request(message, param="tool_choice.function.name")
+    return {"type": "function", "function": {"name": name}}
+
+
+def _template_kwargs(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    kwargs = _object(value, "chat_template_kwargs")
+    for key in kwargs:
+        if key in _RESERVED_TEMPLATE_KWARGS:
+            param = f"chat_template_kwargs.{key}"
+            raise bad_request(f"'{param}' is set by the server and may not be given", param=param)
+    return dict(kwargs)
 
 
 def _content(content: Any, path: str) -> str | list[dict[str, Any]]:

@@ -26,6 +26,15 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None)
     }
 
 
+def running_usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """vLLM's ``continuous_usage_stats``: the counts so far on every chunk (for that choice)."""
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
 def chunk(head: Mapping[str, Any], choices: list[dict[str, Any]], *, include_usage: bool, **extra: Any) -> bytes:
     """One streamed chunk: ``head`` (id, object, created, model) plus ``choices``.
 

@@ -41,6 +41,8 @@ class FakeOutput:
     outputs: list[FakeCompletion]
     finished: bool
     num_cached_tokens: int = 0
+    prompt: str | None = None
+    prompt_logprobs: None = None
 
 
 class FakeEngine(Engine):
@@ -107,6 +109,10 @@ class FakeEngine(Engine):
     async def render_text(self, text: str) -> RenderedPrompt:
         """One token per UTF-8 byte."""
         return RenderedPrompt(list(text.encode()))
+
+    async def decode(self, token_ids: Sequence[int]) -> str:
+        """Bytes back to text (ids above 255 are not bytes: shown as U+FFFD)."""
+        return bytes(t if t < 256 else 0xFF for t in token_ids).decode(errors="replace")
 
     async def render_chat(
         self,
