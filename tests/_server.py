@@ -57,7 +57,7 @@ def metric(url: str, name: str) -> dict[str, float]:
 
 
 class ServerProcess:
-    """examples/serve.py (or another server ``script``) in a subprocess; ``url`` is its base URL once ready."""
+    """examples/serve.py (or another server ``script`` or ``module``) in a subprocess; ``url`` is its base URL once ready."""
 
     def __init__(
         self,
@@ -65,6 +65,7 @@ class ServerProcess:
         env: dict[str, str] | None = None,
         log: Path,
         script: str = "examples/serve.py",
+        module: str | None = None,
         workers: int | None = None,
     ) -> None:
         #: Front-end worker processes (--workers); None: the script's default.
@@ -76,7 +77,8 @@ class ServerProcess:
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / script), "--port", str(self.port), *args],
+            # module: run `python -m module` instead of the script (vLLM's own server).
+            [sys.executable, *(["-m", module] if module else [str(ROOT / script)]), "--port", str(self.port), *args],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=self._log,
