@@ -64,6 +64,12 @@ async def _render(
     raise TypeError("a prompt is a string, a list of token ids, or a list of chat messages (dicts)")
 
 
+def is_pooling(params: Any) -> bool:
+    """Whether ``params`` ask for pooling (vLLM's ``PoolingParams``: embeddings) rather than
+    generation; matched by name so that lylm need not import vLLM."""
+    return type(params).__name__ == "PoolingParams"
+
+
 def describe_request(
     model: str,
     rendered: RenderedPrompt,
@@ -81,6 +87,8 @@ def describe_request(
     prompt_tokens = len(rendered.token_ids)
     n = getattr(sampling_params, "n", 1) or 1
     asked = getattr(sampling_params, "max_tokens", None)
+    if is_pooling(sampling_params):
+        asked = 0  # an embedding: the prompt is all the work, no output tokens
     if prompt_tokens + max(asked or 0, 1) > context:
         raise ContextLengthError(context=context, prompt_tokens=prompt_tokens, max_tokens=asked)
     return RequestInfo(

@@ -26,6 +26,7 @@ from ._exceptions import (
     LylmError,
 )
 from ._placement import spawn_environment, visible_devices
+from ._render import is_pooling
 from ._reaper import REAPER, process_tree
 from ._vllm_cores import EngineCores
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
@@ -317,17 +318,22 @@ class VLLMEngine(Engine):
     async def generate(
         self, request_id: str, prompt: RenderedPrompt, sampling_params: Any
     ) -> AsyncGenerator[EngineStep, None]:
-        """Stream vLLM's RequestOutputs with the number of tokens each one added."""
+        """Stream vLLM's RequestOutputs with the number of tokens each one added; with
+        ``PoolingParams`` (an embedding model), vLLM's one PoolingRequestOutput."""
         llm = self._require()
         engine_prompt = prompt.payload
         if engine_prompt is None:
             engine_prompt = {"prompt_token_ids": list(prompt.token_ids)}
         delta = _is_delta(sampling_params)
         seen = 0
-        stream = llm.generate(engine_prompt, sampling_params, request_id)
+        pooling = is_pooling(sampling_params)
+        if pooling:  # an embedding: vLLM's encode, one output, no tokens generated
+            stream = llm.encode(engine_prompt, sampling_params, request_id)
+        else:
+            stream = llm.generate(engine_prompt, sampling_params, request_id)
         try:
             async for output in stream:
-                total = sum(len(c.token_ids) for c in output.outputs)
+                total = 0 if pooling else sum(len(c.token_ids) for c in output.outputs)
                 new = total if delta else total - seen
                 seen = total
                 yield EngineStep(output, new, output.finished)

@@ -706,3 +706,27 @@ def test_echo_asks_for_prompt_logprobs() -> None:
     assert request.echo and params.prompt_logprobs == 2
     plain = build_sampling_params(parse_completion_request({**COMPLETION_MIN, "echo": True}), stream=False)
     assert plain.prompt_logprobs is None
+
+
+def test_embedding_requests() -> None:
+    from lylm.openai._embeddings import MAX_INPUTS, parse_embedding_request
+
+    request = parse_embedding_request({"model": "e", "input": ["a", "b"], "encoding_format": "base64", "dimensions": 8})
+    assert (request.inputs, request.encoding_format, request.dimensions) == (["a", "b"], "base64", 8)
+    assert parse_embedding_request({"model": "e", "input": [1, 2]}).inputs == [[1, 2]]
+    assert parse_embedding_request({"model": "e", "input": "x"}).encoding_format == "float"
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({"input": "x"}, "model"),
+        ({"model": "e"}, "input"),
+        ({"model": "e", "input": ""}, "input"),
+        ({"model": "e", "input": ["a", ""]}, "input[1]"),
+        ({"model": "e", "input": ["a"] * (MAX_INPUTS + 1)}, "input"),
+        ({"model": "e", "input": [{"role": "user"}]}, "input"),
+        ({"model": "e", "input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"model": "e", "input": "x", "dimensions": 0}, "dimensions"),
+        ({"model": "e", "input": "x", "truncate": True}, "truncate"),
+    ]
+    for body, param in bad:
+        with pytest.raises(OpenAIError) as info:
+            parse_embedding_request(body)
+        assert info.value.status == 400 and info.value.param == param, body

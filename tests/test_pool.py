@@ -433,3 +433,18 @@ def test_admission_limits_are_validated() -> None:
         EnginePool.from_config(fake_specs([1.0]), max_in_flight_requests=0)
     with pytest.raises(UnknownModelError):
         EnginePool.from_config(fake_specs([1.0]), max_in_flight_tokens={"other": 5})
+
+
+def test_an_embedding_request_books_its_prompt_and_no_output() -> None:
+    from types import SimpleNamespace
+
+    from vllm import PoolingParams
+
+    from lylm._engine import RenderedPrompt
+    from lylm._render import describe_request
+
+    embed = describe_request("m", RenderedPrompt([1, 2, 3]), PoolingParams(task="embed"), context=8)
+    assert (embed.prompt_tokens, embed.max_tokens, embed.n) == (3, 0, 1)
+    # A generation request without max_tokens books the rest of the context instead.
+    unbounded = describe_request("m", RenderedPrompt([1, 2, 3]), SimpleNamespace(max_tokens=None, n=1), context=8)
+    assert unbounded.max_tokens == 5

@@ -99,13 +99,38 @@ async def start(
         params = build_sampling_params(request, stream=request.stream, defaults=defaults, overrides=overrides)
     except Exception as exc:
         raise to_openai_error(exc) from exc
+    return await dispatch(
+        pool,
+        request.model,
+        prompts,
+        params,
+        request_id=request_id,
+        session_key=request.user,
+        param=param,
+        chat_template_kwargs=chat_template_kwargs,
+    )
+
+
+async def dispatch(
+    pool: EnginePool,
+    model: str,
+    prompts: Sequence[Prompt],
+    params: Any,
+    *,
+    request_id: str,
+    session_key: str | None,
+    param: str,
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[Started]:
+    """:func:`start` with the engine parameters given (vLLM's ``SamplingParams``, or
+    ``PoolingParams`` for embeddings): every prompt at once, errors before any output."""
     streams = [
         pool.generate(
-            request.model,
+            model,
             prompt,
             params,
             request_id=f"{request_id}-{i}",
-            session_key=request.user,
+            session_key=session_key,
             chat_template_kwargs=chat_template_kwargs,
         )
         for i, prompt in enumerate(prompts)

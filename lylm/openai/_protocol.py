@@ -500,28 +500,28 @@ def _content(content: Any, path: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _prompts(value: Any) -> list[str | list[int]]:
-    """``prompt`` as one entry per prompt: a string or a list of token ids."""
+def _prompts(value: Any, param: str = "prompt", limit: int = MAX_PROMPTS) -> list[str | list[int]]:
+    """``prompt`` (or an embeddings ``input``) as one entry per prompt: a string or token ids."""
     if value is None:
-        raise _missing("prompt")
+        raise _missing(param)
     if isinstance(value, str):
         if not value:  # OpenAI allows it, vLLM does not
-            raise bad_request("'prompt' must not be empty", param="prompt")
+            raise bad_request(f"'{param}' must not be empty", param=param)
         return [value]
-    if isinstance(value, list) and len(value) > MAX_PROMPTS and not _is_list_of_ints(value):
-        raise bad_request(f"'prompt' has {len(value)} prompts; at most {MAX_PROMPTS} are accepted", param="prompt")
-    # Shape errors name 'prompt'; an empty or out-of-range element names itself.
+    if isinstance(value, list) and len(value) > limit and not _is_list_of_ints(value):
+        raise bad_request(f"'{param}' has {len(value)} prompts; at most {limit} are accepted", param=param)
+    # Shape errors name the field; an empty or out-of-range element names itself.
     if isinstance(value, list) and value and all(isinstance(p, str) for p in value):
         for i, text in enumerate(value):
             if not text:
-                raise bad_request(f"'prompt[{i}]' must not be empty", param=f"prompt[{i}]")
+                raise bad_request(f"'{param}[{i}]' must not be empty", param=f"{param}[{i}]")
         return list(value)
     if isinstance(value, list) and value and _is_list_of_ints(value):
-        return [_token_ids(value, "prompt")]
+        return [_token_ids(value, param)]
     if isinstance(value, list) and value and all(_is_list_of_ints(p) for p in value):
-        return [_token_ids(ids, f"prompt[{i}]") for i, ids in enumerate(value)]
+        return [_token_ids(ids, f"{param}[{i}]") for i, ids in enumerate(value)]
     shape = "a string, or a non-empty list of strings, of token ids or of token-id lists"
-    raise _invalid("prompt", shape, value)
+    raise _invalid(param, shape, value)
 
 
 def _token_ids(ids: list[int], path: str) -> list[int]:
