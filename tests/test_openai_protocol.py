@@ -730,3 +730,54 @@ def test_embedding_requests() -> None:
         with pytest.raises(OpenAIError) as info:
             parse_embedding_request(body)
         assert info.value.status == 400 and info.value.param == param, body
+
+
+def test_responses_requests_become_chat_requests() -> None:
+    from lylm.openai._responses import parse_responses_request
+
+    request = parse_responses_request(
+        {
+            "model": "m",
+            "instructions": "Be brief",
+            "input": [
+                {"role": "user", "content": "Hi"},
+                {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Yo"}]},
+            ],
+            "max_output_tokens": 7,
+            "temperature": 0.5,
+            "text": {"format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}}},
+            "store": False,
+        }
+    )
+    chat = request.chat
+    assert chat.messages == [
+        {"role": "system", "content": "Be brief"},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": [{"type": "text", "text": "Yo"}]},
+    ]
+    assert chat.sampling["max_tokens"] == 7 and chat.sampling["temperature"] == 0.5
+    assert chat.sampling["structured_outputs"] == {"json": {"type": "object"}}
+    assert request.text == {
+        "format": {"type": "json_schema", "name": "a", "schema": {"type": "object"}, "description": None, "strict": None},
+        "verbosity": None,
+    }
+    assert parse_responses_request({"model": "m", "input": "Hello"}).chat.messages == [{"role": "user", "content": "Hello"}]
+    refused: list[tuple[dict[str, Any], int, str]] = [
+        ({"input": "x", "tools": [{"type": "function", "name": "f"}]}, 400, "tools"),
+        ({"input": "x", "previous_response_id": "resp_1"}, 404, "previous_response_id"),
+        ({"input": "x", "background": True}, 400, "background"),
+        ({"input": []}, 400, "input"),
+        ({"input": [{"type": "function_call_output", "call_id": "1"}]}, 400, "input[0].call_id"),
+        ({"input": [{"type": "function_call", "role": "user", "content": "x"}]}, 400, "input[0].type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}, 400, "input[0].content[0].image_url"),
+        ({"input": [{"role": "user", "content": [{"type": "input_file"}]}]}, 400, "input[0].content[0].type"),
+        ({"input": [{"role": "tool", "content": "x"}]}, 400, "input[0].role"),
+        ({"input": "x", "max_output_tokens": 0}, 400, "max_output_tokens"),
+        ({"input": "x", "text": {"format": {"type": "xml"}}}, 400, "text.format.type"),
+        ({"input": "x", "reasoning": {"effort": "low"}}, 400, "reasoning"),
+        ({"input": "x", "temperature": 3}, 400, "temperature"),
+    ]
+    for body, status, param in refused:
+        with pytest.raises(OpenAIError) as info:
+            parse_responses_request({"model": "m", **body})
+        assert (info.value.status, info.value.param) == (status, param), body

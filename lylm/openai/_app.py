@@ -28,6 +28,7 @@ from ._json import json_response
 from ._metrics import PoolMetrics
 from ._protocol import parse_chat_request, parse_completion_request
 from ._embeddings import embeddings, parse_embedding_request
+from ._responses import parse_responses_request, responses
 from ._tokenize import detokenize, tokenize
 
 logger = logging.getLogger("lylm.openai")
@@ -185,6 +186,10 @@ def routes(
         body = parse_completion_request(await read_json(request, max_body_bytes))
         return await _unless_disconnected(request, lambda: completion(pool, body))
 
+    async def respond(request: Request) -> Response:
+        body = parse_responses_request(await read_json(request, max_body_bytes))
+        return await _unless_disconnected(request, lambda: responses(pool, body))
+
     async def embed(request: Request) -> Response:
         body = parse_embedding_request(await read_json(request, max_body_bytes))
         return await _unless_disconnected(request, lambda: embeddings(pool, body))
@@ -215,6 +220,7 @@ def routes(
         Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
         Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
         Route("/v1/embeddings", endpoint("/v1/embeddings", embed), methods=["POST"]),
+        Route("/v1/responses", endpoint("/v1/responses", respond), methods=["POST"]),
         # vLLM's own endpoints (not OpenAI's): behind the API keys like /v1.
         Route("/tokenize", endpoint("/tokenize", tokenize_route), methods=["POST"]),
         Route("/detokenize", endpoint("/detokenize", detokenize_route), methods=["POST"]),
