@@ -18,13 +18,15 @@
 #   workers2 the same, lylm --workers 2/4 vs vllm serve --api-server-count 4, more rounds
 #   workersk 3 instances (0.5B) on one GPU, lylm --workers 1 vs 3
 #   ceiling issue 13: front-end ceiling with 1/2/4/8 workers over fake engines, on the host's CPUs
+#   tests26 issue 14: the OpenAI adapter's engine tests and the differential test against vllm serve,
+#           on the kit's vLLM 0.26 (the snapshot carries tests/ and pytest's wheels in whl/)
 #
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
 # .gpurun, a copy of this repository's lylm/, benchmarks/, examples/ and a whl/ folder with
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|tests26}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -126,6 +128,15 @@ case $CALL in
     python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/0.5b" --shape qwen2.5-0.5b --arms lylm:1,lylm:3 \
       --instances 3 --gpu-mem 0.13 --rounds 2 --budget-s "$(($(left) - 30))" --out "$OUT/workers_3_instances_0.5b" \
       --log-dir /tmp/logs-workersk
+    ;;
+  tests26)  # issue 14: tools/reasoning, echo, sampling defaults and the parity test, on vLLM 0.26
+    python3 -c 'import pytest' 2> /dev/null || python3 -m pip install -q --no-index --no-deps --no-compile \
+      --target /tmp/lylm-site "$RUN"/whl/pytest-*.whl "$RUN"/whl/pluggy-*.whl "$RUN"/whl/iniconfig-*.whl || exit 2
+    # The warnings filter (errors) is the CPU build's; vLLM 0.26 on CUDA warns otherwise.
+    (cd "$RUN" && LYLM_TEST_ENGINE_ARGS='{"gpu_memory_utilization": 0.08}' timeout "$(($(left) - 20))" \
+      python3 -m pytest -q -p no:cacheprovider -p no:warnings -o addopts="" \
+      tests/test_openai_tools.py tests/test_vllm_parity.py tests/test_openai_sampling.py) 2>&1 | tail -150 > "$OUT/tests26.log"
+    tail -40 "$OUT/tests26.log"
     ;;
   ceiling)  # issue 13: the front end's ceiling with 1/2/4/8 workers over fake engines, on this host's CPUs
     python3 "$B/worker_ceiling.py" --procs 6 --budget "$(($(left) - 30))" --out "$OUT/worker_ceiling_gpu_host"
