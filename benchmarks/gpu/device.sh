@@ -135,8 +135,8 @@ case $CALL in
     # The warnings filter (errors) is the CPU build's; vLLM 0.26 on CUDA warns otherwise.
     (cd "$RUN" && LYLM_TEST_ENGINE_ARGS='{"gpu_memory_utilization": 0.08}' timeout "$(($(left) - 20))" \
       python3 -m pytest -q -p no:cacheprovider -p no:warnings -o addopts="" \
-      tests/test_openai_tools.py tests/test_vllm_parity.py tests/test_openai_sampling.py) 2>&1 | tail -150 > "$OUT/tests26.log"
-    tail -40 "$OUT/tests26.log"
+      ${TESTS:-tests/test_openai_tools.py tests/test_vllm_parity.py tests/test_openai_sampling.py}) > "$OUT/tests26.log" 2>&1
+    grep -a -E "^(E |FAILED|ERROR)|passed|failed" "$OUT/tests26.log" | cut -c1-400 | tail -60
     ;;
   ceiling)  # issue 13: the front end's ceiling with 1/2/4/8 workers over fake engines, on this host's CPUs
     python3 "$B/worker_ceiling.py" --procs 6 --budget "$(($(left) - 30))" --out "$OUT/worker_ceiling_gpu_host"
