@@ -283,8 +283,11 @@ def test_tools_and_a_finished_call_reach_the_prompt(tools_server: str) -> None:
         assert "tool_calls" not in r.json()["choices"][0]["message"] or body.get("tool_choice") != "none"
         return int(r.json()["usage"]["prompt_tokens"])
 
+    # Not strict: with strict tools vLLM also constrains "auto" (a structural tag), which
+    # is not what this test is about (and failed inside vLLM 0.26's engine on a GPU).
+    loose = {"type": "function", "function": {k: v for k, v in WEATHER["function"].items() if k != "strict"}}
     bare = prompt_tokens(messages=ASK)
-    shown = prompt_tokens(messages=ASK, tools=[WEATHER], tool_choice="none")
+    shown = prompt_tokens(messages=ASK, tools=[loose], tool_choice="none")
     assert shown > bare + 20  # the template lists the tool's JSON
     history = ASK + [
         {"role": "assistant", "content": None, "tool_calls": [
@@ -292,8 +295,8 @@ def test_tools_and_a_finished_call_reach_the_prompt(tools_server: str) -> None:
         ]},
         {"role": "tool", "tool_call_id": "call-1", "content": "Sunny, 21 C"},
     ]  # fmt: skip
-    answered = prompt_tokens(messages=history, tools=[WEATHER], tool_choice="auto")
-    assert answered > prompt_tokens(messages=ASK, tools=[WEATHER], tool_choice="auto") + 10
+    answered = prompt_tokens(messages=history, tools=[loose], tool_choice="auto")
+    assert answered > prompt_tokens(messages=ASK, tools=[loose], tool_choice="auto") + 10
 
 
 def test_response_format_and_a_forced_call_together_are_refused(tools_server: str) -> None:
