@@ -6,7 +6,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -34,6 +34,7 @@ from ._tokenize import detokenize, tokenize
 logger = logging.getLogger("lylm.openai")
 
 Handler = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
 #: The default cap on a request body: far above any prompt a model's context holds.
@@ -178,21 +179,14 @@ def routes(
         ]
         return json_response({"object": "list", "data": data})
 
-    async def chat(request: Request) -> Response:
-        body = parse_chat_request(await read_json(request, max_body_bytes))
-        return await _unless_disconnected(request, lambda: chat_completion(pool, body))
+    def served(parse: Callable[[Any], T], serve: Callable[[EnginePool, T], Awaitable[Response]]) -> Handler:
+        """A handler that validates the body with ``parse``, then serves it until the client leaves."""
 
-    async def completions(request: Request) -> Response:
-        body = parse_completion_request(await read_json(request, max_body_bytes))
-        return await _unless_disconnected(request, lambda: completion(pool, body))
+        async def handler(request: Request) -> Response:
+            body = parse(await read_json(request, max_body_bytes))
+            return await _unless_disconnected(request, lambda: serve(pool, body))
 
-    async def respond(request: Request) -> Response:
-        body = parse_responses_request(await read_json(request, max_body_bytes))
-        return await _unless_disconnected(request, lambda: responses(pool, body))
-
-    async def embed(request: Request) -> Response:
-        body = parse_embedding_request(await read_json(request, max_body_bytes))
-        return await _unless_disconnected(request, lambda: embeddings(pool, body))
+        return handler
 
     async def tokenize_route(request: Request) -> Response:
         return await tokenize(pool, await read_json(request, max_body_bytes))
@@ -217,10 +211,14 @@ def routes(
 
     return [
         Route("/v1/models", endpoint("/v1/models", list_models), methods=["GET"]),
-        Route("/v1/chat/completions", endpoint("/v1/chat/completions", chat), methods=["POST"]),
-        Route("/v1/completions", endpoint("/v1/completions", completions), methods=["POST"]),
-        Route("/v1/embeddings", endpoint("/v1/embeddings", embed), methods=["POST"]),
-        Route("/v1/responses", endpoint("/v1/responses", respond), methods=["POST"]),
+        Route("/v1/chat/completions", endpoint("/v1/chat/completions", served(parse_chat_request, chat_completion)),
+              methods=["POST"]),
+        Route("/v1/completions", endpoint("/v1/completions", served(parse_completion_request, completion)),
+              methods=["POST"]),
+        Route("/v1/embeddings", endpoint("/v1/embeddings", served(parse_embedding_request, embeddings)),
+              methods=["POST"]),
+        Route("/v1/responses", endpoint("/v1/responses", served(parse_responses_request, responses)),
+              methods=["POST"]),
         # vLLM's own endpoints (not OpenAI's): behind the API keys like /v1.
         Route("/tokenize", endpoint("/tokenize", tokenize_route), methods=["POST"]),
         Route("/detokenize", endpoint("/detokenize", detokenize_route), methods=["POST"]),
