@@ -80,7 +80,7 @@ def main() -> None:
     parser.add_argument(
         "--api-key",
         action="append",
-        default=[k for k in os.environ.get("LYLM_API_KEYS", "").split(",") if k],
+        default=[k.strip() for k in os.environ["LYLM_API_KEYS"].split(",")] if "LYLM_API_KEYS" in os.environ else [],
         help="require 'Authorization: Bearer KEY' (repeat for several; or LYLM_API_KEYS=k1,k2)",
     )
     parser.add_argument("--keys-for-health", action="store_true", help="/health and /metrics need a key too")
@@ -95,6 +95,10 @@ def main() -> None:
         help="front-end processes over the same engines (default: common.workers, else one per GPU in use)",
     )
     args = parser.parse_args()
+    if any(not key for key in args.api_key):
+        # Never open by accident: LYLM_API_KEYS="" or "a,," means a mistake, not "no keys".
+        source = "LYLM_API_KEYS" if "LYLM_API_KEYS" in os.environ else "--api-key"
+        parser.error(f"{source} holds an empty API key; unset it (or drop the flag) to serve without keys")
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
 
     pool_options: dict[str, Any] = {

@@ -247,6 +247,16 @@ class EnginePool:
         self._router.balancer(model)  # UnknownModelError for a model not served
         return tuple(self._members.group(model))
 
+    def limits(self, model: str) -> dict[str, int]:
+        """``model``'s admission limits that are set: ``max_in_flight_requests``,
+        ``max_in_flight_tokens`` (see the config's ``limits``)."""
+        self._router.balancer(model)  # UnknownModelError for a model not served
+        limits = {
+            "max_in_flight_requests": self._admission.max_requests.get(model),
+            "max_in_flight_tokens": self._admission.max_tokens.get(model),
+        }
+        return {name: value for name, value in limits.items() if value is not None}
+
     def max_model_len(self, model: str) -> int:
         """The context length of ``model``'s engines (prompt plus output, in tokens)."""
         return _first_healthy(model, self._group(model)).engine.max_model_len

@@ -103,19 +103,19 @@ def test_death_before_the_first_token_is_retried_or_a_503_before_any_byte(served
 
     # With no engine left to retry on, the client gets a 503 and no partial stream.
     body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}
-    statuses: list[tuple[int, bytes]] = []
+    statuses: list[tuple[int, bytes, str | None]] = []
 
     def call() -> None:
         with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=30) as r:
-            statuses.append((r.status_code, r.read()))
+            statuses.append((r.status_code, r.read(), r.headers.get("retry-after")))
 
     thread = threading.Thread(target=call)
     thread.start()
     wait_for(lambda: b.in_flight_requests == 1, "the request on b")
     b.engine.kill()  # type: ignore[attr-defined]
     thread.join(30)
-    ((status, raw),) = statuses
-    assert status == 503 and json.loads(raw)["error"]["code"] == "engine_dead"
+    ((status, raw, retry_after),) = statuses
+    assert status == 503 and json.loads(raw)["error"]["code"] == "engine_dead" and retry_after == "5"
 
 
 def test_health_and_metrics_show_each_state_through_a_restart(served: Any) -> None:

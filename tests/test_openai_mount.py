@@ -4,8 +4,13 @@ uvicorn on 127.0.0.1 and called with the openai client (FakeEngines behind it)."
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -81,6 +86,7 @@ def test_no_healthy_engine_is_a_503(mounted: tuple[str, EnginePool]) -> None:
     r = httpx.post(f"{url}/llm/v1/completions", json={"model": "fake", "prompt": "hi"})
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "no_healthy_engine"
+    assert r.headers["retry-after"] == "5"  # restarts take seconds: when to try again
     assert httpx.get(f"{url}/llm/health").status_code == 503
 
 
@@ -187,3 +193,93 @@ def test_past_the_admission_limit_is_a_429_with_retry_after() -> None:
             assert [line for line in lines if line][-1] == "data: [DONE]"  # the admitted one finishes
         r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200
+
+
+@pytest.mark.parametrize("value", ["", ",", "key-one,", " , "])
+def test_an_empty_api_key_never_opens_the_server(value: str) -> None:
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "LYLM_API_KEYS": value}
+    # The check runs before any engine starts, so the process exits at once.
+    out = subprocess.run(
+        [sys.executable, str(root / "examples" / "serve.py"), "--port", "1"], env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2 and "LYLM_API_KEYS holds an empty API key" in out.stderr
+    with pytest.raises(ValueError, match="empty key"):
+        create_app(EnginePool.from_config(fake_specs([1.0])), api_keys=["k", ""])
+
+
+def test_a_request_larger_than_the_admission_limit_is_a_400_not_a_429() -> None:
+    pool = EnginePool.from_config(
+        fake_specs([1.0], model="fake"), engine_factory=lambda spec: FakeEngine(), max_in_flight_requests=2
+    )
+    with uvicorn_thread(create_app(pool)) as url:
+        # Three prompts are three requests in flight: never admissible under a limit of 2,
+        # on an idle server too, so no Retry-After could help.
+        r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": ["a", "b", "c"]}, timeout=60)
+        assert r.status_code == 400 and "retry-after" not in r.headers
+        assert (r.json()["error"]["param"], r.json()["error"]["code"]) == ("prompt", "too_many_prompts")
+        two = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": ["a", "b"]}, timeout=60)
+        assert two.status_code == 200 and len(two.json()["choices"]) == 2
+
+
+@pytest.mark.anyio
+async def test_a_refused_request_leaves_no_cycle_holding_its_prompt() -> None:
+    # A prompt too long for the context is refused after rendering; before the fix, the
+    # exception's traceback and the dispatcher's error list formed a cycle that kept every
+    # refused prompt's token list alive until a full collection (issue 15, item 5).
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # vLLM's import chatter, when this test runs first
+        warnings.simplefilter("ignore")
+        import vllm.sampling_params  # noqa: F401
+
+    pool = EnginePool.from_config(fake_specs([1.0], model="fake"), engine_factory=lambda s: FakeEngine(max_model_len=64))
+    app = create_app(pool, manage_pool=False)
+    marker = [ord("y")] * 300  # the fake engine's tokens are the prompt's bytes
+    async with pool, httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lylm") as client:
+        gc.collect()
+        gc.disable()
+        try:
+            for _ in range(5):
+                r = await client.post("/v1/completions", json={"model": "fake", "prompt": "y" * 300, "max_tokens": 1})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+            alive = sum(1 for o in gc.get_objects() if type(o) is list and o is not marker and o == marker)
+        finally:
+            gc.enable()
+    assert alive == 0
+
+
+@pytest.mark.anyio
+async def test_a_client_that_leaves_while_sending_its_body_is_counted_as_499_not_500(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    pool = EnginePool.from_config(fake_specs([1.0], model="fake"), engine_factory=lambda s: FakeEngine())
+    app = create_app(pool, manage_pool=False)
+    incoming = [
+        {"type": "http.request", "body": b'{"model": "fake", "pro', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return incoming.pop(0) if incoming else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+        "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"", "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    async with pool:
+        await app(scope, receive, send)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://lylm") as client:
+            metrics = (await client.get("/metrics")).text
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 499
+    assert 'lylm_http_responses_total{route="/v1/completions",status="499"} 1.0' in metrics
+    assert 'status="500"' not in metrics
+    assert "unexpected error" not in caplog.text

@@ -71,7 +71,9 @@ def test_the_admission_limit_is_the_whole_servers(server: ServerProcess) -> None
         statuses: list[int] = []
 
         def more(i: int) -> None:
-            r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": f"more {i}", "max_tokens": 2}, headers=KEY)
+            # Every other one streamed: a stream refused by admission gets Retry-After too.
+            extra_body = {"model": MODEL, "prompt": f"more {i}", "max_tokens": 2, "stream": i % 2 == 1}
+            r = httpx.post(f"{server.url}/v1/completions", json=extra_body, headers=KEY)
             statuses.append(r.status_code)
             if r.status_code == 429:
                 assert float(r.headers["retry-after"]) > 0

@@ -12,7 +12,7 @@ import anyio
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -67,7 +67,14 @@ async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Re
         tg.start_soon(watch)
         tg.start_soon(run)
     if errors:
-        raise errors[0]
+        # Popped, not indexed: a list here that still held the exception would make a
+        # reference cycle with its traceback (this frame), keeping the request's prompt
+        # alive until a full garbage collection.
+        error = errors.pop()
+        try:
+            raise error
+        finally:
+            del error
     # 499 (nginx's "client closed request"): nobody is left to read it; metrics count it.
     return result[0] if result else Response(status_code=499)
 
@@ -147,6 +154,9 @@ def routes(
                 response = await handler(request)
             except OpenAIError as error:
                 response = _error_response(error)
+            except ClientDisconnect:
+                # The client left while sending its body: its abort, not a server error.
+                response = Response(status_code=499)
             except Exception:
                 logger.exception("unexpected error serving %s", route)
                 response = _error_response(OpenAIError(500, "internal error", type="server_error"))

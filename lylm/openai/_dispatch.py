@@ -27,6 +27,10 @@ from ._protocol import ChatRequest, CompletionRequest, build_sampling_params
 
 Request = Union[ChatRequest, CompletionRequest]
 
+NO_ENGINE_RETRY_AFTER = 5
+"""Seconds a 503 for a model without a healthy engine tells clients to wait (``Retry-After``):
+a restart takes seconds (the supervisor's backoff) to a minute (an engine's start)."""
+
 
 @attrs.define
 class Started:
@@ -51,7 +55,9 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
             headers={"Retry-After": str(max(1, round(exc.retry_after)))},
         )
     if isinstance(exc, NoHealthyEngineError):
-        return OpenAIError(503, str(exc), type="service_unavailable", code="no_healthy_engine")
+        # Engines come back by restarting (seconds to a minute): tell clients when to try again.
+        retry = {"Retry-After": str(NO_ENGINE_RETRY_AFTER)}
+        return OpenAIError(503, str(exc), type="service_unavailable", code="no_healthy_engine", headers=retry)
     if isinstance(exc, ShuttingDownError):
         # Another replica behind the same load balancer can take it now.
         return OpenAIError(
@@ -60,7 +66,8 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
     if isinstance(exc, (InvalidRequestError, ValueError, TypeError)):
         return bad_request(str(exc))
     if isinstance(exc, EngineDeadError):
-        return OpenAIError(503, str(exc), type="service_unavailable", code="engine_dead")
+        retry = {"Retry-After": str(NO_ENGINE_RETRY_AFTER)}
+        return OpenAIError(503, str(exc), type="service_unavailable", code="engine_dead", headers=retry)
     if isinstance(exc, (EngineError, LylmError)):
         return OpenAIError(500, str(exc), type="server_error", code="engine_error")
     return OpenAIError(500, "internal error", type="server_error")
@@ -124,6 +131,12 @@ async def dispatch(
 ) -> list[Started]:
     """:func:`start` with the engine parameters given (vLLM's ``SamplingParams``, or
     ``PoolingParams`` for embeddings): every prompt at once, errors before any output."""
+    limit = pool.limits(model).get("max_in_flight_requests")
+    if limit is not None and len(prompts) > limit:
+        # Each prompt is a request in flight: this one could never be admitted whole, so
+        # waiting (429, Retry-After) would not help.
+        message = f"'{param}' has {len(prompts)} prompts; model '{model}' admits at most {limit} requests at once"
+        raise bad_request(message, param=param, code="too_many_prompts")
     streams = [
         pool.generate(
             model,
@@ -155,6 +168,10 @@ async def dispatch(
         await _close(streams)
         raise
     failed = next((e for e in errors if e is not None), None)
+    # The tasks' frames reach this list through their closure and each exception reaches
+    # its task's frame through its traceback: clear it, or that cycle keeps every prompt of
+    # a failed request alive until a full garbage collection.
+    errors.clear()
     if failed is not None or any(f is None for f in firsts):
         await _close(streams)
         if isinstance(failed, ContextLengthError):

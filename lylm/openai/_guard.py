@@ -20,7 +20,11 @@ class ApiKeys:
     """The accepted API keys; checked in constant time, never logged or shown."""
 
     def __init__(self, keys: Iterable[str]) -> None:
-        self._keys = [k.encode() for k in keys if k]
+        given = list(keys)
+        if any(not k for k in given):
+            # An empty key is a mistake (an unset variable), never a key to accept or skip.
+            raise ValueError("api_keys holds an empty key")
+        self._keys = [k.encode() for k in given]
         if not self._keys:
             raise ValueError("api_keys is empty: pass None to serve without keys")
 
