@@ -26,7 +26,14 @@ from ._balancer import Balancer
 from ._books import Books
 from ._config import EngineSpec, PoolConfig
 from ._engine import Engine, RenderedPrompt
-from ._exceptions import EngineError, LylmError, NoHealthyEngineError, ShuttingDownError, UnknownModelError
+from ._exceptions import (
+    EngineDeadError,
+    EngineError,
+    LylmError,
+    NoHealthyEngineError,
+    ShuttingDownError,
+    UnknownModelError,
+)
 from ._instance import EngineStats, Instance, Outcome
 from ._membership import Membership
 from ._render import Prompt as Prompt
@@ -79,7 +86,8 @@ class EnginePool:
     from requests too), its requests fail with :class:`EngineDeadError`, and it
     is restarted under ``restart`` (a :class:`RestartPolicy`; ``None`` leaves it
     dead). A request whose engine fails before it yielded any output is retried
-    on another healthy instance of the model, at most ``retries`` times.
+    on another healthy instance of the model, at most ``retries`` times, and not
+    after a second engine died serving it (it may be what kills them).
     """
 
     def __init__(
@@ -382,6 +390,7 @@ class EnginePool:
         )
         instance = await self._choose(group, request, ())
         tried: list[Instance] = []
+        deaths = 0
         while True:
             started = False
             try:
@@ -395,6 +404,11 @@ class EnginePool:
             except EngineError as exc:
                 # Nothing reached the caller yet, so another engine may serve it whole.
                 if started or len(tried) >= self._retries:
+                    raise
+                # An engine that died serving it may have died of it (a prompt that crashes
+                # the model): one more engine may try, never a third one.
+                deaths += isinstance(exc, EngineDeadError)
+                if deaths > 1:
                     raise
                 tried.append(instance)
                 try:

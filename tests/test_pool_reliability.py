@@ -144,6 +144,32 @@ async def test_retries_are_bounded_and_the_last_error_surfaces() -> None:
         assert len(attempts) == 1
 
 
+async def test_a_request_that_kills_its_engines_is_retried_once_not_spread() -> None:
+    # A prompt that crashes the model (issue 15, item 8): it killed engine 0 during
+    # prefill, was retried on engine 1 and killed it too; a third engine must not get it.
+    served: list[str] = []
+
+    class Poisoned(FakeEngine):
+        def __init__(self, name: str) -> None:
+            super().__init__()
+            self.name = name
+
+        async def generate(self, request_id: str, prompt: Any, sampling_params: Any) -> Any:
+            served.append(self.name)
+            if prompt.token_ids[:6] == list(b"poison"):
+                self.kill()  # the engine dies of this request
+            async for step in super().generate(request_id, prompt, sampling_params):
+                yield step
+
+    async with pool_of(3, lambda s: Poisoned(s.name), retries=2, restart=None) as pool:
+        with pytest.raises(EngineDeadError):
+            await collect(pool, prompt="poison pill")
+        first, second, third = pool.instances("m")
+        assert served == [first.name, second.name] and third.healthy
+        # An ordinary engine error is still retried as often as configured.
+        assert len(await collect(pool, prompt="fine")) == 4 and served[-1] == third.name
+
+
 async def test_retry_needs_another_healthy_engine_and_skips_bad_requests() -> None:
     async with pool_of(1, lambda s: FakeEngine(fail_after=0)) as pool:
         with pytest.raises(EngineError, match="scripted failure"):
