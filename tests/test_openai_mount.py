@@ -283,3 +283,19 @@ async def test_a_client_that_leaves_while_sending_its_body_is_counted_as_499_not
     assert 'lylm_http_responses_total{route="/v1/completions",status="499"} 1.0' in metrics
     assert 'status="500"' not in metrics
     assert "unexpected error" not in caplog.text
+
+
+def test_a_token_id_prompt_longer_than_the_context_is_refused_before_its_ids_are_checked() -> None:
+    # Rejecting a huge prompt must cost no more than accepting a valid one (issue 15,
+    # item 3): its length is compared with the context first. The last id is invalid, so
+    # had every id been checked first, the error would name it instead.
+    pool = EnginePool.from_config(fake_specs([1.0], model="fake"), engine_factory=lambda s: FakeEngine(max_model_len=64))
+    with uvicorn_thread(create_app(pool)) as url:
+        for path, key in (("/v1/completions", "prompt"), ("/v1/embeddings", "input")):
+            for prompt in ([7] * 100 + [-1], [[1, 2], [7] * 100 + [-1]]):
+                r = httpx.post(f"{url}{path}", json={"model": "fake", key: prompt}, timeout=60)
+                assert r.status_code == 400, r.text
+                assert (r.json()["error"]["code"], r.json()["error"]["param"]) == ("context_length_exceeded", key)
+        # Within the context, each id is still checked.
+        r = httpx.post(f"{url}/v1/completions", json={"model": "fake", "prompt": [7, -1]}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt[1]"

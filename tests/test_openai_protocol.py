@@ -781,3 +781,15 @@ def test_responses_requests_become_chat_requests() -> None:
         with pytest.raises(OpenAIError) as info:
             parse_responses_request({"model": "m", **body})
         assert (info.value.status, info.value.param) == (status, param), body
+
+
+def test_json_depth_is_found_inside_long_flat_lists() -> None:
+    from lylm.openai._guard import MAX_JSON_DEPTH, _depth_ok
+
+    deep: Any = "leaf"
+    for _ in range(MAX_JSON_DEPTH):
+        deep = {"k": [deep]}
+    assert _depth_ok(list(range(100_000)))  # flat: looked at once
+    assert not _depth_ok([*range(1000), deep, *range(1000)])  # a deep branch after many scalars
+    assert not _depth_ok({"a": 1, "b": [None, "x", {"c": deep}]})
+    assert _depth_ok([[1, 2], {"a": [3]}, "s"])

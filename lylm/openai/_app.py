@@ -189,6 +189,9 @@ def routes(
         ]
         return json_response({"object": "list", "data": data})
 
+    def context_of(model: str) -> int | None:
+        return context(model) if model in pool.models else None
+
     def served(parse: Callable[[Any], T], serve: Callable[[EnginePool, T], Awaitable[Response]]) -> Handler:
         """A handler that validates the body with ``parse``, then serves it until the client leaves."""
 
@@ -223,9 +226,9 @@ def routes(
         Route("/v1/models", endpoint("/v1/models", list_models), methods=["GET"]),
         Route("/v1/chat/completions", endpoint("/v1/chat/completions", served(parse_chat_request, chat_completion)),
               methods=["POST"]),
-        Route("/v1/completions", endpoint("/v1/completions", served(parse_completion_request, completion)),
+        Route("/v1/completions", endpoint("/v1/completions", served(lambda b: parse_completion_request(b, context_of), completion)),
               methods=["POST"]),
-        Route("/v1/embeddings", endpoint("/v1/embeddings", served(parse_embedding_request, embeddings)),
+        Route("/v1/embeddings", endpoint("/v1/embeddings", served(lambda b: parse_embedding_request(b, context_of), embeddings)),
               methods=["POST"]),
         Route("/v1/responses", endpoint("/v1/responses", served(parse_responses_request, responses)),
               methods=["POST"]),

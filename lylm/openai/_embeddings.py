@@ -20,7 +20,7 @@ from starlette.responses import Response
 from .._pool import EnginePool
 from ._dispatch import check_model, dispatch, drain
 from ._json import json_response
-from ._protocol import _body, _int, _invalid, _model, _prompts, _str
+from ._protocol import ContextOf, _body, _int, _invalid, _model, _prompts, _str
 
 MAX_INPUTS = 2048
 """The most inputs one request may carry (OpenAI's limit)."""
@@ -40,8 +40,9 @@ class EmbeddingRequest:
     user: str | None
 
 
-def parse_embedding_request(body: Any) -> EmbeddingRequest:
-    """Validate a decoded embeddings body; a 400 :class:`OpenAIError` names what is wrong."""
+def parse_embedding_request(body: Any, context: ContextOf | None = None) -> EmbeddingRequest:
+    """Validate a decoded embeddings body; a 400 :class:`OpenAIError` names what is wrong
+    (``context``: as for :func:`parse_completion_request`)."""
     obj = _body(body, _KEYS)
     model = _model(obj)
     fmt = obj.get("encoding_format") or "float"
@@ -49,7 +50,7 @@ def parse_embedding_request(body: Any) -> EmbeddingRequest:
         raise _invalid("encoding_format", "'float' or 'base64'", fmt)
     return EmbeddingRequest(
         model=model,
-        inputs=_prompts(obj.get("input"), "input", MAX_INPUTS),
+        inputs=_prompts(obj.get("input"), "input", MAX_INPUTS, max_tokens=context(model) if context else None),
         encoding_format=fmt,
         dimensions=_int(obj.get("dimensions"), "dimensions", 1),
         user=_str(obj.get("user"), "user"),

@@ -47,16 +47,20 @@ class ApiKeys:
             )
 
 
+_CONTAINERS = (dict, list)
+
+
 def _depth_ok(value: Any) -> bool:
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > MAX_JSON_DEPTH:
             return False
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        # Only containers can nest further: a list of millions of token ids is looked at
+        # once, at C speed (the types it holds), not pushed element by element.
+        if children and not {dict, list}.isdisjoint(set(map(type, children))):
+            stack.extend((v, depth + 1) for v in children if isinstance(v, _CONTAINERS))
     return True
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -45,6 +45,9 @@ OpenAI's 5; an engine started with a lower ``max_logprobs`` refuses more with a 
 # fail deep in the engine client instead of here, as a 400.
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
+
+ContextOf = Callable[[str], "int | None"]
+"""A model's context length by name (None: unknown), for early length checks."""
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
 _TOOL_CHOICES = ("none", "auto", "required")
@@ -163,11 +166,16 @@ def parse_chat_request(body: Any) -> ChatRequest:
     )
 
 
-def parse_completion_request(body: Any) -> CompletionRequest:
-    """Validate a decoded completions body; a 400 :class:`OpenAIError` names what is wrong."""
+def parse_completion_request(body: Any, context: ContextOf | None = None) -> CompletionRequest:
+    """Validate a decoded completions body; a 400 :class:`OpenAIError` names what is wrong.
+
+    ``context`` gives a model's context length (None: unknown): token-id prompts longer
+    than it are refused before each id is checked, so that rejecting a huge prompt costs
+    no more than accepting a valid one.
+    """
     obj = _body(body, _COMPLETION_KEYS)
     model = _model(obj)
-    prompts = _prompts(obj.get("prompt"))
+    prompts = _prompts(obj.get("prompt"), max_tokens=context(model) if context else None)
     stream, include_usage, continuous_usage = _stream(obj)
     sampling = _sampling(obj)
     # OpenAI's completions API (and vLLM's) default to 16 tokens; chat to the rest of the context.
@@ -500,10 +508,19 @@ def _content(content: Any, path: str) -> str | list[dict[str, Any]]:
     return parts
 
 
-def _prompts(value: Any, param: str = "prompt", limit: int = MAX_PROMPTS) -> list[str | list[int]]:
-    """``prompt`` (or an embeddings ``input``) as one entry per prompt: a string or token ids."""
+def _prompts(
+    value: Any, param: str = "prompt", limit: int = MAX_PROMPTS, max_tokens: int | None = None
+) -> list[str | list[int]]:
+    """``prompt`` (or an embeddings ``input``) as one entry per prompt: a string or token ids;
+    token ids longer than ``max_tokens`` are refused before they are checked one by one."""
     if value is None:
         raise _missing(param)
+    if max_tokens is not None and isinstance(value, list) and value:
+        lists = [(param, value)] if _is_int(value[0]) else [(f"{param}[{i}]", p) for i, p in enumerate(value)]
+        for path, ids in lists:
+            if isinstance(ids, list) and len(ids) > max_tokens:
+                message = f"'{path}' has {len(ids)} tokens; the model's context holds {max_tokens}"
+                raise bad_request(message, param=param, code="context_length_exceeded")
     if isinstance(value, str):
         if not value:  # OpenAI allows it, vLLM does not
             raise bad_request(f"'{param}' must not be empty", param=param)
