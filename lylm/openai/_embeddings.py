@@ -19,8 +19,9 @@ from starlette.responses import Response
 
 from .._pool import EnginePool
 from ._dispatch import check_model, dispatch, drain
+from ._fields import _body, _int, _invalid, _model, _str
 from ._json import json_response
-from ._protocol import ContextOf, _body, _int, _invalid, _model, _prompts, _str
+from ._protocol import ContextOf, _prompts
 
 MAX_INPUTS = 2048
 """The most inputs one request may carry (OpenAI's limit)."""

@@ -6,15 +6,34 @@ validation needs no engine stack and fails before any engine is involved.
 
 from __future__ import annotations
 
-import json
-import math
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
 import attrs
 
-from ._errors import OpenAIError, bad_request
+from ._errors import bad_request
+from ._fields import (
+    _INT64_MAX,
+    _INT64_MIN,
+    _body,
+    _bool,
+    _check_keys,
+    _clip,
+    _int,
+    _invalid,
+    _is_int,
+    _is_list_of_ints,
+    _missing,
+    _model,
+    _number,
+    _object,
+    _one_of,
+    _required,
+    _show,
+    _str,
+)
+from ._tool_fields import _template_kwargs, _tool_calls, _tool_choice, _tools
 
 MAX_N = 16
 """The most choices (``n``) one request may ask for: each is a sequence on the engine."""
@@ -31,9 +50,6 @@ MAX_MESSAGES = 1024
 MAX_PROMPTS = 64
 """The most stop strings one request may give."""
 
-MAX_TOOLS = 128
-"""The most tools one request may declare (OpenAI's limit)."""
-
 MAX_TOP_LOGPROBS = 20
 """Chat's ``top_logprobs`` limit (OpenAI's, and vLLM's default ``max_logprobs``)."""
 
@@ -41,16 +57,10 @@ MAX_COMPLETION_LOGPROBS = 20
 """Completions' integer ``logprobs`` limit: vLLM's (its default ``max_logprobs``), above
 OpenAI's 5; an engine started with a lower ``max_logprobs`` refuses more with a 400."""
 
-# The engine's msgpack transport carries 64-bit integers only: a bigger one would
-# fail deep in the engine client instead of here, as a 400.
-_INT64_MIN = -(2**63)
-_INT64_MAX = 2**63 - 1
-
 ContextOf = Callable[[str], "int | None"]
 """A model's context length by name (None: unknown), for early length checks."""
 
 _ROLES = ("system", "user", "assistant", "developer", "tool")
-_TOOL_CHOICES = ("none", "auto", "required")
 # The keys each role's messages may carry, beyond role and content.
 _MESSAGE_KEYS = {
     "assistant": frozenset({"role", "content", "name", "tool_calls"}),
@@ -70,10 +80,6 @@ _CHAT_KEYS = _COMMON_KEYS | {
     "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
     "parallel_tool_calls", "include_reasoning", "chat_template_kwargs",
 }  # fmt: skip
-# Chat template variables lylm sets itself: a request's chat_template_kwargs may not.
-_RESERVED_TEMPLATE_KWARGS = frozenset(
-    {"tools", "add_generation_prompt", "continue_final_message", "tokenize", "chat_template", "messages"}
-)
 _COMPLETION_KEYS = _COMMON_KEYS | {"prompt", "logprobs", "echo"}
 
 # (name, low, high, low excluded): numbers passed to vLLM under the same name.
@@ -233,34 +239,7 @@ def build_sampling_params(
         raise bad_request(str(exc), param=getattr(exc, "parameter", None)) from exc
 
 
-# -- the body and the fields both endpoints share -------------------------------------
-
-
-def _body(body: Any, allowed: frozenset[str]) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise bad_request("request body must be a JSON object")
-    _check_keys(body, allowed, "")
-    return body
-
-
-def _check_keys(obj: dict[Any, Any], allowed: frozenset[str], prefix: str) -> None:
-    # Refuse what we cannot honour rather than drop it: a client asking for tools or
-    # logit_bias must learn that it did not get them.
-    for key in obj:
-        if key not in allowed:
-            param = prefix + _clip(str(key))
-            raise bad_request(
-                f"Unsupported parameter: '{param}'. lylm does not support it.",
-                param=param,
-                code="unsupported_parameter",
-            )
-
-
-def _model(obj: dict[str, Any]) -> str:
-    model = _required(obj, "model", "model")
-    if not isinstance(model, str) or not model:
-        raise _invalid("model", "a non-empty string", model)
-    return model
+# -- the fields both endpoints share ---------------------------------------------------
 
 
 def _stream(obj: dict[str, Any]) -> tuple[bool, bool, bool]:
@@ -399,95 +378,6 @@ def _message(item: Any, path: str) -> dict[str, Any]:
     return message
 
 
-def _tool_calls(value: Any, path: str) -> list[dict[str, Any]] | None:
-    """An assistant message's earlier tool calls: ``[{id, type: function, function: {name, arguments}}]``."""
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise _invalid(path, "a list of tool calls", value)
-    calls = []
-    for i, call in enumerate(value):
-        where = f"{path}[{i}]"
-        _object(call, where, {"id", "type", "function"})
-        call_id = _str(_required(call, "id", f"{where}.id"), f"{where}.id")
-        _function_type(call, where)
-        function = _object(_required(call, "function", f"{where}.function"), f"{where}.function", {"name", "arguments"})
-        name = _str(_required(function, "name", f"{where}.function.name"), f"{where}.function.name")
-        arguments = _str(_required(function, "arguments", f"{where}.function.arguments"), f"{where}.function.arguments")
-        calls.append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
-    return calls
-
-
-def _function_type(obj: dict[str, Any], path: str) -> None:
-    kind = _required(obj, "type", f"{path}.type")
-    if kind != "function":
-        raise _invalid(f"{path}.type", "'function'", kind)
-
-
-# -- tools -------------------------------------------------------------------------------
-
-
-def _tools(value: Any) -> list[dict[str, Any]] | None:
-    """``tools``: function declarations, as sent (checked, not rewritten)."""
-    if value is None:
-        return None
-    if not isinstance(value, list) or not value:
-        # An empty list is refused as vLLM and OpenAI refuse it: omit the field instead.
-        raise _invalid("tools", "a non-empty list of tools (omit it for none)", value)
-    if len(value) > MAX_TOOLS:
-        raise bad_request(f"'tools' has {len(value)} tools; at most {MAX_TOOLS} are accepted", param="tools")
-    names: set[str] = set()
-    for i, tool in enumerate(value):
-        where = f"tools[{i}]"
-        _object(tool, where, {"type", "function"})
-        _function_type(tool, where)
-        keys = {"name", "description", "parameters", "strict"}
-        function = _object(_required(tool, "function", f"{where}.function"), f"{where}.function", keys)
-        name = _str(_required(function, "name", f"{where}.function.name"), f"{where}.function.name")
-        if not name:
-            raise _invalid(f"{where}.function.name", "a non-empty string", name)
-        if name in names:
-            raise bad_request(f"'{where}.function.name': {_show(name)} is declared twice", param=f"{where}.function.name")
-        names.add(name)
-        _str(function.get("description"), f"{where}.function.description")
-        parameters = function.get("parameters")
-        if parameters is not None and not isinstance(parameters, dict):
-            raise _invalid(f"{where}.function.parameters", "a JSON Schema object", parameters)
-        _bool(function.get("strict"), f"{where}.function.strict")
-    return list(value)
-
-
-def _tool_choice(value: Any, tools: list[dict[str, Any]] | None) -> str | dict[str, Any] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        if value not in _TOOL_CHOICES:
-            raise _invalid("tool_choice", _one_of(_TOOL_CHOICES) + " or a named function", value)
-        if value != "none" and tools is None:
-            raise bad_request(f"'tool_choice' {_show(value)} requires 'tools'", param="tool_choice")
-        return value
-    _object(value, "tool_choice", {"type", "function"})
-    _function_type(value, "tool_choice")
-    function = _object(_required(value, "function", "tool_choice.function"), "tool_choice.function", {"name"})
-    name = _str(_required(function, "name", "tool_choice.function.name"), "tool_choice.function.name")
-    declared = [t["function"]["name"] for t in tools or ()]
-    if name not in declared:
-        message = f"'tool_choice.function.name' {_show(name)} is not among 'tools' ({', '.join(declared) or 'none'})"
-        raise bad_request(message, param="tool_choice.function.name")
-    return {"type": "function", "function": {"name": name}}
-
-
-def _template_kwargs(value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    kwargs = _object(value, "chat_template_kwargs")
-    for key in kwargs:
-        if key in _RESERVED_TEMPLATE_KWARGS:
-            param = f"chat_template_kwargs.{key}"
-            raise bad_request(f"'{param}' is set by the server and may not be given", param=param)
-    return dict(kwargs)
-
-
 def _content(content: Any, path: str) -> str | list[dict[str, Any]]:
     if isinstance(content, str):
         return content
@@ -548,99 +438,3 @@ def _token_ids(ids: list[int], path: str) -> list[int]:
         if not 0 <= token <= _INT64_MAX:
             raise _invalid(f"{path}[{j}]", "a token id (a non-negative integer)", token)
     return list(ids)
-
-
-# -- scalars and small pieces -----------------------------------------------------------
-
-
-def _is_int(value: Any) -> bool:
-    # JSON true/false decode to bools, which Python counts as ints; OpenAI does not.
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_list_of_ints(value: Any) -> bool:
-    return isinstance(value, list) and all(_is_int(t) for t in value)
-
-
-def _object(value: Any, param: str, keys: set[str] | None = None) -> dict[str, Any]:
-    """``value`` as an object; with ``keys``, one holding no other keys."""
-    if not isinstance(value, dict):
-        raise _invalid(param, "an object", value)
-    if keys is not None:
-        _check_keys(value, frozenset(keys), f"{param}.")
-    return value
-
-
-def _required(obj: dict[str, Any], key: str, param: str) -> Any:
-    # null counts as absent, for required fields as for optional ones.
-    value = obj.get(key)
-    if value is None:
-        raise _missing(param)
-    return value
-
-
-def _bool(value: Any, param: str) -> bool | None:
-    if value is None or isinstance(value, bool):
-        return value
-    raise _invalid(param, "a boolean", value)
-
-
-def _str(value: Any, param: str) -> str | None:
-    if value is None or isinstance(value, str):
-        return value
-    raise _invalid(param, "a string", value)
-
-
-def _int(
-    value: Any, param: str, low: int, high: int = _INT64_MAX, *, expect: str | None = None
-) -> int | None:
-    if value is None:
-        return None
-    if _is_int(value) and low <= value <= high:
-        return int(value)
-    if expect is None:
-        bounds = f"of at least {low}" if high == _INT64_MAX else f"between {low} and {high}"
-        expect = f"an integer {bounds}"
-    raise _invalid(param, expect, value)
-
-
-def _number(value: Any, param: str, low: float, high: float, low_open: bool) -> float | None:
-    if value is None:
-        return None
-    # Compare before converting: float() of a huge int overflows.
-    if (_is_int(value) or (isinstance(value, float) and math.isfinite(value))) and (
-        (low < value if low_open else low <= value) and value <= high
-    ):
-        return float(value)
-    bounds = f"between {low:g} and {high:g}"
-    if low_open:
-        bounds = f"greater than {low:g} and at most {high:g}"
-    raise _invalid(param, f"a number {bounds}", value)
-
-
-def _invalid(param: str, expect: str, value: Any) -> OpenAIError:
-    return bad_request(f"'{param}' must be {expect} (got {_show(value)})", param=param)
-
-
-def _missing(param: str) -> OpenAIError:
-    message = f"Missing required parameter: '{param}'."
-    return bad_request(message, param=param, code="missing_required_parameter")
-
-
-def _one_of(options: tuple[str, ...]) -> str:
-    return "one of " + ", ".join(f"'{o}'" for o in options)
-
-
-def _clip(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _show(value: Any) -> str:
-    """A short JSON rendering of a rejected value, for error messages."""
-    if isinstance(value, str):
-        value = _clip(value, 200)  # rather than dump a huge string only to cut it
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError, RecursionError):  # not JSON, or an int too long to print
-        text = f"<{type(value).__name__}>"
-    return _clip(text)

@@ -25,8 +25,9 @@ from starlette.responses import Response, StreamingResponse
 from .._pool import EnginePool
 from ._dispatch import Started, check_model, drain, start, to_openai_error
 from ._errors import OpenAIError, bad_request
+from ._fields import _body, _bool, _int, _invalid, _object, _required, _str
 from ._json import json_response
-from ._protocol import ChatRequest, _body, _bool, _int, _invalid, _object, _required, _str, parse_chat_request
+from ._protocol import ChatRequest, parse_chat_request
 from ._tool_calls import prepare
 
 _KEYS = frozenset(

@@ -15,9 +15,11 @@ from starlette.responses import Response
 from .._pool import EnginePool
 from ._dispatch import check_model, to_openai_error
 from ._errors import bad_request
+from ._fields import _body, _bool, _model, _required, _str
 from ._json import json_response
+from ._protocol import _messages, _token_ids
 from ._tool_calls import template_tools
-from ._protocol import _body, _bool, _messages, _model, _required, _str, _template_kwargs, _token_ids, _tools
+from ._tool_fields import _template_kwargs, _tools
 
 _TEXT_KEYS = frozenset({"model", "prompt", "add_special_tokens", "return_token_strs"})
 _CHAT_KEYS = frozenset(
