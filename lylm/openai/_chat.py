@@ -15,7 +15,7 @@ from typing import Any
 from starlette.responses import Response, StreamingResponse
 
 from .._pool import EnginePool
-from ._dispatch import Started, check_model, drain, start, to_openai_error
+from ._dispatch import Started, check_model, drain, final_output, start, to_openai_error
 from ._errors import OpenAIError
 from ._logprobs import chat_logprobs
 from ._protocol import ChatRequest
@@ -25,33 +25,43 @@ from ._sse import DONE, event, usage
 from ._json import json_response
 
 
-async def chat_completion(pool: EnginePool, request: ChatRequest) -> Response:
-    """Serve one chat completion request, streamed or not."""
-    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+def chat_plan(pool: EnginePool, request: ChatRequest) -> ChatParsing | None:
+    """Check the model, then how its output will be parsed (None: plain content)."""
     check_model(pool, request.model)
     try:
         parsing = pool.output_parsing(request.model)
     except Exception as exc:  # no healthy engine, shutting down
         raise to_openai_error(exc) from exc
-    plan = prepare(request, parsing)
+    return prepare(request, parsing)
+
+
+async def start_chat(
+    pool: EnginePool, request: ChatRequest, plan: ChatParsing | None, *, request_id: str, param: str
+) -> Started:
+    """Dispatch the conversation with the plan's template variables and sampling overrides."""
     (started,) = await start(
         pool,
         request,
         [request.messages],
         request_id=request_id,
-        param="messages",
+        param=param,
         chat_template_kwargs=plan.chat_template_kwargs if plan else request.chat_template_kwargs or None,
         overrides=plan.sampling if plan else None,
     )
+    return started
+
+
+async def chat_completion(pool: EnginePool, request: ChatRequest) -> Response:
+    """Serve one chat completion request, streamed or not."""
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    plan = chat_plan(pool, request)
+    started = await start_chat(pool, request, plan, request_id=request_id, param="messages")
     created = int(time.time())
     if request.stream:
         return StreamingResponse(
             _chunks(request, plan, started, request_id, created), media_type="text/event-stream"
         )
-    final = None
-    async for output in drain(started):
-        final = output
-    assert final is not None
+    final = await final_output(started)
     choices = []
     for c in final.outputs:
         logprobs = None

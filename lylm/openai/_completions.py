@@ -16,7 +16,7 @@ import attrs
 from starlette.responses import Response, StreamingResponse
 
 from .._pool import EnginePool
-from ._dispatch import Started, drain, start, to_openai_error
+from ._dispatch import Started, close_all, drain, final_output, start, to_openai_error
 from ._json import json_response
 from ._logprobs import completion_logprobs
 from ._protocol import CompletionRequest
@@ -63,8 +63,7 @@ async def completion(pool: EnginePool, request: CompletionRequest) -> Response:
         try:
             echoes = [await _echo(pool, request, s.first) for s in started]
         except BaseException as exc:
-            for s in started:
-                await s.rest.aclose()
+            await close_all(started)
             if isinstance(exc, Exception):
                 raise to_openai_error(exc) from exc
             raise
@@ -75,10 +74,7 @@ async def completion(pool: EnginePool, request: CompletionRequest) -> Response:
     choices: list[dict[str, Any]] = []
     prompt_tokens = completion_tokens = cached = 0
     for p, s in enumerate(started):
-        final = None
-        async for output in drain(s):
-            final = output
-        assert final is not None
+        final = await final_output(s)
         prompt_tokens += len(final.prompt_token_ids or ())
         cached += final.num_cached_tokens or 0
         echo = echoes[p]

@@ -192,6 +192,20 @@ async def _close(streams: Sequence[AsyncGenerator[Any, None]]) -> None:
             await stream.aclose()
 
 
+async def close_all(started: Sequence[Started]) -> None:
+    """Close started streams (aborting their requests in the engines), even when cancelled."""
+    await _close([s.rest for s in started])
+
+
+async def final_output(started: Started) -> Any:
+    """The stream's last output: a non-streamed request's whole answer."""
+    final = None
+    async for output in drain(started):
+        final = output
+    assert final is not None  # a started stream has at least its first output
+    return final
+
+
 async def drain(started: Started) -> AsyncGenerator[Any, None]:
     """Yield the first output, then the rest; closing this closes the engine stream."""
     try:

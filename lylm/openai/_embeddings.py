@@ -18,7 +18,7 @@ import attrs
 from starlette.responses import Response
 
 from .._pool import EnginePool
-from ._dispatch import check_model, dispatch, drain
+from ._dispatch import check_model, dispatch, final_output
 from ._fields import _body, _int, _invalid, _model, _str
 from ._json import json_response
 from ._protocol import ContextOf, _prompts
@@ -73,10 +73,7 @@ async def embeddings(pool: EnginePool, request: EmbeddingRequest) -> Response:
     data = []
     prompt_tokens = 0
     for index, s in enumerate(started):
-        final = None
-        async for output in drain(s):
-            final = output
-        assert final is not None
+        final = await final_output(s)
         prompt_tokens += len(final.prompt_token_ids or ())
         pooled = final.outputs.data
         # float32, written with float32's shortest digits (orjson), as vLLM writes them

@@ -23,12 +23,12 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from .._pool import EnginePool
-from ._dispatch import Started, check_model, drain, start, to_openai_error
+from ._chat import chat_plan, start_chat
+from ._dispatch import Started, drain, final_output, to_openai_error
 from ._errors import OpenAIError, bad_request
 from ._fields import _body, _bool, _int, _invalid, _object, _required, _str
 from ._json import json_response
 from ._protocol import ChatRequest, parse_chat_request
-from ._tool_calls import prepare
 
 _KEYS = frozenset(
     {
@@ -241,37 +241,24 @@ def _usage(prompt_tokens: int, output_tokens: int, cached: int | None) -> dict[s
 async def responses(pool: EnginePool, request: ResponsesRequest) -> Response:
     """Serve one Responses request, streamed or not."""
     chat = request.chat
-    check_model(pool, chat.model)
+    plan = chat_plan(pool, chat)
     try:
-        parsing = pool.output_parsing(chat.model)
         defaults = pool.sampling_defaults(chat.model)
         context = pool.max_model_len(chat.model)
     except Exception as exc:
         raise to_openai_error(exc) from exc
-    plan = prepare(chat, parsing)
     if plan is not None and request.stream:
         message = "streamed /v1/responses from a model with a reasoning parser is not served yet; use /v1/chat/completions"
         raise bad_request(message, param="stream")
     reply = _Reply(request)
     reply.temperature = float(chat.sampling.get("temperature", defaults.get("temperature", 1.0)))
     reply.top_p = float(chat.sampling.get("top_p", defaults.get("top_p", 1.0)))
-    (started,) = await start(
-        pool,
-        chat,
-        [chat.messages],
-        request_id=reply.id,
-        param="input",
-        chat_template_kwargs=plan.chat_template_kwargs if plan else chat.chat_template_kwargs or None,
-        overrides=plan.sampling if plan else None,
-    )
+    started = await start_chat(pool, chat, plan, request_id=reply.id, param="input")
     prompt_tokens = len(started.first.prompt_token_ids or ())
     reply.max_output_tokens = request.max_output_tokens or context - prompt_tokens
     if request.stream:
         return StreamingResponse(_events(reply, started), media_type="text/event-stream")
-    final = None
-    async for output in drain(started):
-        final = output
-    assert final is not None
+    final = await final_output(started)
     (choice,) = final.outputs
     output = []
     text = choice.text

@@ -36,11 +36,7 @@ class ChatParsing:
     def parser(self) -> Any:
         """A parser for one choice (vLLM's parsers keep per-stream state); None when the
         model has none (declared tools are then only shown to the model)."""
-        if self.parsing is None or self.parsing.parser_cls is None:
-            return None
-        kwargs = {"add_generation_prompt": True, "continue_final_message": False}
-        kwargs.update(self.vllm_request.chat_template_kwargs or {})
-        return self.parsing.parser(self.vllm_request.tools, kwargs)
+        return _new_parser(self.parsing, self.vllm_request)
 
     def message(self, parser: Any, output: Any, prompt_token_ids: Sequence[int] | None) -> tuple[dict[str, Any], str]:
         """A finished choice's message and finish reason, as vLLM's chat server builds them."""
@@ -127,7 +123,7 @@ def prepare(request: ChatRequest, parsing: Any) -> ChatParsing | None:
         message = "'response_format' cannot be combined with tool_choice \"required\" or a named function"
         raise bad_request(message, param="response_format")
     vllm_request = _vllm_request(request)
-    parser = ChatParsing(parsing, vllm_request, {}, {}, named).parser()
+    parser = _new_parser(parsing, vllm_request)
     # vllm serve adjusts the request unless tools are declared and not to be called.
     adjust = parses_reasoning or vllm_request.tool_choice != "none" or getattr(parser, "always_adjust_request", False)
     if parser is not None and adjust:
@@ -160,6 +156,15 @@ def template_tools(tools: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not _is_validation_error(exc):
             raise
         raise bad_request(_first_error(exc), param="tools") from exc
+
+
+def _new_parser(parsing: Any, vllm_request: Any) -> Any:
+    """One vLLM parser for ``vllm_request`` (None when the model has no parser)."""
+    if parsing is None or parsing.parser_cls is None:
+        return None
+    kwargs = {"add_generation_prompt": True, "continue_final_message": False}
+    kwargs.update(vllm_request.chat_template_kwargs or {})
+    return parsing.parser(vllm_request.tools, kwargs)
 
 
 def _vllm_request(request: ChatRequest) -> Any:
