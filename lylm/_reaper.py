@@ -108,6 +108,25 @@ def process_tree(pids: Iterable[int]) -> list[Any]:
     return found
 
 
+def kill_tree(processes: Iterable[Any], timeout: float = 5.0) -> None:
+    """Kill these psutil processes and their children now, and wait (at most ``timeout``
+    s) until they are gone. Blocking: call it off the event loop."""
+    import psutil
+
+    victims = []
+    for process in processes:
+        try:
+            victims += [*process.children(recursive=True), process]
+        except psutil.Error:
+            continue
+    for process in victims:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=timeout)
+
+
 def main() -> None:
     """The watchdog process."""
     import select
@@ -135,18 +154,12 @@ def main() -> None:
                     watched.pop(int(parts[1]), None)
         if os.getppid() != parent:
             break
-    victims = []
+    found = []
     for pid, created in watched.items():
         try:
             process = psutil.Process(pid)
-            if process.create_time() != created:
-                continue  # the pid now names another process
-            victims += [*process.children(recursive=True), process]
+            if process.create_time() == created:  # else the pid now names another process
+                found.append(process)
         except psutil.Error:
             continue
-    for process in victims:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=5)
+    kill_tree(found)

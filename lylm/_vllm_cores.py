@@ -28,7 +28,7 @@ from ._config import EngineSpec
 from ._engine import Engine, EngineStep, RenderedPrompt
 from ._exceptions import EngineDeadError, LylmError
 from ._placement import spawn_environment
-from ._reaper import REAPER, process_tree
+from ._reaper import REAPER, kill_tree, process_tree
 
 
 class EngineCores:
@@ -72,11 +72,12 @@ class EngineCores:
         clients: int,
         environment: Mapping[str, str] | None = None,
         usage_context: Any = None,
+        spawned: Callable[[list[int]], None] | None = None,
     ) -> EngineCores:
         """Start the engine core for ``clients`` front ends; return once it is ready.
 
         ``environment`` (the instance's device variable) is set only while the
-        engine-core process is spawned.
+        engine-core process is spawned; ``spawned`` gets its pids as soon as it exists.
         """
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.usage.usage_lib import UsageContext
@@ -105,6 +106,8 @@ class EngineCores:
         manager = getattr(launched, "engine_manager", None)
         if manager is None and isinstance(launched, tuple):  # vLLM 0.26 yields a tuple
             manager = launched[0]
+        if spawned is not None and manager is not None:
+            spawned([p.pid for p in getattr(manager, "processes", ()) if p.pid is not None])
         try:
             # Leaving the launcher waits for the engine's handshake: model loaded,
             # memory profiled, KV cache allocated, compiled.
@@ -198,6 +201,9 @@ class CoreEngine(Engine):
         self._on_started = on_started
         self.cores: EngineCores | None = None
         self._lost: str | None = None
+        #: The engine core's processes while it starts (see :meth:`shutdown`).
+        self._starting: list[Any] = []
+        self._closed = False
 
     @property
     def handle(self) -> EngineCores | None:
@@ -209,9 +215,22 @@ class CoreEngine(Engine):
 
         template = VLLMEngine(self.spec)  # the same engine args and device variables as a plain engine
         args, environment = template.engine_args(), template.spawn_environment()
-        self.cores = await anyio.to_thread.run_sync(
-            lambda: EngineCores.launch(args, clients=self.clients, environment=environment)
+
+        def spawned(pids: list[int]) -> None:
+            # From the start's thread, long before the core is ready: from now on a
+            # shutdown, or the watchdog, can stop it.
+            self._starting = process_tree(pids)
+            REAPER.watch(self._starting)
+            if self._closed:
+                kill_tree(self._starting)
+
+        cores = await anyio.to_thread.run_sync(
+            lambda: EngineCores.launch(args, clients=self.clients, environment=environment, spawned=spawned)
         )
+        if self._closed:  # shut down while it started (a start not awaited to its end)
+            await anyio.to_thread.run_sync(cores.shutdown)
+            raise EngineDeadError(f"{self.spec.name} was shut down while it started")
+        self.cores, self._starting = cores, []
         if self._on_started is not None:
             await self._on_started(self.spec.name, self.cores)
 
@@ -253,6 +272,12 @@ class CoreEngine(Engine):
         return 0
 
     async def shutdown(self) -> None:
+        """Stop the engine core; during :meth:`start`, kill the core being started."""
+        self._closed = True
         cores, self.cores = self.cores, None
+        starting, self._starting = self._starting, []
+        if cores is None and starting:
+            await anyio.to_thread.run_sync(kill_tree, starting)
+            REAPER.forget(starting)
         if cores is not None:
             await anyio.to_thread.run_sync(cores.shutdown)

@@ -27,7 +27,7 @@ from ._exceptions import (
 )
 from ._placement import spawn_environment, visible_devices
 from ._render import is_pooling
-from ._reaper import REAPER, process_tree
+from ._reaper import REAPER, kill_tree, process_tree
 from ._vllm_cores import EngineCores
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
@@ -68,6 +68,9 @@ class VLLMEngine(Engine):
         self._llm: Any = None
         self._closed = False
         self._processes: list[Any] = []
+        #: The engine core's processes while it starts (see :meth:`shutdown`).
+        self._starting: list[Any] = []
+        self._state_lock = threading.Lock()
         self._cores: EngineCores | None = None
         self._client_index = 0
         self._core_lost: str | None = None
@@ -180,12 +183,35 @@ class VLLMEngine(Engine):
 
         # Unpinned engines take the spawn lock too (with nothing to set), so that no
         # other engine process appears while a pinned one is being spawned.
-        self._llm = _build_with_environment(build, self.spawn_environment())
-        self._processes = process_tree(self.process_ids())
-        self._parsing = self._build_parsing()  # names checked in engine_args(): cannot fail on them
+        llm = _build_with_environment(build, self.spawn_environment(), self._spawned)
+        processes = process_tree(_pids_of(llm))
         # Should this server die without stopping the engine (SIGKILL, OOM), a
         # watchdog stops it instead of leaving it holding its GPU memory.
-        REAPER.watch(self._processes)
+        REAPER.watch(processes)
+        with self._state_lock:
+            closed = self._closed
+            if not closed:
+                self._llm, self._processes, self._starting = llm, processes, []
+        if closed:  # shut down while it started: it must not outlive the call
+            llm.shutdown()
+            _reap(processes)
+            REAPER.forget(processes)
+            raise EngineDeadError(f"{self.spec.name} was shut down while it started")
+        self._parsing = self._build_parsing()  # names checked in engine_args(): cannot fail on them
+
+    def _spawned(self, pids: list[int]) -> None:
+        # Called from the start's thread as soon as the engine-core process exists, long
+        # before it is ready (weights, profiling, compiling): from now on a shutdown, or
+        # the watchdog, can stop it.
+        processes = process_tree(pids)
+        REAPER.watch(processes)
+        with self._state_lock:
+            closed = self._closed
+            if not closed:
+                self._starting = processes
+        if closed:
+            kill_tree(processes)
+            REAPER.forget(processes)
 
     def _build_parsing(self) -> OutputParsing:
         path = f"{self.spec.name}.engine_args"
@@ -358,9 +384,16 @@ class VLLMEngine(Engine):
         return int(count())
 
     async def shutdown(self) -> None:
-        """Stop the engine core process; idempotent."""
-        llm, self._llm = self._llm, None
-        self._closed = True
+        """Stop the engine core process; idempotent. During :meth:`start`, the engine core
+        being started is killed (the start then fails): a server stopped while an
+        engine starts or restarts leaves no process behind."""
+        with self._state_lock:
+            llm, self._llm = self._llm, None
+            starting, self._starting = self._starting, []
+            self._closed = True
+        if starting:
+            await anyio.to_thread.run_sync(kill_tree, starting)
+            REAPER.forget(starting)
         if llm is not None:
             _fail_held_requests(llm)
             await anyio.to_thread.run_sync(llm.shutdown)
@@ -375,7 +408,13 @@ class VLLMEngine(Engine):
 
     def process_ids(self) -> list[int]:
         """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""
-        return [p.pid for p in getattr(self._manager(), "processes", ()) if p.pid is not None]
+        return _pids_of(self._llm)
+
+
+def _pids_of(llm: Any) -> list[int]:
+    # vLLM's engine-core process manager (internal; absent where it has none) knows them.
+    manager = getattr(getattr(getattr(llm, "engine_core", None), "resources", None), "engine_manager", None)
+    return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
 
 
 def _engine_cores(known: set[int]) -> list[Any]:
@@ -386,7 +425,9 @@ def _engine_cores(known: set[int]) -> list[Any]:
     ]
 
 
-def _build_with_environment(build: Callable[[], Any], environment: Mapping[str, str]) -> Any:
+def _build_with_environment(
+    build: Callable[[], Any], environment: Mapping[str, str], spawned: Callable[[list[int]], None]
+) -> Any:
     """Run ``build`` (which spawns the engine process and waits for it) with
     ``environment`` set only until the engine process exists.
 
@@ -395,6 +436,7 @@ def _build_with_environment(build: Callable[[], Any], environment: Mapping[str, 
     this process's children (its environment is then copied) or the build ends,
     then restores it. Other engines' starts then proceed side by side with the
     rest of this one (loading weights, profiling, compiling: the long part).
+    ``spawned`` gets the engine-core pids as soon as the process exists.
     """
     outcome: dict[str, Any] = {}
 
@@ -410,8 +452,12 @@ def _build_with_environment(build: Callable[[], Any], environment: Mapping[str, 
         # one waited for it are not this start's.
         known = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
         worker.start()
-        while worker.is_alive() and not _engine_cores(known):
+        cores: list[Any] = []
+        while worker.is_alive() and not cores:
             worker.join(0.01)
+            cores = _engine_cores(known)
+    if cores:
+        spawned([p.pid for p in cores if p.pid is not None])
     worker.join()
     if "error" in outcome:
         raise outcome["error"]
