@@ -26,8 +26,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+import attrs
 from lylm import PoolConfig, RestartPolicy
-from lylm.openai import ServerOptions, default_workers, serve
+from lylm.openai import HttpLimits, ServerOptions, default_workers, serve
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
 DEMO_MODEL = "lylm-tiny-demo"
@@ -84,7 +85,20 @@ def main() -> None:
         help="require 'Authorization: Bearer KEY' (repeat for several; or LYLM_API_KEYS=k1,k2)",
     )
     parser.add_argument("--keys-for-health", action="store_true", help="/health and /metrics need a key too")
-    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    parser.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413")
+    defaults = HttpLimits()
+    parser.add_argument(
+        "--max-header-bytes", type=int, default=defaults.max_header_bytes, help="larger request heads get 431"
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=defaults.header_timeout,
+        help="seconds for a request's head to arrive (else 408 and the connection closes)",
+    )
+    parser.add_argument(
+        "--body-timeout", type=float, default=defaults.body_timeout, help="seconds for a request's body to arrive (else 408)"
+    )
     parser.add_argument(
         "--max-in-flight", type=int, default=None, help="per model: requests beyond it get 429 + Retry-After"
     )
@@ -131,6 +145,12 @@ def main() -> None:
         max_body_bytes=args.max_body_bytes,
         drain_timeout=args.drain_timeout,
         log_level=args.log_level,
+        limits=attrs.evolve(
+            defaults,
+            max_header_bytes=args.max_header_bytes,
+            header_timeout=args.header_timeout,
+            body_timeout=args.body_timeout,
+        ),
     )
     workers = args.workers if args.workers is not None else default_workers(config)
     serve(config, workers=workers, options=options, pool_options=pool_options)

@@ -27,10 +27,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def uvicorn_thread(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yield its URL."""
+def uvicorn_thread(app: Any, limits: Any = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on 127.0.0.1 in a background thread; yield its URL.
+
+    ``limits`` (an ``HttpLimits``): uvicorn's protocol bounded as :func:`lylm.openai.serve` bounds it.
+    """
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    options: dict[str, Any] = {}
+    if limits is not None:
+        from lylm.openai._http import bounded_protocol
+
+        options["http"] = bounded_protocol(limits)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     # Generous: on a loaded 2-core CI machine a thread can wait seconds to run.

@@ -1,13 +1,18 @@
 """Property-based fuzzing of the HTTP API (part of issue 5): whatever a client sends,
-the answer is never a 5xx and the server stays healthy.
+the answer is never a 5xx and the server stays healthy; and the hostile requests of
+issue 15 (a huge token-id prompt, a huge or never-ending request head, a body that
+never ends) are refused without the server reading them to the end.
 
-Runs against the real adapter under uvicorn on 127.0.0.1 with FakeEngines behind it
+Runs against the real adapter under uvicorn on 127.0.0.1, its HTTP protocol bounded
+as ``lylm.openai.serve`` bounds it (short time limits here), with FakeEngines behind it
 (the property is about the front end, and 2,000 cases must stay fast).
 """
 
 from __future__ import annotations
 
 import json
+import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,7 +24,7 @@ from hypothesis import strategies as st
 from _helpers import fake_specs
 from _server import uvicorn_thread
 from lylm import EnginePool
-from lylm.openai import create_app
+from lylm.openai import HttpLimits, create_app
 from lylm.testing import FakeEngine
 
 json_values = st.recursive(
@@ -52,10 +57,16 @@ def bodies(draw: st.DrawFn) -> tuple[str, bytes]:
     return path, json.dumps(body).encode()
 
 
+LIMITS = HttpLimits(max_header_bytes=16 * 1024, max_headers=50, header_timeout=1.0, body_timeout=1.0)
+CONTEXT = 4096
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
-    pool = EnginePool.from_config(fake_specs([1.0, 2.0], model="fake"), engine_factory=lambda s: FakeEngine())
-    with uvicorn_thread(create_app(pool)) as url:
+    pool = EnginePool.from_config(
+        fake_specs([1.0, 2.0], model="fake"), engine_factory=lambda s: FakeEngine(max_model_len=CONTEXT)
+    )
+    with uvicorn_thread(create_app(pool, body_timeout=LIMITS.body_timeout), limits=LIMITS) as url:
         yield url
 
 
@@ -74,3 +85,95 @@ def test_server_is_healthy_after_the_fuzzing(server: str) -> None:
     health = httpx.get(f"{server}/health").json()
     assert health["status"] == "ok"
     assert all(e["in_flight_requests"] == 0 for e in health["models"]["fake"]["engines"])
+
+
+def test_a_huge_token_id_prompt_is_refused_as_too_long(server: str) -> None:
+    # 3.5M ids (7 MB, inside the body limit): context_length_exceeded, the server healthy.
+    ids = ",".join(["7"] * 3_500_000)
+    body = f'{{"model": "fake", "prompt": [{ids}], "max_tokens": 1}}'.encode()
+    r = httpx.post(f"{server}/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+
+
+def _connect(server: str) -> socket.socket:
+    host, port = server.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    return sock
+
+
+def _read_response(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (10 s deadline per read)."""
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _status(response: bytes) -> int:
+    return int(response.split(b" ", 2)[1])
+
+
+def test_a_huge_header_block_gets_431_before_it_is_read(server: str) -> None:
+    # The server stops reading at its bound and closes: of 64 MB offered, a sliver is sent.
+    sock = _connect(server)
+    sent = 0
+    line = b"x-filler: " + b"a" * 1000 + b"\r\n"
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n")
+        while sent < 64 * 1024 * 1024:
+            sock.sendall(line * 64)
+            sent += len(line) * 64
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    assert sent < 16 * 1024 * 1024, f"the server read {sent} bytes of header"
+    try:
+        response = _read_response(sock)
+        assert _status(response) == 431, response[:200]
+        assert json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "headers_too_large"
+    except ConnectionResetError:
+        pass  # the 431 was sent, but the kernel reset the connection over the unread bytes
+    finally:
+        sock.close()
+    assert httpx.get(f"{server}/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize("count, size", [(200, 10), (1, 20_000)], ids=["too many headers", "one header too large"])
+def test_a_complete_head_over_the_bounds_gets_431(server: str, count: int, size: int) -> None:
+    headers = {f"x-h{i}": "v" * size for i in range(count)}
+    r = httpx.post(f"{server}/v1/completions", json=COMPLETION, headers=headers, timeout=30)
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    assert r.headers["connection"] == "close"
+    # Within the bounds: served.
+    r = httpx.post(f"{server}/v1/completions", json=COMPLETION, headers={"x-h": "v" * 8000}, timeout=30)
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [b"", b"POST /v1/completions HTTP/1.1\r\nhost: x\r\n", b"GET /health HTTP/1.1\r\nhost: x\r\n\r\nGET /he"],
+    ids=["nothing", "half a head", "a second head, half"],
+)
+def test_a_head_that_never_ends_gets_408_and_the_connection_closes(server: str, sent: bytes) -> None:
+    sock = _connect(server)
+    try:
+        sock.sendall(sent)
+        response = _read_response(sock)  # returns when the server closes
+    finally:
+        sock.close()
+    last = response[response.rfind(b"HTTP/1.1 "):]
+    assert _status(last) == 408, response
+    assert b"connection: close" in last.lower()
+
+
+def test_a_body_that_never_ends_gets_408_and_the_connection_closes(server: str) -> None:
+    sock = _connect(server)
+    try:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"mod")
+        began = time.monotonic()
+        response = _read_response(sock)
+    finally:
+        sock.close()
+    assert _status(response) == 408, response
+    assert json.loads(response.split(b"\r\n\r\n", 1)[1])["error"]["code"] == "request_timeout"
+    assert time.monotonic() - began < 10  # not kept for the socket's own deadline

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -32,7 +33,7 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", params=[1, 2], ids=["1-worker", "2-workers"])
 def server(cache: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    proc = ServerProcess(env={"LYLM_CACHE_DIR": str(cache)}, log=log, workers=request.param)
+    proc = ServerProcess("--body-timeout", "2", env={"LYLM_CACHE_DIR": str(cache)}, log=log, workers=request.param)
     try:
         proc.wait_ready(timeout=240)
         yield proc
@@ -205,6 +206,19 @@ def test_abandoned_stream_is_aborted_and_released(server: ServerProcess) -> None
         time.sleep(0.05)
     assert (in_flight, aborted) == (0, before + 1)
     assert sum(metric(server.url, "lylm_in_flight_tokens").values()) == 0
+
+
+def test_request_heads_are_bounded_in_every_worker(server: ServerProcess) -> None:
+    # The server's protocol is bounded (issue 15, items 4 and 10), in each worker process.
+    for _ in range(4):  # new connections: whichever worker takes each
+        r = httpx.get(f"{server.url}/health", headers={"x-big": "a" * 100_000}, timeout=30)
+        assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 10\r\n\r\n{")
+        response = b""
+        while chunk := sock.recv(65536):  # until the server closes
+            response += chunk
+    assert response.startswith(b"HTTP/1.1 408 "), response
 
 
 def test_metrics_and_health_cover_both_engines(server: ServerProcess) -> None:

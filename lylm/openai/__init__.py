@@ -27,12 +27,13 @@ from ._metrics import PoolMetrics as PoolMetrics
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from ._http import HttpLimits as HttpLimits
     from ._server import EngineKinds as EngineKinds
     from ._server import ServerOptions as ServerOptions
     from ._server import default_workers as default_workers
     from ._server import serve as serve
 
-_SERVER = ("EngineKinds", "ServerOptions", "default_workers", "serve")
+_SERVER = ("EngineKinds", "HttpLimits", "ServerOptions", "default_workers", "serve")
 
 
 def __getattr__(name: str) -> Any:
@@ -44,4 +45,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'lylm.openai' has no attribute {name!r}")
 
 
-__all__ = ["EngineKinds", "OpenAIError", "PoolMetrics", "ServerOptions", "create_app", "default_workers", "routes", "serve"]
+__all__ = ["EngineKinds", "HttpLimits", "OpenAIError", "PoolMetrics", "ServerOptions", "create_app", "default_workers", "routes", "serve"]

@@ -23,7 +23,7 @@ from .._worker_pool import WorkerPool
 from ._chat import chat_completion
 from ._completions import completion
 from ._errors import OpenAIError
-from ._guard import ApiKeys, read_json
+from ._guard import DEFAULT_BODY_TIMEOUT, ApiKeys, read_json
 from ._json import json_response
 from ._metrics import PoolMetrics
 from ._protocol import parse_chat_request, parse_completion_request
@@ -128,6 +128,7 @@ def routes(
     api_keys: Iterable[str] | None = None,
     keys_for_health: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> list[BaseRoute]:
     """The adapter's routes, to mount in your own Starlette (or FastAPI) app.
 
@@ -137,7 +138,8 @@ def routes(
 
     ``api_keys``: if given, every ``/v1`` request needs ``Authorization: Bearer
     <one of them>`` (401 otherwise); ``/health`` and ``/metrics`` too when
-    ``keys_for_health``. Bodies over ``max_body_bytes`` get a 413.
+    ``keys_for_health``. Bodies over ``max_body_bytes`` get a 413, bodies that take
+    longer than ``body_timeout`` seconds to arrive a 408.
     """
     # A front-end worker's pool (several worker processes): health, metrics and
     # response counts are the hub's, which sees every worker.
@@ -196,16 +198,16 @@ def routes(
         """A handler that validates the body with ``parse``, then serves it until the client leaves."""
 
         async def handler(request: Request) -> Response:
-            body = parse(await read_json(request, max_body_bytes))
+            body = parse(await read_json(request, max_body_bytes, body_timeout))
             return await _unless_disconnected(request, lambda: serve(pool, body))
 
         return handler
 
     async def tokenize_route(request: Request) -> Response:
-        return await tokenize(pool, await read_json(request, max_body_bytes))
+        return await tokenize(pool, await read_json(request, max_body_bytes, body_timeout))
 
     async def detokenize_route(request: Request) -> Response:
-        return await detokenize(pool, await read_json(request, max_body_bytes))
+        return await detokenize(pool, await read_json(request, max_body_bytes, body_timeout))
 
     async def health(request: Request) -> Response:
         if hub is not None and not pool.draining:
@@ -255,13 +257,15 @@ def create_app(
     api_keys: Iterable[str] | None = None,
     keys_for_health: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
 ) -> Starlette:
     """A Starlette app serving OpenAI's API over ``pool``.
 
     With ``manage_pool`` (the default) the app starts the pool's engines in its
     lifespan startup and shuts them down at exit; otherwise the pool's lifecycle
     is yours. Unknown paths and wrong methods get OpenAI-shaped 404/405 errors.
-    ``api_keys``, ``keys_for_health`` and ``max_body_bytes`` are as in :func:`routes`.
+    ``api_keys``, ``keys_for_health``, ``max_body_bytes`` and ``body_timeout`` are as in
+    :func:`routes`.
     """
 
     @contextlib.asynccontextmanager
@@ -275,7 +279,11 @@ def create_app(
     return Starlette(
         debug=debug,
         routes=routes(
-            pool, api_keys=api_keys, keys_for_health=keys_for_health, max_body_bytes=max_body_bytes
+            pool,
+            api_keys=api_keys,
+            keys_for_health=keys_for_health,
+            max_body_bytes=max_body_bytes,
+            body_timeout=body_timeout,
         ),
         lifespan=lifespan,
         exception_handlers={HTTPException: _http_error},

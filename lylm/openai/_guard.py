@@ -6,6 +6,7 @@ import hmac
 from collections.abc import Iterable
 from typing import Any
 
+import anyio
 import orjson
 from starlette.requests import Request
 
@@ -14,6 +15,9 @@ from ._errors import OpenAIError, bad_request
 #: JSON nested deeper than this is refused: no valid request comes near it, and
 #: recursive handling of hostile depth is a cheap way to hurt a server.
 MAX_JSON_DEPTH = 32
+
+#: Seconds a request's body may take to arrive, from the end of its head.
+DEFAULT_BODY_TIMEOUT = 60.0
 
 
 class ApiKeys:
@@ -64,16 +68,27 @@ def _depth_ok(value: Any) -> bool:
     return True
 
 
-async def read_json(request: Request, max_bytes: int) -> Any:
-    """The request body as JSON: 413 past ``max_bytes``, 400 if it is not (sane) JSON."""
+async def read_json(request: Request, max_bytes: int, timeout: float = DEFAULT_BODY_TIMEOUT) -> Any:
+    """The request body as JSON: 413 past ``max_bytes``, 408 if it takes longer than
+    ``timeout`` seconds to arrive, 400 if it is not (sane) JSON."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:  # a lying or missing Content-Length
-            raise _too_large(max_bytes)
+    with anyio.move_on_after(timeout) as reading:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_bytes:  # a lying or missing Content-Length
+                raise _too_large(max_bytes)
+    if reading.cancelled_caught:
+        # A client sending a byte now and then holds a connection and a task: bounded.
+        # Connection: close, or the server would go on reading the rest of the body.
+        raise OpenAIError(
+            408,
+            f"the request body did not arrive within {timeout:g} s",
+            code="request_timeout",
+            headers={"Connection": "close"},
+        )
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

@@ -50,6 +50,7 @@ from .._pool import EnginePool
 from .._reaper import REAPER, process_tree
 from .._worker_pool import WorkerPool
 from ._app import DEFAULT_MAX_BODY_BYTES, create_app, health_report
+from ._http import HttpLimits, bounded_protocol
 from ._metrics import PoolMetrics
 
 logger = logging.getLogger("lylm.serve")
@@ -69,6 +70,8 @@ class ServerOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     drain_timeout: float = 30.0
     log_level: str = "info"
+    #: Bounds on reading requests: head size, header count, head and body time (431/408).
+    limits: HttpLimits = HttpLimits()
 
 
 def launch_vllm_core(spec: EngineSpec, clients: int, on_started: Any) -> Engine:
@@ -182,21 +185,9 @@ def serve(
     pool_options = dict(pool_options or {})
     if workers == 1:
         pool = EnginePool(config, **pool_options)
-        app = create_app(
-            pool,
-            api_keys=options.api_keys or None,
-            keys_for_health=options.keys_for_health,
-            max_body_bytes=options.max_body_bytes,
-        )
+        app = _app(pool, options)
         logger.info("engines start before the server listens on http://%s:%d", options.host, options.port)
-        uv = uvicorn.Config(
-            app,
-            host=options.host,
-            port=options.port,
-            log_level=options.log_level,
-            # The pool drains first; this only bounds the last bytes still being sent.
-            timeout_graceful_shutdown=5,
-        )
+        uv = _uvicorn_config(app, options, host=options.host, port=options.port)
         DrainingServer(uv, pool, options.drain_timeout).run()
         return
     if "engine_factory" in pool_options:
@@ -208,6 +199,28 @@ def serve(
         os.kill(os.getpid(), -code)
     if code:
         raise SystemExit(code)
+
+
+def _app(pool: EnginePool, options: ServerOptions) -> Any:
+    return create_app(
+        pool,
+        api_keys=options.api_keys or None,
+        keys_for_health=options.keys_for_health,
+        max_body_bytes=options.max_body_bytes,
+        body_timeout=options.limits.body_timeout,
+    )
+
+
+def _uvicorn_config(app: Any, options: ServerOptions, **where: Any) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        log_level=options.log_level,
+        # httptools, with bounds on the size and time of a request's head.
+        http=bounded_protocol(options.limits),
+        # The pool drains first; this only bounds the last bytes still being sent.
+        timeout_graceful_shutdown=5,
+        **where,
+    )
 
 
 # -- the main process of a server with workers ----------------------------------------
@@ -443,11 +456,5 @@ def _worker_main(settings: _WorkerSettings, sock: socket.socket) -> None:
         handles=settings.handles,
         retries=settings.retries,
     )
-    app = create_app(
-        pool,
-        api_keys=options.api_keys or None,
-        keys_for_health=options.keys_for_health,
-        max_body_bytes=options.max_body_bytes,
-    )
-    uv = uvicorn.Config(app, log_level=options.log_level, timeout_graceful_shutdown=5)
+    uv = _uvicorn_config(_app(pool, options), options)
     _WorkerServer(uv, pool, options.drain_timeout).run(sockets=[sock])
