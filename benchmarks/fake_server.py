@@ -51,13 +51,14 @@ def main() -> None:
     parser.add_argument("--engines", type=int, default=2)
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token (default: none)")
     parser.add_argument("--workers", type=int, default=1, help="front-end worker processes")
+    parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
     args = parser.parse_args()
     specs = [
         EngineSpec(model=MODEL, engine_args={"model": "fake", "token_delay": args.token_delay}, index=i)
         for i in range(args.engines)
     ]
     config = PoolConfig.from_specs(specs)
-    options = ServerOptions(host=args.host, port=args.port, log_level="warning")
+    options = ServerOptions(host=args.host, port=args.port, log_level="warning", drain_timeout=args.drain_timeout)
     if args.workers == 1:
         serve(config, options=options, pool_options={"engine_factory": fake_engine})
     else:

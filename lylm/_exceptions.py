@@ -85,8 +85,8 @@ class OverloadedError(LylmError):
 class ShuttingDownError(LylmError):
     """The pool is draining before shutdown: requests in flight finish, new ones are refused."""
 
-    def __init__(self) -> None:
-        super().__init__("the server is shutting down and takes no new requests")
+    def __init__(self, message: str = "the server is shutting down and takes no new requests") -> None:
+        super().__init__(message)
 
 
 class InvalidRequestError(LylmError, ValueError):

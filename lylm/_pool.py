@@ -402,6 +402,10 @@ class EnginePool:
                         yield output
                 return
             except EngineError as exc:
+                if self._state == "closed":
+                    # Not a failure of its engine: the pool was closed under it (a drain
+                    # that timed out). Said as such, and never retried.
+                    raise ShuttingDownError("the server shut down before this request finished") from exc
                 # Nothing reached the caller yet, so another engine may serve it whole.
                 if started or len(tried) >= self._retries:
                     raise

@@ -5,6 +5,7 @@ that leaves no process behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import threading
 import time
@@ -150,5 +151,52 @@ def test_a_worker_that_dies_stops_the_whole_server(tmp_path_factory: pytest.Temp
         while left() and time.monotonic() < deadline:
             time.sleep(0.2)
         assert left() == []
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1 worker", "2 workers"])
+def test_streams_open_at_the_drain_deadline_end_with_an_error_event_and_done(
+    tmp_path_factory: pytest.TempPathFactory, workers: int
+) -> None:
+    # Issue 15, item 11: ended like any other failure, not cut at the TCP level.
+    # FakeEngines at 20 ms a token: a 2,000-token stream outlasts the 1 s drain.
+    log = tmp_path_factory.mktemp("logs") / "fake_server.log"
+    proc = ServerProcess(
+        "--token-delay", "0.02", "--drain-timeout", "1", log=log, script="benchmarks/fake_server.py", workers=workers
+    )
+    lines: list[list[str]] = [[], []]
+    errors: list[BaseException] = []
+    started = threading.Barrier(3)
+
+    def stream(index: int) -> None:
+        body = {"model": "fake", "prompt": "hi", "max_tokens": 2000, "stream": True}
+        try:
+            with httpx.stream("POST", f"{proc.url}/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line:
+                        lines[index].append(line)
+                        if len(lines[index]) == 1:
+                            started.wait(30)
+        except BaseException as exc:  # an incomplete chunked read, a reset
+            errors.append(exc)
+
+    try:
+        proc.wait_ready(timeout=120)
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        started.wait(30)  # both streams have tokens
+        proc.proc.send_signal(signal.SIGTERM)
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        for got in lines:
+            assert got[-1] == "data: [DONE]", got[-3:]
+            error = json.loads(got[-2].removeprefix("data: "))["error"]
+            assert error["code"] == "shutting_down", error
+            assert 10 < len(got) < 2000  # tokens came, and the stream was ended early
+        assert proc.proc.wait(60) != 0
+        assert "Traceback" not in proc.tail(400)
     finally:
         proc.stop()

@@ -57,6 +57,8 @@ logger = logging.getLogger("lylm.serve")
 
 #: Seconds the server keeps answering 503 after the drain, before it closes.
 LINGER = 1.0
+#: Seconds given to requests ended at the drain deadline to send their last bytes.
+ENDING_TIMEOUT = 5.0
 
 
 @attrs.frozen
@@ -157,8 +159,15 @@ class DrainingServer(uvicorn.Server):
         logger.info("draining: %d request(s) in flight, new ones get 503 (at most %g s)", in_flight, self.drain_timeout)
         clean = await self.pool.drain(self.drain_timeout)
         if not clean:
-            left = sum(i.in_flight_requests for i in self.pool.instances())
-            logger.warning("drain timeout: %d request(s) still in flight will fail", left)
+            instances = self.pool.instances()
+            left = sum(i.in_flight_requests for i in instances)
+            logger.warning("drain timeout: ending the %d request(s) still in flight", left)
+            # End them as any failure ends a request (a stream: OpenAI's error event and
+            # [DONE]) rather than leave uvicorn to cut their connections as it closes.
+            await self.pool.aclose()
+            with anyio.move_on_after(ENDING_TIMEOUT):
+                while any(i.in_flight_requests for i in instances):
+                    await anyio.sleep(0.02)
         # Clients whose last request just finished send their next one on the same
         # connection at once; answer it (503, Connection: close) rather than cut it
         # off as the server closes.
@@ -336,7 +345,7 @@ async def _main_process(
                 for process in processes:
                     _signal(process, signal.SIGTERM)
                 code = -received[0]
-            await _join(processes, options.drain_timeout + LINGER + 10)
+            await _join(processes, options.drain_timeout + ENDING_TIMEOUT + LINGER + 10)
             tg.cancel_scope.cancel()
     finally:
         with anyio.CancelScope(shield=True):
