@@ -19,7 +19,7 @@ import anyio
 import psutil
 import pytest
 
-from lylm import ConfigError, EnginePool, EngineStartError, VLLMEngine
+from lylm import ConfigError, ContextLengthError, EnginePool, EngineStartError, VLLMEngine
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
 vllm = pytest.importorskip("vllm")
@@ -199,6 +199,41 @@ async def test_chat_messages_go_through_the_models_chat_template(
     assert list(last.prompt_token_ids) == list(expected)
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_model))
     assert tokenizer.decode(last.prompt_token_ids).endswith("<|im_start|>assistant\n")
+
+
+async def test_a_prompt_of_more_characters_than_the_context_holds_is_refused_untokenized(
+    pool: EnginePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 15, item 3: 7 MB of chat messages took 4.4 s of tokenizing to be refused.
+    engine = pool.instances(MODEL)[0].engine
+    renderer = engine.llm.renderer
+    longest = engine.llm.get_tokenizer().max_chars_per_token
+    fits = engine.max_model_len * longest  # characters the context can hold, at most
+    calls: list[str] = []
+    for name in ("render_chat_async", "render_cmpl_async"):
+        original = getattr(renderer, name)
+
+        def counting(*args: Any, _name: str = name, _original: Any = original, **kwargs: Any) -> Any:
+            calls.append(_name)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(renderer, name, counting)
+    half = "a" * (fits // 2 + 1)
+    too_long: list[Any] = [
+        "b" * (fits + 1),
+        [{"role": "user", "content": half}, {"role": "assistant", "content": half}],
+        [{"role": "user", "content": [{"type": "text", "text": half}, {"type": "text", "text": half}]}],
+    ]
+    for prompt in too_long:
+        with pytest.raises(ContextLengthError) as info:
+            await pool.render(MODEL, prompt)
+        assert info.value.context == engine.max_model_len
+        assert info.value.prompt_tokens > engine.max_model_len
+    assert calls == []  # refused before any tokenizing
+    # At the bound it is tokenized (and found too long by its tokens, as before).
+    with pytest.raises(ContextLengthError):
+        await pool.render(MODEL, [{"role": "user", "content": "c " * (fits // 2)}])
+    assert calls == ["render_chat_async"]
 
 
 async def test_token_id_prompts_are_served_as_given(pool: EnginePool) -> None:
