@@ -221,6 +221,12 @@ def test_request_heads_are_bounded_in_every_worker(server: ServerProcess) -> Non
     assert response.startswith(b"HTTP/1.1 408 "), response
 
 
+def test_the_demo_engines_run_in_float32(server: ServerProcess) -> None:
+    # Issue 15, item 12: bfloat16 died with SIGILL in vLLM's CPU attention on some CPUs.
+    configs = [line for line in server.log_path.read_text(errors="replace").splitlines() if "dtype=torch." in line]
+    assert configs and all("dtype=torch.float32" in line for line in configs), configs[:2]
+
+
 def test_metrics_and_health_cover_both_engines(server: ServerProcess) -> None:
     health = httpx.get(f"{server.url}/health").json()
     engines = health["models"][MODEL]["engines"]

@@ -18,9 +18,13 @@ TINY_MODEL_ENGINE_ARGS: dict[str, Any] = {
     # CUDA graphs / torch.compile cost seconds at start-up and buy nothing for a toy model.
     "enforce_eager": True,
     "max_model_len": 1024,
+    # float32, not the model's bfloat16: vLLM's CPU attention takes an AMX path for
+    # bfloat16 that died with SIGILL on some x86-64 CPUs (the demo's first request, on
+    # one VM), and float32 runs on every one. The model is tiny: the cost is nil.
+    "dtype": "float32",
     # An explicit KV-cache size skips memory profiling and keeps several engines per process
-    # affordable; one token costs 2 layers * (K+V) * 1 kv head * 64 * 2 bytes = 512 bytes,
-    # so 64 MiB still holds ~130k tokens.
+    # affordable; one token costs 2 layers * (K+V) * 1 kv head * 64 * 4 bytes = 1 KiB,
+    # so 64 MiB still holds ~65k tokens.
     "kv_cache_memory_bytes": 64 * 1024 * 1024,
     "max_num_seqs": 64,
     "seed": 0,
