@@ -370,9 +370,10 @@ class VLLMEngine(Engine):
         # VLLMValidationError on "input_tokens", or on "input_text" for a text longer
         # than the context's tokens can hold): the same condition as the pool's check.
         if getattr(exc, "parameter", None) in ("input_tokens", "input_text"):
-            value = getattr(exc, "value", None)
-            counted = getattr(exc, "parameter", None) == "input_tokens" and isinstance(value, int)
-            tokens = value if counted else self.max_model_len + 1
+            value = getattr(exc, "value", None)  # tokens, or characters for "input_text"
+            tokens = self.max_model_len + 1
+            if isinstance(value, int) and getattr(exc, "parameter", None) == "input_tokens":
+                tokens = value
             return ContextLengthError(context=self.max_model_len, prompt_tokens=tokens, max_tokens=None, message=str(exc))
         return translate_error(exc)
 
