@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import random
 import threading
+import time
 from typing import Any
 
 import anyio
@@ -400,8 +401,9 @@ def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
         return child
 
     results: list[Any] = []
+    spawned: list[int] = []  # engine-core pids, reported as soon as each process exists
     threads = [
-        threading.Thread(target=lambda v=v: results.append(_build_with_environment(build, {VAR: v})))
+        threading.Thread(target=lambda v=v: results.append(_build_with_environment(build, {VAR: v}, spawned.extend)))
         for v in ("1", "2,3")
     ]
     for t in threads:
@@ -412,6 +414,10 @@ def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
         seen = sorted(queue.get(timeout=60) for _ in range(2))
         assert seen == ["1", "2,3"]
         assert VAR not in os.environ  # restored as soon as each child existed
+        deadline = time.monotonic() + 30
+        while len(spawned) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert sorted(spawned) == sorted(c.pid for c in children)  # before either build ended
     finally:
         loading.set()
         for t in threads:
