@@ -29,6 +29,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -228,7 +229,7 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "server": "examples/serve.py, embedded demo (2 CPU engines, tiny model, context 1,024), 1 process",
     }
-    log = HERE / "results" / f"hostile_{args.label}.log"
+    log = Path(tempfile.gettempdir()) / f"lylm_hostile_{args.label}.log"  # the server's output
     with demo_server(root, log) as (url, proc):
         results["idle_rss_mib"] = rss_mib(proc)
         results["token_ids"] = measure("token_ids", lambda: token_ids(url), url, proc)
