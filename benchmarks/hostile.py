@@ -2,7 +2,7 @@
 
     python benchmarks/hostile.py [--root DIR] [--label NAME] [--slow 300] [--window 30]
 
-Starts ``examples/serve.py`` (the embedded demo: two real CPU engines of the tiny
+Starts ``lylm serve`` (the embedded demo: two real CPU engines of the tiny
 model, context 1,024) from ``--root`` (default: this checkout; pass a ``git worktree``
 of an older commit to measure it the same way), then, one after another:
 
@@ -54,9 +54,11 @@ def free_port() -> int:
 def demo_server(root: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(root)}
+    # A checkout from before the `lylm` command served the demo with examples/serve.py.
+    command = ["-m", "lylm", "serve"] if (root / "lylm" / "cli.py").exists() else [str(root / "examples" / "serve.py")]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, str(root / "examples" / "serve.py"), "--port", str(port)],
+            [sys.executable, *command, "--port", str(port)],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
@@ -227,7 +229,7 @@ def main() -> None:
         "commit": commit,
         "label": args.label,
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "server": "examples/serve.py, embedded demo (2 CPU engines, tiny model, context 1,024), 1 process",
+        "server": "lylm serve (examples/serve.py before it existed), embedded demo (2 CPU engines, tiny model, context 1,024), 1 process",
     }
     log = Path(tempfile.gettempdir()) / f"lylm_hostile_{args.label}.log"  # the server's output
     with demo_server(root, log) as (url, proc):

@@ -4,7 +4,7 @@
         [--groups 4] [--rounds 2] [--out benchmarks/results/prefix_workers]
 
 Serves the tiny demo model (CPU build) on two engines of equal weight with
-``examples/serve.py --workers W``, for W in 1, 2 and for the balancers
+``lylm serve --workers W``, for W in 1, 2 and for the balancers
 ``prefix_aware`` and ``weighted_random`` (the baseline that ignores prefixes).
 Requests: the ``shared-prefix`` prompt set (``--groups`` long prefixes, each
 followed by its own short question), streamed completions of 8 tokens. The hit

@@ -15,7 +15,7 @@ req tok/s, sys tok/s, total s) plus TTFT p50/p90/p99 and inter-token p50/p99.
 Requests go to /v1/chat/completions (the seed's template served chat only), with
 fixed ``max_tokens`` and ``ignore_eos`` so every row generates the same lengths.
 
-``--serve-demo`` starts ``examples/serve.py`` with no config (the random-weight
+``--serve-demo`` starts ``lylm serve`` with no config (the random-weight
 tiny demo model on two CPU engines weighted 1:2) on 127.0.0.1 at a free port,
 waits for /health to answer 200, runs the grid and stops it with SIGTERM. While
 each cell runs it samples the server's /metrics (per-engine running/waiting
@@ -47,7 +47,7 @@ import loadgen  # noqa: E402  (a sibling script, not a package)
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GRID = "1x4,4x16,16x64,64x256,128x256,256x512"
 DEMO_MODEL = "lylm-tiny-demo"
-DEMO_WEIGHTS = (1, 2)  # examples/serve.py's default_config()
+DEMO_WEIGHTS = (1, 2)  # lylm.cli.demo_config()
 METRICS_PERIOD_S = 0.25
 
 
@@ -90,11 +90,11 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
 
 @contextmanager
 def demo_server(startup_timeout_s: float = 600.0) -> Iterator[str]:
-    """examples/serve.py's embedded demo on 127.0.0.1; yields its base URL."""
+    """`lylm serve`'s embedded demo on 127.0.0.1; yields its base URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = tempfile.NamedTemporaryFile(prefix="seed_table_server_", suffix=".log", delete=False)
-    cmd = [sys.executable, str(ROOT / "examples" / "serve.py"), "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "lylm", "serve", "--host", "127.0.0.1",
            "--port", str(port), "--log-level", "warning"]
     print(f"starting {' '.join(cmd)} (log: {log.name})", file=sys.stderr)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
@@ -186,7 +186,7 @@ def demo_notes(summaries: list[dict[str, Any]]) -> str:
         "## What this measures",
         "",
         f"The model is `{DEMO_MODEL}`, lylm's embedded demo: a tiny Qwen2-shaped model (2 layers,",
-        "hidden size 128, vocabulary 512) with RANDOM weights, served by `examples/serve.py` with no",
+        "hidden size 128, vocabulary 512) with RANDOM weights, served by `lylm serve` with no",
         f"config on two vLLM CPU engines weighted {DEMO_WEIGHTS[0]}:{DEMO_WEIGHTS[1]} (weighted-random balancing).",
         "Tokens/s here measure the serving machinery (HTTP, SSE, the pool, vLLM's scheduler) plus a",
         "tiny model, not a real LLM; compare rows with each other, not with the seed's GPU numbers.",
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Reproduce the seed's concurrency table.")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="base URL of a running OpenAI-compatible server")
-    target.add_argument("--serve-demo", action="store_true", help="start examples/serve.py's embedded demo")
+    target.add_argument("--serve-demo", action="store_true", help="start lylm serve's embedded demo")
     parser.add_argument("--grid", default=DEFAULT_GRID, help=f"CONCxTOTAL cells (default {DEFAULT_GRID})")
     parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="do not sample /metrics")
     loadgen.add_load_arguments(parser, default_api="chat")
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
         print(loadgen.markdown_table(summaries), end="")
         if args.out:
             config = loadgen.run_config(args, url, model, grid)
-            config["server"] = "examples/serve.py (embedded demo)" if args.serve_demo else url
+            config["server"] = "lylm serve (embedded demo)" if args.serve_demo else url
             notes = demo_notes(summaries) if args.serve_demo else ""
             paths = loadgen.write_results(args.out, cells, config, notes=notes)
             print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)

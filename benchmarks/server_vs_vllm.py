@@ -61,7 +61,7 @@ def lylm_command(model_dir: str, port: int, workdir: str) -> list[str]:
     with open(path, "w") as f:
         json.dump(config, f)
     return [
-        sys.executable, str(ROOT / "examples" / "serve.py"), "--config", path,
+        sys.executable, "-m", "lylm", "serve", "--config", path,
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
     ]
 

@@ -7,6 +7,7 @@ lylm does not import vLLM, torch or Starlette: vLLM loads when an engine starts.
 from __future__ import annotations
 
 from ._balancer import Balancer as Balancer
+from .balancers._resolve import BalancerLike as BalancerLike
 from ._config import EngineSpec as EngineSpec
 from ._config import ModelSpec as ModelSpec
 from ._config import PoolConfig as PoolConfig
@@ -32,6 +33,7 @@ from ._instance import Outcome as Outcome
 from ._instance import State as State
 from ._pool import EngineFactory as EngineFactory
 from ._pool import EnginePool as EnginePool
+from ._pool import PoolOptions as PoolOptions
 from ._pool import Prompt as Prompt
 from ._request import RequestInfo as RequestInfo
 from ._request import RequestRecord as RequestRecord
@@ -43,6 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Balancer",
+    "BalancerLike",
     "ConfigError",
     "ContextLengthError",
     "Engine",
@@ -63,6 +66,7 @@ __all__ = [
     "Outcome",
     "OverloadedError",
     "PoolConfig",
+    "PoolOptions",
     "Prompt",
     "PromptError",
     "RenderedPrompt",

@@ -50,6 +50,10 @@ class EngineStats:
 
     name: str
     model: str
+    #: The instance's position in its model's group (``models[model][index]`` in the config).
+    index: int
+    #: Its share of traffic, as the balancers read it.
+    weight: float
     state: State
     healthy: bool
     restarts: int
@@ -232,6 +236,8 @@ class Instance:
         return EngineStats(
             name=self.name,
             model=self.model,
+            index=self.index,
+            weight=self.weight,
             state=self.state,
             healthy=self.healthy,
             restarts=self.restarts,

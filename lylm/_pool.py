@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from contextlib import aclosing
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypedDict, Union
 
 import anyio
 
@@ -45,11 +45,29 @@ from ._startup import Starter
 from ._supervisor import RestartPolicy, Supervisor
 
 if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
     from .balancers._resolve import BalancerLike
 
 logger = logging.getLogger("lylm")
 
 EngineFactory = Callable[[EngineSpec], Engine]
+
+
+class PoolOptions(TypedDict, total=False):
+    """:class:`EnginePool`'s keyword options, typed: for :meth:`EnginePool.from_config`
+    and ``lylm.openai.serve(pool_options=...)``. Each is documented on the pool."""
+
+    balancer: BalancerLike | None
+    balancers: Mapping[str, BalancerLike] | None
+    engine_factory: EngineFactory | None
+    rng: random.Random | None
+    clock: Callable[[], float]
+    max_in_flight_requests: int | Mapping[str, int] | None
+    max_in_flight_tokens: int | Mapping[str, int] | None
+    retries: int
+    restart: RestartPolicy | None
+    health_interval: float
 """Builds an (unstarted) engine for one instance spec."""
 
 ConfigSource = Union[PoolConfig, Mapping[str, Any], str, "os.PathLike[str]", Iterable[EngineSpec]]
@@ -131,8 +149,9 @@ class EnginePool:
         self._lock = anyio.Lock()
 
     @classmethod
-    def from_config(cls, source: ConfigSource, **options: Any) -> EnginePool:
-        """Build a pool from a config file path, a dict, a PoolConfig or a list of EngineSpecs."""
+    def from_config(cls, source: ConfigSource, **options: Unpack[PoolOptions]) -> EnginePool:
+        """Build a pool from a config file path, a dict, a PoolConfig or a list of
+        EngineSpecs; ``options`` are the constructor's (:class:`PoolOptions`)."""
         return cls(PoolConfig.load(source), **options)
 
     # -- lifecycle -------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Run examples/serve.py as a subprocess on 127.0.0.1 for HTTP tests."""
+"""Run ``lylm serve`` (or another server) as a subprocess on 127.0.0.1 for HTTP tests."""
 
 from __future__ import annotations
 
@@ -64,15 +64,24 @@ def metric(url: str, name: str) -> dict[str, float]:
     return values
 
 
+def _command(script: str | None, module: str | None) -> list[str]:
+    if module:
+        return ["-m", module]
+    if script:
+        return [str(ROOT / script)]
+    return ["-m", "lylm", "serve"]  # the command users run
+
+
 class ServerProcess:
-    """examples/serve.py (or another server ``script`` or ``module``) in a subprocess; ``url`` is its base URL once ready."""
+    """``python -m lylm serve`` (or another server ``script`` or ``module``) in a subprocess;
+    ``url`` is its base URL once ready."""
 
     def __init__(
         self,
         *args: str,
         env: dict[str, str] | None = None,
         log: Path,
-        script: str = "examples/serve.py",
+        script: str | None = None,
         module: str | None = None,
         workers: int | None = None,
     ) -> None:
@@ -85,8 +94,8 @@ class ServerProcess:
         self.log_path = log
         self._log = open(log, "wb")
         self.proc = subprocess.Popen(
-            # module: run `python -m module` instead of the script (vLLM's own server).
-            [sys.executable, *(["-m", module] if module else [str(ROOT / script)]), "--port", str(self.port), *args],
+            # module: `python -m module` (vLLM's own server); script: a server script.
+            [sys.executable, *_command(script, module), "--port", str(self.port), *args],
             cwd=ROOT,
             env={**os.environ, **(env or {})},
             stdout=self._log,

@@ -1,17 +1,25 @@
-"""The README's custom-balancer example is real code, and it works."""
+"""The examples are real code, and they work: the README's custom balancer, the mount
+example (examples/serve.py), and the `lylm` command."""
 
 from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
+import os
 import random
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 
-from _helpers import fake_specs
-from lylm import EnginePool
+from _helpers import fake_specs, make_instances
+from _server import ServerProcess
+from lylm import EnginePool, RequestInfo
 from lylm.testing import FakeEngine, FakeSamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,10 +36,25 @@ def load_example(name: str) -> object:
     return module
 
 
-def test_readme_shows_the_example_verbatim() -> None:
+def readme_block(containing: str) -> str:
+    """The README's ```python block that contains ``containing``."""
+    blocks = (ROOT / "README.md").read_text().split("```python\n")[1:]
+    (block,) = [b.split("```", 1)[0] for b in blocks if containing in b]
+    return block
+
+
+def test_readme_shows_the_example_verbatim_and_its_block_runs_as_shown() -> None:
     example = load_example("custom_balancer")
     source = inspect.getsource(example.StickyByUser)  # type: ignore[attr-defined]
-    assert source in (ROOT / "README.md").read_text()
+    block = readme_block("class StickyByUser")
+    assert source in block
+    # Copied as shown, with its imports: it chooses (a missing import fails here).
+    namespace: dict[str, object] = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    balancer = namespace["StickyByUser"](rng=random.Random(1))  # type: ignore[operator]
+    instances = make_instances([1.0, 1.0])
+    request = RequestInfo(model="m", request_id="r", prompt_tokens=1, max_tokens=1, session_key="alice")
+    assert balancer.choose(instances, request) in instances  # type: ignore[attr-defined]
 
 
 async def test_sticky_balancer_keeps_users_on_one_instance() -> None:
@@ -61,3 +84,56 @@ async def test_sticky_balancer_keeps_users_on_one_instance() -> None:
         assert len(homes) > 1  # ...users do not all share one instance...
         # ...and anonymous requests go to the least loaded, ties spread over all.
         assert all(count > 0 for count in await serve(30, None))
+
+
+# -- examples/serve.py (mounting the adapter) and the `lylm` command ---------------------
+
+
+@pytest.mark.engines
+def test_the_mount_example_serves_its_own_route_beside_openais(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"models": {"tiny": [{"engine_args": {"model": str(model), **TINY_MODEL_ENGINE_ARGS}}]}}))
+    server = ServerProcess("--config", str(config), script="examples/serve.py", log=tmp_path / "serve.log")
+    try:
+        server.wait_ready(timeout=240)
+        about = httpx.get(f"{server.url}/about", timeout=30).json()
+        assert about == {"models": ["tiny"], "engines": ['models["tiny"][0]']}
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        answer = client.completions.create(model="tiny", prompt="hello", max_tokens=3, extra_body={"ignore_eos": True})
+        assert answer.usage is not None and answer.usage.completion_tokens == 3
+        # SIGTERM: a clean stop (uvicorn ends by the signal it was stopped with).
+        assert server.stop() == -signal.SIGTERM
+        assert "Application shutdown complete" in server.log_path.read_text()
+    finally:
+        server.stop()
+
+
+def run_lylm(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    # The console script pip installed beside this interpreter (what users type).
+    script = Path(sys.executable).parent / "lylm"
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "lylm"]
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, timeout=120, env={**os.environ, **(env or {})}, cwd=ROOT
+    )
+
+
+def test_lylm_version_names_lylm_and_vllm() -> None:
+    import lylm
+
+    out = run_lylm("--version")
+    assert out.returncode == 0 and out.stdout.startswith(f"lylm {lylm.__version__} (vLLM ")
+
+
+def test_lylm_serve_help_lists_the_servers_flags_and_bad_values_name_themselves() -> None:
+    out = run_lylm("serve", "--help")
+    assert out.returncode == 0
+    for flag in ("--config", "--host", "--port", "--workers", "--api-key", "--max-in-flight", "--drain-timeout",
+                 "--header-timeout", "--body-timeout", "--max-header-bytes"):  # fmt: skip
+        assert flag in out.stdout, flag
+    assert run_lylm().returncode == 2  # no command: the help, as an error
+    bad = run_lylm("serve", "--header-timeout", "0")
+    assert bad.returncode == 2 and "header_timeout must be a positive number" in bad.stderr

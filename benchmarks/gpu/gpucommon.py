@@ -92,7 +92,7 @@ def write_lylm_config(path: Path, served_name: str, instances: list[dict[str, An
 
 def lylm_serve_command(config: Path, port: int) -> list[str]:
     return [
-        sys.executable, str(ROOT / "examples" / "serve.py"), "--config", str(config),
+        sys.executable, "-m", "lylm", "serve", "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
     ]
 

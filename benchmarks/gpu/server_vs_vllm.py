@@ -7,7 +7,7 @@
 
 Both servers run at once on the same GPU, each with the same engine args
 (``gpucommon.BASE_ENGINE_ARGS`` plus ``gpu_memory_utilization`` = --gpu-mem, so
-both fit): ``examples/serve.py`` with a one-instance config (devices.gpu_ids [0])
+both fit): ``lylm serve`` with a one-instance config (devices.gpu_ids [0])
 and vLLM's own ``python -m vllm.entrypoints.openai.api_server``. They start one
 after the other (engines on one GPU must not profile memory at the same time) and
 each is idle while the other is measured. Requests: streamed ``/v1/completions``

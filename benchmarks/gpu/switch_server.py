@@ -2,7 +2,7 @@
 
     python benchmarks/gpu/switch_server.py --config CONFIG --port PORT
 
-Serves exactly what ``examples/serve.py`` serves (``lylm.openai.routes`` over an
+Serves exactly what ``lylm serve`` serves (``lylm.openai.routes`` over an
 ``EnginePool``, uvicorn) plus two benchmark-only routes, so that one set of
 started engines serves every balancer (engines take minutes to start on a GPU):
 

