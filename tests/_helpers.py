@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from lylm import EngineSpec, Instance
 from lylm.testing import FakeEngine, build_tiny_model
@@ -56,3 +58,11 @@ def fake_specs(weights: Sequence[float], model: str = "m") -> list[EngineSpec]:
     return [
         EngineSpec(model=model, engine_args={"model": "fake"}, weight=w) for w in weights
     ]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds (fails the test after ``timeout`` s): synchronise
+    on state, not on sleeps."""
+    with anyio.fail_after(timeout):
+        while not condition():
+            await anyio.sleep(0.005)

@@ -28,7 +28,7 @@ from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.engines]
 
 MARK = {"LYLM_TEST_SPAWN_MARK": "core-1"}
 

@@ -72,6 +72,7 @@ def server() -> Iterator[str]:
 
 @settings(max_examples=2000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(case=bodies())
+@pytest.mark.slow
 def test_no_input_gets_a_5xx(server: str, case: tuple[str, bytes]) -> None:
     path, body = case
     r = httpx.post(server + path, content=body, headers={"content-type": "application/json"}, timeout=30)

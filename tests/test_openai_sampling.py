@@ -103,6 +103,7 @@ def greedy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield url
 
 
+@pytest.mark.engines
 def test_the_models_generation_config_fills_in_what_a_request_leaves_out(greedy_server: str) -> None:
     client = openai.OpenAI(base_url=f"{greedy_server}/v1", api_key="unused", max_retries=0, timeout=60)
     texts = {
@@ -130,6 +131,7 @@ def test_the_models_generation_config_fills_in_what_a_request_leaves_out(greedy_
     assert len(sampled) > 1
 
 
+@pytest.mark.engines
 def test_logit_bias_reaches_the_engine(greedy_server: str) -> None:
     client = openai.OpenAI(base_url=f"{greedy_server}/v1", api_key="unused", max_retries=0, timeout=60)
     # A +100 bias on one token makes greedy decoding pick it every time.
@@ -152,6 +154,7 @@ def test_logit_bias_reaches_the_engine(greedy_server: str) -> None:
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error", r.text
 
 
+@pytest.mark.engines
 def test_echo_puts_the_prompt_and_its_logprobs_first(greedy_server: str) -> None:
     def complete(**body: Any) -> dict[str, Any]:
         r = httpx.post(f"{greedy_server}/v1/completions", json={"model": "greedy", "max_tokens": 5, **body}, timeout=60)

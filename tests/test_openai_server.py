@@ -1,4 +1,4 @@
-"""examples/serve.py with its embedded default (2 real CPU engines, weights 1:2),
+"""`lylm serve` with its embedded default (2 real CPU engines, weights 1:2),
 driven over HTTP on 127.0.0.1 by the official openai client; every test runs against
 a one-process server and a server of two front-end workers over the same engines."""
 
@@ -21,6 +21,8 @@ import psutil
 import pytest
 
 from _server import ServerProcess, metric
+
+pytestmark = pytest.mark.engines
 
 MODEL = "lylm-tiny-demo"
 
@@ -196,8 +198,9 @@ def test_abandoned_stream_is_aborted_and_released(server: ServerProcess) -> None
         for _ in range(6):
             next(lines)
         assert sum(metric(server.url, "lylm_in_flight_requests").values()) == 1
-    # The client is gone: within a second the engine aborts and the books are clear.
-    deadline = time.monotonic() + 1.0
+    # The client is gone: the engine aborts and the books are clear (in well under a
+    # second; the bound catches "never", not a loaded CI machine).
+    deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
         in_flight = sum(metric(server.url, "lylm_in_flight_requests").values())
         aborted = sum(v for k, v in metric(server.url, "lylm_requests_total").items() if 'outcome="aborted"' in k)

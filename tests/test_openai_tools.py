@@ -237,6 +237,7 @@ def no_padding(tokenizer: Any) -> dict[str, int]:
     return {str(i): -100 for i in blank}
 
 
+@pytest.mark.engines
 def test_a_named_function_is_called_with_arguments_that_fit_its_schema(tools_server: str, no_padding: dict[str, int]) -> None:
     named = {"type": "function", "function": {"name": "get_weather"}}
     whole = client(tools_server).chat.completions.create(
@@ -263,6 +264,7 @@ def test_a_named_function_is_called_with_arguments_that_fit_its_schema(tools_ser
     assert finish == "stop" and json.loads("".join(pieces)) == json.loads(call.function.arguments)  # type: ignore[union-attr]
 
 
+@pytest.mark.engines
 def test_required_makes_one_call_among_the_tools(tools_server: str, no_padding: dict[str, int]) -> None:
     response = client(tools_server).chat.completions.create(
         model="tools", messages=ASK, tools=[WEATHER, TIME], tool_choice="required",  # type: ignore[list-item]
@@ -276,6 +278,7 @@ def test_required_makes_one_call_among_the_tools(tools_server: str, no_padding: 
     assert set(json.loads(call.function.arguments)) == {declared[call.function.name]}  # type: ignore[union-attr]
 
 
+@pytest.mark.engines
 def test_tools_and_a_finished_call_reach_the_prompt(tools_server: str) -> None:
     def prompt_tokens(**body: Any) -> int:
         r = httpx.post(f"{tools_server}/v1/chat/completions", json={"model": "tools", "max_tokens": 2, **body}, timeout=120)
@@ -299,6 +302,7 @@ def test_tools_and_a_finished_call_reach_the_prompt(tools_server: str) -> None:
     assert answered > prompt_tokens(messages=ASK, tools=[loose], tool_choice="auto") + 10
 
 
+@pytest.mark.engines
 def test_response_format_and_a_forced_call_together_are_refused(tools_server: str) -> None:
     body = {
         "model": "tools", "messages": ASK, "tools": [WEATHER], "tool_choice": "required",

@@ -10,7 +10,7 @@ from typing import Any
 import anyio
 import pytest
 
-from _helpers import fake_specs
+from _helpers import fake_specs, until
 from lylm import (
     Balancer,
     EnginePool,
@@ -68,7 +68,10 @@ async def test_weighted_random_splits_3000_requests_one_to_two() -> None:
     async with fake_pool([1.0, 2.0], seed=2024) as pool:
         for _ in range(3000):
             await run(pool, max_tokens=1)
-        served = [s.completed for s in pool.stats()["m"]]
+        stats = pool.stats()["m"]
+        served = [s.completed for s in stats]
+    # Each snapshot says which instance it is and its weight: a report needs nothing else.
+    assert [(s.index, s.weight) for s in stats] == [(0, 1.0), (1, 2.0)]
     assert sum(served) == 3000
     share = served[0] / 3000 * 100
     assert abs(share - 100 / 3) <= 3, served
@@ -224,7 +227,7 @@ async def test_dead_engines_get_no_requests_and_fail_theirs() -> None:
 
         async with anyio.create_task_group() as tg:
             tg.start_soon(on_b)
-            await anyio.sleep(0.05)
+            await until(lambda: b.in_flight_requests == 1)
             b.engine.kill()  # type: ignore[attr-defined]
         assert len(errors) == 1
         assert b.stats().failed == 1
@@ -393,37 +396,41 @@ async def test_observers_get_a_timed_record_of_every_request() -> None:
     assert (record.time_to_first_token, record.latency, record.generated_tokens) == (0.5, 2.0, 4)
 
 
+def in_flight(pool: EnginePool) -> int:
+    return sum(i.in_flight_requests for i in pool.instances("m"))
+
+
 async def test_admission_limits_refuse_at_once_and_admit_again() -> None:
-    pool = EnginePool.from_config(
-        fake_specs([1.0, 1.0]),
-        engine_factory=lambda s: FakeEngine(token_delay=0.01),
-        max_in_flight_requests=2,
-        max_in_flight_tokens=10_000,
-    )
-    async with pool:
-        outcomes: list[str] = []
+    outcomes: list[str] = []
 
-        async def one(max_tokens: int) -> None:
-            try:
-                await run(pool, max_tokens=max_tokens)
-                outcomes.append("done")
-            except OverloadedError as exc:
-                assert exc.retry_after > 0
-                outcomes.append("refused")
+    async def one(pool: EnginePool, max_tokens: int) -> None:
+        try:
+            await run(pool, max_tokens=max_tokens)
+            outcomes.append("done")
+        except OverloadedError as exc:
+            assert exc.retry_after > 0
+            outcomes.append("refused")
 
+    def limited(**limits: int) -> EnginePool:
+        return EnginePool.from_config(
+            fake_specs([1.0, 1.0]), engine_factory=lambda s: FakeEngine(token_delay=0.01), **limits
+        )
+
+    async with limited(max_in_flight_requests=2, max_in_flight_tokens=10_000) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(one, 30)
-            tg.start_soon(one, 30)
-            await anyio.sleep(0.05)  # both are in flight now
-            await one(5)  # refused, not queued: the pool never waits for a slot
+            tg.start_soon(one, pool, 30)
+            tg.start_soon(one, pool, 30)
+            await until(lambda: in_flight(pool) == 2)
+            await one(pool, 5)  # refused, not queued: the pool never waits for a slot
         assert sorted(outcomes) == ["done", "done", "refused"]
         await run(pool, max_tokens=3)  # capacity is back
-        # The token limit: one request alone may exceed it, a second one may not.
-        pool._admission.max_tokens["m"] = 100
+        assert_books_idle(pool)
+    # The token limit: one request alone may exceed it, a second one may not.
+    async with limited(max_in_flight_tokens=100) as pool:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(one, 200)
-            await anyio.sleep(0.05)
-            await one(50)
+            tg.start_soon(one, pool, 200)
+            await until(lambda: in_flight(pool) == 1)
+            await one(pool, 50)
         assert outcomes[-2:] == ["refused", "done"]
         assert_books_idle(pool)
 

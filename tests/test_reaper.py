@@ -101,6 +101,7 @@ POOL_SERVER = textwrap.dedent(
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+@pytest.mark.engines
 def test_sigkill_of_a_pool_process_leaves_no_engine_behind(tmp_path: Path) -> None:
     pytest.importorskip("vllm")
     model = build_tiny_model(tmp_path / "tiny")
@@ -135,7 +136,7 @@ def test_sigkill_of_a_pool_process_leaves_no_engine_behind(tmp_path: Path) -> No
                 pass
 
 
-# -- the real server (examples/serve.py), killed or stopped at the worst moments ---------
+# -- the real server (lylm serve), killed or stopped at the worst moments ---------
 
 
 def survivors(mark: str) -> list[str]:
@@ -175,6 +176,7 @@ def stream_forever(url: str, stop: threading.Event) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
+@pytest.mark.engines
 def test_sigkill_of_the_server_under_load_leaves_no_process(tmp_path: Path) -> None:
     # Issue 15, item 1: the OOM killer's (and orchestrators') signal, with streams running.
     pytest.importorskip("vllm")
@@ -201,6 +203,7 @@ def test_sigkill_of_the_server_under_load_leaves_no_process(tmp_path: Path) -> N
 
 @pytest.mark.skipif(not Path("/proc").is_dir(), reason="needs /proc")
 @pytest.mark.parametrize("workers", [1, 2], ids=["1 worker", "2 workers"])
+@pytest.mark.engines
 def test_sigterm_while_an_engine_restarts_leaves_no_process(tmp_path: Path, workers: int) -> None:
     # Issue 15, item 2: the engine being started again must stop with the server.
     pytest.importorskip("vllm")

@@ -15,6 +15,8 @@ import pytest
 
 from _server import ServerProcess
 
+pytestmark = pytest.mark.engines
+
 MODEL = "fake"
 STREAMS = 1000
 TOKENS = 40

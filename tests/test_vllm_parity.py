@@ -29,6 +29,8 @@ from lylm import EnginePool, PoolConfig
 from lylm.openai import create_app
 from lylm.testing import TINY_MODEL_ENGINE_ARGS
 
+pytestmark = pytest.mark.engines
+
 MODEL = "tiny"
 SERVING = {"tool_call_parser": "hermes", "enable_auto_tool_choice": True}
 

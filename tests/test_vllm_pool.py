@@ -20,13 +20,14 @@ import psutil
 import pytest
 
 from lylm import ConfigError, ContextLengthError, EnginePool, EngineStartError, VLLMEngine
+from _helpers import until
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 from vllm.sampling_params import RequestOutputKind  # noqa: E402
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.engines]
 
 MODEL = "tiny"
 
@@ -423,5 +424,6 @@ async def test_sigkill_of_an_engine_under_load_retries_ejects_and_restarts(pool:
     # The killed engine's processes (its orphaned worker too) are gone.
     gone, alive = psutil.wait_procs(old_processes, timeout=15)
     assert alive == []
-    await anyio.sleep(0.2)
+    await until(lambda: all(i.in_flight_requests == 0 and i.engine.num_unfinished_requests() == 0
+                            for i in pool.instances(MODEL)))  # fmt: skip
     assert_idle(pool)

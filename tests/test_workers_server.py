@@ -1,4 +1,4 @@
-"""examples/serve.py --workers 2 over 2 real CPU engines: API keys and admission limits that
+"""lylm serve --workers 2 over 2 real CPU engines: API keys and admission limits that
 hold in every worker and for the whole server, and a server killed outright (SIGKILL)
 that leaves no process behind."""
 
@@ -16,6 +16,8 @@ import psutil
 import pytest
 
 from _server import ServerProcess, metric
+
+pytestmark = pytest.mark.engines
 
 MODEL = "lylm-tiny-demo"
 KEY = {"Authorization": "Bearer test-key"}
