@@ -23,6 +23,37 @@ from ._request import RequestInfo, RequestRecord
 logger = logging.getLogger("lylm")
 
 
+class Tally:
+    """One request's running account on its instance, step by step: the prompt counted
+    once, with the first step; the token budget booked at dispatch coming down as tokens
+    are done (never below zero: a request may stop short of its budget). Used by
+    :meth:`Books.serve` and by anything that replays the pool's books (the simulator)."""
+
+    __slots__ = ("instance", "request", "remaining", "prefilled", "generated")
+
+    def __init__(self, instance: Instance, request: RequestInfo) -> None:
+        self.instance = instance
+        self.request = request
+        #: Tokens of the request's budget still booked in ``instance.in_flight_tokens``.
+        self.remaining = request.token_budget
+        self.prefilled = False
+        self.generated = 0
+
+    def step(self, new_tokens: int) -> None:
+        """Book one engine step that produced ``new_tokens`` (over all sequences)."""
+        instance = self.instance
+        done = new_tokens
+        self.generated += new_tokens
+        if not self.prefilled:
+            self.prefilled = True
+            done += self.request.prompt_tokens
+            instance.prompt_tokens += self.request.prompt_tokens
+        instance.generated_tokens += new_tokens
+        done = min(done, self.remaining)
+        self.remaining -= done
+        instance.in_flight_tokens -= done
+
+
 class Books:
     """Keeps every instance's request books and tells observers how each request went."""
 
@@ -45,28 +76,17 @@ class Books:
         balancer: Balancer,
     ) -> AsyncGenerator[Any, None]:
         """Run ``request`` on ``instance``'s engine, keeping its books; yield the engine's outputs."""
-        remaining = request.token_budget
         self.begin(instance, request)
+        tally = Tally(instance, request)
         outcome: Outcome = "failed"
-        prefilled = False
         started = self._clock()
         first_token: float | None = None
-        generated = 0
         steps = instance.engine.generate(request.request_id, rendered, sampling_params)
         try:
             async for step in steps:
-                done = step.new_tokens
-                generated += step.new_tokens
                 if first_token is None and step.new_tokens:
                     first_token = self._clock() - started
-                if not prefilled:
-                    prefilled = True
-                    done += request.prompt_tokens
-                    instance.prompt_tokens += request.prompt_tokens
-                instance.generated_tokens += step.new_tokens
-                done = min(done, remaining)
-                remaining -= done
-                instance.in_flight_tokens -= done
+                tally.step(step.new_tokens)
                 yield step.output
             outcome = "completed"
         except (GeneratorExit, anyio.get_cancelled_exc_class()):
@@ -85,10 +105,10 @@ class Books:
                 instance,
                 request,
                 outcome,
-                remaining=remaining,
+                remaining=tally.remaining,
                 first_token=first_token,
                 latency=self._clock() - started,
-                generated=generated,
+                generated=tally.generated,
                 balancer=balancer,
             )
 

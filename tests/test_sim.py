@@ -61,7 +61,7 @@ def test_every_request_gets_exactly_its_tokens_and_books_balance(balancer: str) 
     assert sum(e["requests"] for e in result.per_engine) == len(arrivals)
     for inst in instances.values():
         assert inst is not None
-        # The pool's books are back to zero, as after a real pool's requests.
+        # The pool's books (lylm._books, the pool's own code) are back to zero.
         assert inst.in_flight_requests == 0
         assert inst.in_flight_tokens == 0
         assert inst.completed == inst.dispatched

@@ -29,6 +29,7 @@ from typing import Any
 
 from lylm import Engine
 from lylm._engine import EngineStep, RenderedPrompt
+from lylm._books import Tally
 from lylm._instance import Instance
 from lylm._request import RequestInfo
 
@@ -61,9 +62,8 @@ class SimRequest:
     cached_tokens: int = 0
     first_token: float | None = None
     finished: float | None = None
-    # The pool's books for this request: token budget not yet counted down.
-    remaining: int = 0
-    prefilled: bool = False
+    # The pool's own running account of this request (lylm's books, not a copy).
+    tally: Tally | None = None
     # KV blocks held: named (prefix-cache) ones in prefix order, and private ones.
     named: list[int] = field(default_factory=list)
     private: int = 0

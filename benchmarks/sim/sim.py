@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lylm import Balancer
+from lylm._books import Books, Tally
 from lylm._config import EngineSpec
 from lylm._instance import Instance
 from lylm._request import RequestInfo
@@ -100,6 +101,9 @@ def simulate(
     pos = 0
     now = 0.0
 
+    # The pool's books (lylm._books): the same counters, written by the same code.
+    books = Books(clock=lambda: now, engine_died=lambda instance, reason: None)
+
     def dispatch(a: Arrival, i: int) -> None:
         max_tokens = a.max_tokens if a.max_tokens is not None else a.output_tokens
         info = RequestInfo(
@@ -110,32 +114,22 @@ def simulate(
         chosen = chooser.choose(candidates, info)
         if not any(chosen is c for c in candidates):
             raise RuntimeError(f"{name}.choose() returned a non-candidate {chosen!r}")
-        # The pool's books at dispatch (EnginePool._serve).
-        req = SimRequest(info, a.time, a.output_tokens, block_hashes(a.token_ids), chosen, remaining=info.token_budget)
-        chosen.in_flight_requests += 1
-        chosen.in_flight_tokens += req.remaining
-        chosen.dispatched += 1
+        # The pool's books at dispatch, by the pool's own code.
+        books.begin(chosen, info)
+        req = SimRequest(info, a.time, a.output_tokens, block_hashes(a.token_ids), chosen, tally=Tally(chosen, info))
         requests.append(req)
         _engine(chosen).add(req)
 
     def output(req: SimRequest, new_tokens: int) -> None:
-        inst = req.instance
-        assert inst is not None
-        done = new_tokens
-        if not req.prefilled:
-            req.prefilled = True
-            done += req.info.prompt_tokens
-            inst.prompt_tokens += req.info.prompt_tokens
-        inst.generated_tokens += new_tokens
-        done = min(done, req.remaining)
-        req.remaining -= done
-        inst.in_flight_tokens -= done
+        tally = req.tally
+        assert tally is not None
+        tally.step(new_tokens)
         if req.finished is not None:
-            inst.in_flight_requests -= 1
-            inst.in_flight_tokens -= req.remaining
-            req.remaining = 0
-            inst.completed += 1
-            chooser.on_finish(inst, req.info, "completed")
+            first = req.first_token if req.first_token is not None else req.finished
+            books.end(
+                tally.instance, req.info, "completed", remaining=tally.remaining, first_token=first - req.arrival,
+                latency=req.finished - req.arrival, generated=tally.generated, balancer=chooser,
+            )  # fmt: skip
 
     load_area = [0.0] * len(instances)  # integral of in-flight requests over time, per engine
     while pos < len(order) or steps:
