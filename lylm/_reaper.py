@@ -119,12 +119,31 @@ def kill_tree(processes: Iterable[Any], timeout: float = 5.0) -> None:
             victims += [*process.children(recursive=True), process]
         except psutil.Error:
             continue
-    for process in victims:
+    _kill(victims)
+    psutil.wait_procs(victims, timeout=timeout)
+
+
+def reap(processes: list[Any], grace: float = 5.0) -> None:
+    """Wait for an engine's processes to exit; kill what is left after ``grace`` seconds.
+
+    A killed engine core leaves its workers behind; they notice and exit by
+    themselves, which this waits for, but none may outlive the engine. Blocking.
+    """
+    import psutil
+
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    _kill(alive)
+    psutil.wait_procs(alive, timeout=grace)
+
+
+def _kill(processes: Iterable[Any]) -> None:
+    import psutil
+
+    for process in processes:
         try:
             process.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(victims, timeout=timeout)
 
 
 def main() -> None:

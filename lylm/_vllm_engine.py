@@ -27,7 +27,7 @@ from ._exceptions import (
 )
 from ._placement import spawn_environment, visible_devices
 from ._render import is_pooling
-from ._reaper import REAPER, kill_tree, process_tree
+from ._reaper import REAPER, kill_tree, process_tree, reap
 from ._vllm_cores import EngineCores
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
@@ -195,7 +195,7 @@ class VLLMEngine(Engine):
                 self._llm, self._processes, self._starting = llm, processes, []
         if closed:  # shut down while it started: it must not outlive the call
             llm.shutdown()
-            _reap(processes)
+            reap(processes)
             REAPER.forget(processes)
             raise EngineDeadError(f"{self.spec.name} was shut down while it started")
         self._parsing = self._build_parsing()  # names checked in engine_args(): cannot fail on them
@@ -253,7 +253,7 @@ class VLLMEngine(Engine):
             return None
         exited = [
             f"{p.name} (pid {p.pid}) exited with code {p.exitcode}"
-            for p in getattr(self._manager(), "processes", ())
+            for p in getattr(_manager_of(llm), "processes", ())
             if p.exitcode is not None
         ]
         if exited:
@@ -435,12 +435,8 @@ class VLLMEngine(Engine):
             await anyio.to_thread.run_sync(llm.shutdown)
         processes, self._processes = self._processes, []
         if processes:
-            await anyio.to_thread.run_sync(_reap, processes)
+            await anyio.to_thread.run_sync(reap, processes)
             REAPER.forget(processes)
-
-    def _manager(self) -> Any:
-        # vLLM's engine-core process manager (internal; None where it has none).
-        return getattr(getattr(getattr(self._llm, "engine_core", None), "resources", None), "engine_manager", None)
 
     def process_ids(self) -> list[int]:
         """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""
@@ -463,10 +459,13 @@ def _content_characters(messages: Sequence[Mapping[str, Any]]) -> int:
     return total
 
 
+def _manager_of(llm: Any) -> Any:
+    # vLLM's engine-core process manager (internal; None where it has none).
+    return getattr(getattr(getattr(llm, "engine_core", None), "resources", None), "engine_manager", None)
+
+
 def _pids_of(llm: Any) -> list[int]:
-    # vLLM's engine-core process manager (internal; absent where it has none) knows them.
-    manager = getattr(getattr(getattr(llm, "engine_core", None), "resources", None), "engine_manager", None)
-    return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
+    return [p.pid for p in getattr(_manager_of(llm), "processes", ()) if p.pid is not None]
 
 
 def _engine_cores(known: set[int]) -> list[Any]:
@@ -514,23 +513,6 @@ def _build_with_environment(
     if "error" in outcome:
         raise outcome["error"]
     return outcome["llm"]
-
-
-def _reap(processes: list[Any], grace: float = 5.0) -> None:
-    """Wait for an engine's processes to exit; kill what is left after ``grace`` seconds.
-
-    A killed engine core leaves its workers behind; they notice and exit by
-    themselves, which this waits for, but none may outlive the engine.
-    """
-    import psutil
-
-    _, alive = psutil.wait_procs(processes, timeout=grace)
-    for process in alive:
-        try:
-            process.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=grace)
 
 
 def _fail_held_requests(llm: Any) -> None:
