@@ -6,6 +6,7 @@ Every vLLM exception is translated here, at one boundary, into lylm's tree.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import multiprocessing
 import os
@@ -518,16 +519,27 @@ def _build_with_environment(
 def _fail_held_requests(llm: Any) -> None:
     # AsyncLLM.shutdown() cancels its output task, but requests waiting on their
     # queues would wait forever: end them with vLLM's own EngineDeadError first.
-    # (When the engine process died, vLLM has usually done this already.)
-    processor = getattr(llm, "output_processor", None)
-    if processor is None or not getattr(processor, "request_states", None):
-        return
+    # (When the engine process died, vLLM has usually done this already.) Calls
+    # waiting on an engine-core reply (a "utility" call) are ended too: vLLM never
+    # fails those, and every engine's first requests wait on one (AsyncLLM.add_request
+    # asks the core for its supported tasks once): a core killed then left them
+    # waiting forever, in flight on the books.
     try:
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
-
-        processor.propagate_error(VLLMEngineDeadError())
-    except Exception:  # a vLLM without these internals: shutdown still proceeds
-        pass
+    except ImportError:  # a vLLM without these internals: shutdown still proceeds
+        return
+    processor = getattr(llm, "output_processor", None)
+    if processor is not None and getattr(processor, "request_states", None):
+        try:
+            processor.propagate_error(VLLMEngineDeadError())
+        except Exception:
+            pass
+    replies = getattr(getattr(llm, "engine_core", None), "utility_results", None)
+    if isinstance(replies, dict):
+        for reply in list(replies.values()):
+            if isinstance(reply, asyncio.Future) and not reply.done():
+                reply.set_exception(VLLMEngineDeadError())
+        replies.clear()
 
 
 def _is_delta(sampling_params: Any) -> bool:

@@ -25,6 +25,8 @@ from lylm._vllm_cores import EngineCores
 from lylm._vllm_stats import stat_logger_factory
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
+from _helpers import until
+
 vllm = pytest.importorskip("vllm")
 from vllm import SamplingParams  # noqa: E402
 
@@ -131,7 +133,10 @@ async def test_two_pools_attached_to_one_core_serve_side_by_side(cores: EngineCo
 
 
 async def test_a_dead_core_fails_its_attached_engines_requests_instead_of_hanging(cores: EngineCores) -> None:
-    """Last in this module: it kills the shared core. vLLM's client alone would wait forever."""
+    """Last in this module: it kills the shared core. vLLM's client alone would wait forever,
+    both for a streaming request and for one waiting on a reply from the core (every
+    engine's first requests ask the core for its supported tasks: vLLM never fails that
+    wait when the core dies)."""
     config = {"models": {"tiny": [{"engine_args": {"model": "unused", **TINY_MODEL_ENGINE_ARGS}}]}}
     pool = EnginePool.from_config(
         config, engine_factory=lambda spec: VLLMEngine.attached(spec, cores, 4), restart=None, health_interval=0.1
@@ -141,15 +146,35 @@ async def test_a_dead_core_fails_its_attached_engines_requests_instead_of_hangin
         params = SamplingParams(max_tokens=900, ignore_eos=True)
         outputs = pool.generate("tiny", [7] * 16, params)
         await outputs.__anext__()  # streaming now
-        os.kill(pid, signal.SIGKILL)
-        killed = time.monotonic()
-        with anyio.fail_after(10):
-            with pytest.raises(EngineDeadError):
-                async for _ in outputs:
-                    pass
-        failed_after = time.monotonic() - killed
+        # A second request caught waiting on the core's reply: the core frozen, the
+        # front end made to forget the answer it cached (as an engine that never served).
         (inst,) = pool.instances("tiny")
+        llm = inst.engine.llm  # type: ignore[attr-defined]
+        os.kill(pid, signal.SIGSTOP)
+        vars(llm).pop("_supported_tasks", None)
+        replies = llm.engine_core.utility_results
+        asking: list[BaseException] = []
+
+        async def ask() -> None:
+            try:
+                async for _ in pool.generate("tiny", [8] * 16, params):
+                    pass
+            except Exception as exc:
+                asking.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await until(lambda: len(replies) > 0, timeout=10)
+            os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            with anyio.fail_after(10):
+                with pytest.raises(EngineDeadError):
+                    async for _ in outputs:
+                        pass
+                failed_after = time.monotonic() - killed
+                await until(lambda: len(asking) > 0, timeout=10)
+        assert isinstance(asking[0], EngineDeadError), asking
         assert inst.state == "dead" and "engine core (pid" in (inst.last_error or "")
-        assert (inst.failed, inst.in_flight_requests) == (1, 0)
+        assert (inst.failed, inst.in_flight_requests) == (2, 0)
     print(f"\nrequest failed {failed_after:.2f} s after the core was killed")
     assert failed_after < 2.0
