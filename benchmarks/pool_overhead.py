@@ -1,116 +1,188 @@
-"""Does the pool slow vLLM down? pool.generate vs the same AsyncLLM driven directly.
+"""Pool overhead on a GPU: pool.generate vs the same AsyncLLM driven directly.
 
-    flock /tmp/lylm-bench.lock python benchmarks/pool_overhead.py [--rounds 6] \
-        [--requests 256] [--concurrency 64] [--max-tokens 32] [--out benchmarks/results/pool_overhead]
+    python benchmarks/gpu/pool_overhead.py --model-dir DIR [--engine-args JSON] \
+        [--requests 1024] [--concurrency 128] [--prompt-len 128] [--max-tokens 256] \
+        [--rounds 4] [--budget-s 300] [--out PREFIX]
 
-One tiny CPU engine serves both paths; rounds alternate (direct, pool, direct,
-pool, ...) so drift on this shared machine hits both alike. Each round sends the
-same token-id prompts with ignore_eos, so both paths generate exactly the same
-number of tokens. Reports output tokens/s per round, the medians and their ratio.
-Target (BENCHMARKS.md): pool >= 0.97x direct.
+One engine (devices.gpu_ids [0]) serves both paths: ``AsyncLLM.generate`` with
+token-id prompts, and ``EnginePool.generate`` with the same token ids (the pool
+adds its balancer, books and two async-generator layers). Rounds alternate
+(direct, pool, pool, direct, ...); every round sends the same prompts with
+ignore_eos, so both paths generate exactly the same tokens. Sampling params are
+the model's generation config (as the HTTP servers use) plus max_tokens,
+ignore_eos and DELTA outputs. Per round: output tokens/s and TTFT p50/p99 (from
+the call until the first output with a token), and this process's full (gen-2)
+garbage collections. ``--gc-modes none,freeze`` alternates rounds between Python's
+default collector and a frozen start-up heap (``gc.freeze()``, as vLLM's server
+does). Target: pool >= 0.97x direct.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import random
 import statistics
-import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import anyio
 
-from lylm import EnginePool
-from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+import gpucommon
+import loadgen
 
 TARGET = 0.97
+MODEL = "m"
 
 
-async def drive(
-    stream: Callable[[int, list[int]], AsyncIterator[Any]],
-    prompts: list[list[int]],
-    concurrency: int,
-) -> float:
-    """Run every prompt through ``stream`` with bounded concurrency; return tokens/s."""
+async def drive(stream: Callable[[list[int]], AsyncIterator[Any]], prompts: list[list[int]], concurrency: int) -> dict[str, Any]:
+    """Run every prompt through ``stream``, at most ``concurrency`` at once."""
     limit = anyio.Semaphore(concurrency)
     tokens = 0
+    ttfts: list[float] = []
 
-    async def one(i: int, ids: list[int]) -> None:
+    async def one(ids: list[int]) -> None:
         nonlocal tokens
         async with limit:
-            async for out in stream(i, ids):
-                tokens += len(out.outputs[0].token_ids)
+            t0 = time.perf_counter()
+            first = None
+            async for out in stream(ids):
+                n = len(out.outputs[0].token_ids)
+                if n and first is None:
+                    first = time.perf_counter() - t0
+                tokens += n
+            if first is not None:
+                ttfts.append(first)
 
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:
-        for i, ids in enumerate(prompts):
-            tg.start_soon(one, i, ids)
-    return tokens / (time.perf_counter() - start)
+        for ids in prompts:
+            tg.start_soon(one, ids)
+    wall = time.perf_counter() - start
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft_p50_ms": 1000 * (loadgen.percentile(ttfts, 50) or 0.0),
+        "ttft_p99_ms": 1000 * (loadgen.percentile(ttfts, 99) or 0.0),
+    }
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    model_dir = build_tiny_model(os.path.join(tempfile.gettempdir(), "lylm-tiny-model"))
-    config = {"models": {"tiny": [{"engine_args": {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS}}]}}
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, 500) for _ in range(rng.randint(16, 64))] for _ in range(args.requests)]
-    params = SamplingParams(max_tokens=args.max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    from lylm import EnginePool
+
+    deadline = gpucommon.Deadline(args.budget_s)
+    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args))
+    config = {"models": {MODEL: [{"devices": gpucommon.devices(), "engine_args": eargs}]}}
+    prompts = gpucommon.token_prompts(args.requests, args.prompt_len, 7, gpucommon.vocab_size(args.model_dir))
+    t0 = time.monotonic()
     async with EnginePool.from_config(config) as pool:
-        llm = pool.instances("tiny")[0].engine.llm  # type: ignore[attr-defined]
+        start_s = time.monotonic() - t0
+        print(f"engine up in {start_s:.0f} s", flush=True)
+        engine = pool.instances(MODEL)[0].engine
+        llm = engine.llm  # type: ignore[attr-defined]
+        defaults = dict(llm.model_config.get_diff_sampling_param())
+        defaults.pop("max_new_tokens", None)
+        params = SamplingParams.from_optional(
+            **defaults, max_tokens=args.max_tokens, ignore_eos=True, output_kind=RequestOutputKind.DELTA
+        )
         counter = iter(range(10**9))
 
-        def direct(i: int, ids: list[int]) -> AsyncIterator[Any]:
+        def direct(ids: list[int]) -> AsyncIterator[Any]:
             return llm.generate({"prompt_token_ids": ids}, params, f"direct-{next(counter)}")  # type: ignore[no-any-return]
 
-        def pooled(i: int, ids: list[int]) -> AsyncIterator[Any]:
-            return pool.generate("tiny", ids, params)
+        def pooled(ids: list[int]) -> AsyncIterator[Any]:
+            return pool.generate(MODEL, ids, params)
 
-        await drive(direct, prompts[:32], args.concurrency)  # warm-up, not counted
-        runs: dict[str, list[float]] = {"direct": [], "pool": []}
+        # Warm-up (CUDA graphs for every batch size, both paths), not counted.
+        warm = gpucommon.token_prompts(args.concurrency * 2, args.prompt_len, 99, gpucommon.vocab_size(args.model_dir))
+        await drive(direct, warm, args.concurrency)
+        await drive(pooled, warm[: args.concurrency], args.concurrency)
+        modes = args.gc_modes.split(",")
+        runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {"direct": [], "pool": []} for m in modes}
+        paths = {"direct": direct, "pool": pooled}
+        watch = gpucommon.GcWatch()
+        last_round_s = 0.0
         for r in range(args.rounds):
-            order = [("direct", direct), ("pool", pooled)] if r % 2 == 0 else [("pool", pooled), ("direct", direct)]
-            for name, fn in order:
-                runs[name].append(await drive(fn, prompts, args.concurrency))
-                print(f"round {r} {name:6s} {runs[name][-1]:8.0f} tok/s", flush=True)
-    med = {k: statistics.median(v) for k, v in runs.items()}
+            if r >= 2 * len(modes) and deadline.left() < last_round_s * 1.2 + 20:
+                print(f"stopping after {r} rounds: {deadline.left():.0f} s left", flush=True)
+                break
+            t_round = time.monotonic()
+            mode = modes[r % len(modes)]
+            if mode == "freeze":
+                watch.freeze()
+            else:
+                watch.unfreeze()
+            # Alternate the order too: with two modes, every second round of a mode flips it.
+            order = ["direct", "pool"] if (r // len(modes)) % 2 == 0 else ["pool", "direct"]
+            for name in order:
+                watch.reset()
+                res = await drive(paths[name], prompts, args.concurrency)
+                res["gc"] = watch.snapshot()
+                runs[mode][name].append(res)
+                g2 = res["gc"]["generations"]["2"]
+                print(f"round {r} gc={mode:6s} {name:6s} {res['tok_s']:8.0f} tok/s  {res['wall_s']:.2f} s  "
+                      f"TTFT p50 {res['ttft_p50_ms']:.0f} ms p99 {res['ttft_p99_ms']:.0f} ms  "
+                      f"gen2 GCs {g2['count']:.0f} (longest {g2['max_ms']:.0f} ms)", flush=True)
+            last_round_s = time.monotonic() - t_round
+        watch.unfreeze()
+        signals = dict(running=engine.signals.running, kv_cache_usage=engine.signals.kv_cache_usage)
+    med = {mode: {k: {m: statistics.median(x[m] for x in v) for m in ("tok_s", "wall_s", "ttft_p50_ms", "ttft_p99_ms")}
+                  for k, v in per.items() if v} for mode, per in runs.items()}
+    ratios = {mode: {"throughput": m["pool"]["tok_s"] / m["direct"]["tok_s"],
+                     "ttft_p50": m["pool"]["ttft_p50_ms"] / m["direct"]["ttft_p50_ms"]}
+              for mode, m in med.items() if "pool" in m and "direct" in m}
     return {
-        "config": vars(args),
-        "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
-        "tokens_per_s": runs,
-        "median_tokens_per_s": med,
-        "ratio_pool_over_direct": med["pool"] / med["direct"],
+        "config": {**vars(args), "engine_args": eargs, "sampling_params": repr(params)},
+        "machine": gpucommon.device_info(),
+        "engine_start_s": start_s,
+        "runs": runs,
+        "median": med,
+        "ratios": ratios,
         "target": TARGET,
+        "signals_at_end": signals,
     }
 
 
+def table(result: dict[str, Any]) -> str:
+    lines = [
+        "| gc | path | median output tok/s | median wall s | TTFT p50 ms | TTFT p99 ms | rounds (tok/s) | gen-2 GCs per run (longest ms) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, med in result["median"].items():
+        for name, label in (("direct", "AsyncLLM direct"), ("pool", "EnginePool.generate")):
+            m = med[name]
+            runs = result["runs"][mode][name]
+            gcs = ", ".join(f"{x['gc']['generations']['2']['count']:.0f} ({x['gc']['generations']['2']['max_ms']:.0f})" for x in runs)
+            lines.append(f"| {mode} | {label} | {m['tok_s']:.0f} | {m['wall_s']:.2f} | {m['ttft_p50_ms']:.0f} | "
+                         f"{m['ttft_p99_ms']:.0f} | " + ", ".join(f"{x['tok_s']:.0f}" for x in runs) + f" | {gcs} |")
+    lines.append("")
+    for mode, r in result["ratios"].items():
+        lines.append(f"gc={mode}: ratio pool/direct = {r['throughput']:.3f} (target >= {TARGET}: "
+                     f"{'met' if r['throughput'] >= TARGET else 'missed'}); TTFT p50 ratio {r['ttft_p50']:.3f}")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--requests", type=int, default=256)
-    parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--out", default="benchmarks/results/pool_overhead")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--requests", type=int, default=1024)
+    parser.add_argument("--concurrency", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting rounds after this (>= 2 rounds)")
+    parser.add_argument("--gc-modes", default="none",
+                        help="comma-separated, taken in turn per round: none (Python's default) or freeze (gc.freeze() first)")
+    parser.add_argument("--out", default="pool_overhead_gpu")
     args = parser.parse_args()
     result = anyio.run(main, args)
-    ratio = result["ratio_pool_over_direct"]
-    med = result["median_tokens_per_s"]
-    table = (
-        "| path | median output tok/s | rounds |\n|---|---|---|\n"
-        f"| AsyncLLM direct | {med['direct']:.0f} | {', '.join(f'{x:.0f}' for x in result['tokens_per_s']['direct'])} |\n"
-        f"| EnginePool.generate | {med['pool']:.0f} | {', '.join(f'{x:.0f}' for x in result['tokens_per_s']['pool'])} |\n"
-        f"\nratio pool/direct = {ratio:.3f} (target >= {TARGET}: {'met' if ratio >= TARGET else 'missed'})\n"
-    )
-    print(table)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(table)
+    md = table(result)
+    print(md)
+    gpucommon.write_json(Path(args.out + ".json"), result)
+    Path(args.out + ".md").write_text(md)

@@ -1,162 +1,201 @@
-"""lylm's HTTP server against `vllm serve`: same package, same tiny model, same engine
-args, one engine each, the same load generator, alternating runs.
+"""lylm's server against `vllm serve` on one GPU, and (optionally) the seed's table through lylm.
 
-    flock /tmp/lylm-bench.lock python benchmarks/server_vs_vllm.py \
-        [--grid 1x16,16x64,64x128] [--rounds 3] [--max-tokens 64] [--out benchmarks/results/server_vs_vllm]
+    python benchmarks/gpu/server_vs_vllm.py --model-dir DIR --shape qwen2.5-1.5b \
+        [--gpu-mem 0.4] [--grid 1x4,16x64,64x256,128x512,256x1024] [--rounds 3] \
+        [--prompt-len 128] [--max-tokens 256] [--procs 4] [--workers 1] [--budget-s 480] \
+        [--seed-table] [--out PREFIX] [--log-dir DIR]
 
-With the tiny model the engine is fast, so differences come from the front ends:
-request parsing, tokenization, output processing, SSE encoding. Both servers run
-at once (each idle while the other is measured); for every round and cell the
-order alternates (lylm first, then vLLM first) and both get the same seeded
-prompts. Reported: per cell, the median over rounds of system throughput and
-TTFT p50/p99 for each server, and lylm/vLLM ratios. Targets (BENCHMARKS.md):
-throughput >= 1.0x, TTFT p50 <= 1.0x.
+Both servers run at once on the same GPU, each with the same engine args
+(``gpucommon.BASE_ENGINE_ARGS`` plus ``gpu_memory_utilization`` = --gpu-mem, so
+both fit): ``lylm serve`` with a one-instance config (devices.gpu_ids [0])
+and vLLM's own ``python -m vllm.entrypoints.openai.api_server``. They start one
+after the other (engines on one GPU must not profile memory at the same time) and
+each is idle while the other is measured. Requests: streamed ``/v1/completions``
+with token-id prompts of exactly --prompt-len tokens (random ids, unique per
+request, so the prefix cache does not help), --max-tokens output tokens with
+ignore_eos. Rounds go over the whole grid; within a round the order of the two
+servers alternates from cell to cell and from round to round, and both get the
+same prompts. The load comes from ``mpload.MultiClient`` (several client processes).
+
+Reported per cell: medians over rounds of output tokens/s and TTFT p50/p99 per
+server, and lylm/vLLM ratios. Targets: throughput >= 1.0x, TTFT p50 <= 1.0x.
+
+``--seed-table``: afterwards, the seed's grid (1x4, 4x16, 16x64, 64x256, 128x512,
+256x512) through lylm's chat endpoint, short text questions, --max-tokens with
+ignore_eos, with per-engine /metrics sampled during each cell: the seed's columns.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import statistics
-import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 
+import gpucommon
 import loadgen
-from seed_table import free_port, stop, wait_healthy
+import mpload
+from seed_table import metrics_monitor
 
-from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
-
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = "tiny"
-
-
-def vllm_command(model_dir: str, port: int) -> list[str]:
-    """vLLM's own OpenAI server with exactly the engine args lylm's instance gets."""
-    args = TINY_MODEL_ENGINE_ARGS
-    return [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-        "--model", model_dir, "--served-model-name", MODEL,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--load-format", args["load_format"], "--enforce-eager",
-        "--max-model-len", str(args["max_model_len"]),
-        "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]),
-        "--max-num-seqs", str(args["max_num_seqs"]), "--seed", str(args["seed"]),
-        "--structured-outputs-config", json.dumps(args["structured_outputs_config"]),
-        # lylm's defaults: no periodic stats log, no per-request access log.
-        "--disable-log-stats", "--disable-uvicorn-access-log",
-    ]
+NAME = "m"
+SEED_GRID = "1x4,4x16,16x64,64x256,128x512,256x512"
 
 
-def lylm_command(model_dir: str, port: int, workdir: str) -> list[str]:
-    config = {"models": {MODEL: [{"engine_args": {"model": model_dir, **TINY_MODEL_ENGINE_ARGS}}]}}
-    path = os.path.join(workdir, "lylm-one-engine.json")
-    with open(path, "w") as f:
-        json.dump(config, f)
-    return [
-        sys.executable, "-m", "lylm", "serve", "--config", path,
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-    ]
+async def warm(mc: mpload.MultiClient, url: str, vocab: int) -> None:
+    prompts = gpucommon.token_prompts(64, 128, 12345, vocab)
+    await mc.run(url, "completions", [mpload.body(NAME, "completions", p, 32) for p in prompts], 32)
 
 
-@contextlib.contextmanager
-def server(name: str, command: list[str], port: int, log_dir: str) -> Iterator[str]:
-    url = f"http://127.0.0.1:{port}"
-    with open(os.path.join(log_dir, f"{name}.log"), "wb") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(url, proc, timeout_s=300)
-            yield url
-        finally:
-            stop(proc)
-
-
-def median(values: list[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def ratio(a: float | None, b: float | None) -> float | None:
-    return a / b if a is not None and b else None
-
-
-async def measure(urls: dict[str, str], grid: list[tuple[int, int]], rounds: int, max_tokens: int) -> list[dict[str, Any]]:
+async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, deadline: gpucommon.Deadline,
+                  reserve_s: float) -> tuple[list[dict[str, Any]], int]:
+    grid = loadgen.parse_grid(args.grid)
     names = list(urls)
-    for name in names:  # warm both (first requests pay one-off costs)
-        await loadgen.run_grid(urls[name], MODEL, [(4, 16)], max_tokens=8, seed=999, progress=False)
-    rows = []
-    for conc, total in grid:
-        samples: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-        for r in range(rounds):
-            order = names if r % 2 == 0 else names[::-1]
-            for name in order:
-                (cell,) = await loadgen.run_grid(
-                    urls[name], MODEL, [(conc, total)], max_tokens=max_tokens, seed=1000 * conc + r, progress=False
-                )
-                s = cell.summary()
-                samples[name].append(s)
-                print(
-                    f"c={conc:<3} round {r} {name:5s} {s['system_tokens_per_s']:8.0f} tok/s "
-                    f"ttft p50 {s['ttft_p50_ms']:.1f} ms ok {s['success_rate']:.0%}",
-                    flush=True,
-                )
-        row: dict[str, Any] = {"concurrency": conc, "total": total, "rounds": samples}
+    samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {cell: {n: [] for n in names} for cell in grid}
+    rounds_done = 0
+    with mpload.MultiClient(args.procs) as mc:
         for name in names:
-            row[f"{name}_tok_s"] = median([s["system_tokens_per_s"] for s in samples[name]])
-            row[f"{name}_ttft_p50_ms"] = median([s["ttft_p50_ms"] for s in samples[name]])
-            row[f"{name}_ttft_p99_ms"] = median([s["ttft_p99_ms"] for s in samples[name]])
-            row[f"{name}_success"] = min(s["success_rate"] for s in samples[name])
-        row["throughput_ratio"] = ratio(row["lylm_tok_s"], row["vllm_tok_s"])
-        row["ttft_p50_ratio"] = ratio(row["lylm_ttft_p50_ms"], row["vllm_ttft_p50_ms"])
-        row["ttft_p99_ratio"] = ratio(row["lylm_ttft_p99_ms"], row["vllm_ttft_p99_ms"])
+            await warm(mc, urls[name], vocab)
+        last_round = 0.0
+        for r in range(args.rounds):
+            if r >= args.min_rounds and deadline.left() < last_round * 1.1 + reserve_s:
+                print(f"stopping after {r} rounds ({deadline.left():.0f} s left, a round takes {last_round:.0f} s)", flush=True)
+                break
+            t_round = time.monotonic()
+            for ci, (conc, total) in enumerate(grid):
+                prompts = gpucommon.token_prompts(total, args.prompt_len, 1000 * conc + r, vocab)
+                payloads = [mpload.body(NAME, "completions", p, args.max_tokens) for p in prompts]
+                order = names if (r + ci) % 2 == 0 else names[::-1]
+                for name in order:
+                    cell = await mc.run(urls[name], "completions", payloads, conc)
+                    s = cell.summary()
+                    s["round"] = r
+                    s["first"] = order[0]
+                    samples[(conc, total)][name].append(s)
+                    print(f"r{r} c={conc:<3} n={total:<5} {name:5s} {s['system_tokens_per_s'] or 0:8.0f} tok/s "
+                          f"TTFT p50 {s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms "
+                          f"ok {s['success_rate']:.0%} client cpu {s['client_cpu_share_max']:.0%}", flush=True)
+            rounds_done = r + 1
+            last_round = time.monotonic() - t_round
+    rows = []
+    for (conc, total), per in samples.items():
+        row: dict[str, Any] = {"concurrency": conc, "total": total, "rounds": per}
+        for name in names:
+            ss = per[name]
+            row[f"{name}_tok_s"] = gpucommon.median([s["system_tokens_per_s"] for s in ss])
+            row[f"{name}_ttft_p50_ms"] = gpucommon.median([s["ttft_p50_ms"] for s in ss])
+            row[f"{name}_ttft_p99_ms"] = gpucommon.median([s["ttft_p99_ms"] for s in ss])
+            row[f"{name}_itl_p50_ms"] = gpucommon.median([s["itl_p50_ms"] for s in ss])
+            row[f"{name}_success"] = min((s["success_rate"] for s in ss), default=None)
+            row[f"{name}_client_cpu_max"] = max((s["client_cpu_share_max"] for s in ss), default=None)
+        row["throughput_ratio"] = gpucommon.ratio(row["lylm_tok_s"], row["vllm_tok_s"])
+        row["ttft_p50_ratio"] = gpucommon.ratio(row["lylm_ttft_p50_ms"], row["vllm_ttft_p50_ms"])
+        row["ttft_p99_ratio"] = gpucommon.ratio(row["lylm_ttft_p99_ms"], row["vllm_ttft_p99_ms"])
         rows.append(row)
-    return rows
+    return rows, rounds_done
 
 
-def table(rows: list[dict[str, Any]]) -> str:
+async def seed_table(args: argparse.Namespace, url: str) -> list[dict[str, Any]]:
+    grid = loadgen.parse_grid(args.seed_grid)
+    prompts = loadgen.build_prompts("short", sum(t for _, t in grid), seed=0)
+    monitor = metrics_monitor(url)
+    out = []
+    offset = 0
+    with mpload.MultiClient(args.procs) as mc:
+        await mc.run(url, "chat", [mpload.body(NAME, "chat", p, 16) for p in prompts[:16]], 16)  # warm the chat path
+        for conc, total in grid:
+            payloads = [mpload.body(NAME, "chat", p, args.max_tokens) for p in prompts[offset:offset + total]]
+            offset += total
+            async with monitor(conc, total) as extra:
+                cell = await mc.run(url, "chat", payloads, conc)
+            cell.extra.update(extra)
+            s = cell.summary()
+            out.append(s)
+            print(f"seed {conc}x{total}: {s['system_tokens_per_s'] or 0:.0f} tok/s, TTFT p50 {s['ttft_p50_ms'] or 0:.0f} ms, "
+                  f"ok {s['success_rate']:.0%}, peak running {s.get('peak_running_per_engine')}", flush=True)
+    return out
+
+
+def ab_table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| concurrency | requests | lylm tok/s | vllm serve tok/s | throughput ratio | lylm TTFT p50 ms | vllm TTFT p50 ms | TTFT p50 ratio | TTFT p99 ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| concurrency | requests | lylm tok/s | vllm serve tok/s | throughput ratio | lylm TTFT p50 ms | "
+        "vllm TTFT p50 ms | TTFT p50 ratio | lylm TTFT p99 ms | vllm TTFT p99 ms | TTFT p99 ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    f = gpucommon.fmt
     for r in rows:
         lines.append(
-            f"| {r['concurrency']} | {r['total']} | {r['lylm_tok_s']:.0f} | {r['vllm_tok_s']:.0f} | "
-            f"{r['throughput_ratio']:.3f} | {r['lylm_ttft_p50_ms']:.1f} | {r['vllm_ttft_p50_ms']:.1f} | "
-            f"{r['ttft_p50_ratio']:.3f} | {r['ttft_p99_ratio']:.3f} |"
+            f"| {r['concurrency']} | {r['total']} | {f(r['lylm_tok_s'])} | {f(r['vllm_tok_s'])} | "
+            f"{f(r['throughput_ratio'], '.3f')} | {f(r['lylm_ttft_p50_ms'], '.1f')} | {f(r['vllm_ttft_p50_ms'], '.1f')} | "
+            f"{f(r['ttft_p50_ratio'], '.3f')} | {f(r['lylm_ttft_p99_ms'], '.1f')} | {f(r['vllm_ttft_p99_ms'], '.1f')} | "
+            f"{f(r['ttft_p99_ratio'], '.3f')} |"
         )
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--grid", default="1x16,16x64,64x128")
+    parser.add_argument("--model-dir", required=True)
+    parser.add_argument("--shape", required=True, help="label for the results, e.g. qwen2.5-1.5b")
+    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
+    parser.add_argument("--gpu-mem", type=float, default=0.4, help="gpu_memory_utilization of each server")
+    parser.add_argument("--grid", default="1x4,16x64,64x256,128x512,256x1024")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--out", default="benchmarks/results/server_vs_vllm")
+    parser.add_argument("--min-rounds", type=int, default=2)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="lylm's front-end workers (vllm serve runs one API server: 1 compares like with like)")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no round that would end past this")
+    parser.add_argument("--seed-table", action="store_true")
+    parser.add_argument("--seed-grid", default=SEED_GRID)
+    parser.add_argument("--out", default="server_vs_vllm_gpu")
+    parser.add_argument("--log-dir", default=None, help="server logs (default: a temp dir); tarred next to --out")
     args = parser.parse_args()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-    model_dir = str(build_tiny_model(os.path.join(tempfile.gettempdir(), "lylm-tiny-model")))
-    grid = loadgen.parse_grid(args.grid)
-    with tempfile.TemporaryDirectory() as work:
-        ports = {"lylm": free_port(), "vllm": free_port()}
-        with server("lylm", lylm_command(model_dir, ports["lylm"], work), ports["lylm"], work) as lylm_url, \
-             server("vllm", vllm_command(model_dir, ports["vllm"]), ports["vllm"], work) as vllm_url:
-            rows = anyio.run(measure, {"lylm": lylm_url, "vllm": vllm_url}, grid, args.rounds, args.max_tokens)
-    result = {"config": vars(args), "machine": loadgen.machine_info(), "rows": rows}
-    md = table(rows)
-    print(md)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(md)
+
+    deadline = gpucommon.Deadline(args.budget_s)
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="svv-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    config = gpucommon.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}])
+    vocab = gpucommon.vocab_size(args.model_dir)
+    ports = {"lylm": gpucommon.free_port(), "vllm": gpucommon.free_port()}
+    commands = {
+        "lylm": [*gpucommon.lylm_serve_command(config, ports["lylm"]), "--workers", str(args.workers)],
+        "vllm": gpucommon.vllm_serve_command(eargs, NAME, ports["vllm"]),
+    }
+    result: dict[str, Any] = {
+        "config": {**vars(args), "engine_args": eargs, "commands": {k: " ".join(v) for k, v in commands.items()}},
+        "machine": gpucommon.device_info(),
+    }
+    t0 = time.monotonic()
+    with gpucommon.server("lylm", commands["lylm"], log_dir, ports["lylm"]) as lylm_url:
+        result["lylm_start_s"] = time.monotonic() - t0
+        t1 = time.monotonic()
+        with gpucommon.server("vllm", commands["vllm"], log_dir, ports["vllm"]) as vllm_url:
+            result["vllm_start_s"] = time.monotonic() - t1
+            result["gpu_processes"] = gpucommon.gpu_processes()
+            reserve = 90.0 if args.seed_table else 20.0
+            rows, rounds = anyio.run(measure, args, {"lylm": lylm_url, "vllm": vllm_url}, vocab, deadline, reserve)
+            result["rows"] = rows
+            result["rounds_done"] = rounds
+        md = f"{args.shape}, {rounds} rounds\n\n" + ab_table(rows)
+        print(md, flush=True)
+        if args.seed_table:
+            summaries = anyio.run(seed_table, args, lylm_url)
+            result["seed_table"] = summaries
+            seed_md = loadgen.markdown_table(summaries)
+            seed_md += "\n| conc | requests served per engine | peak running | peak waiting |\n|---|---|---|---|\n"
+            for s in summaries:
+                seed_md += (f"| {s['concurrency']} | {s.get('requests_per_engine')} | {s.get('peak_running_per_engine')} | "
+                            f"{s.get('peak_waiting_per_engine')} |\n")
+            print(seed_md, flush=True)
+            md += "\n## Seed table through lylm (chat)\n\n" + seed_md
+    gpucommon.save_results(args.out, result, md, log_dir)
 
 
 if __name__ == "__main__":
