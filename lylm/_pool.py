@@ -32,7 +32,6 @@ from ._exceptions import (
     LylmError,
     NoHealthyEngineError,
     ShuttingDownError,
-    UnknownModelError,
 )
 from ._instance import EngineStats, Instance, Outcome
 from ._membership import Membership

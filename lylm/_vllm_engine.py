@@ -6,12 +6,10 @@ Every vLLM exception is translated here, at one boundary, into lylm's tree.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
-import multiprocessing
 import os
 import threading
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -26,10 +24,11 @@ from ._exceptions import (
     InvalidRequestError,
     LylmError,
 )
-from ._placement import spawn_environment, visible_devices
+from ._placement import visible_devices
 from ._render import is_pooling
 from ._reaper import REAPER, kill_tree, process_tree, reap
 from ._vllm_cores import EngineCores
+from ._vllm_internals import build_with_environment, fail_held_requests, manager_of, pids_of
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
 
@@ -185,8 +184,8 @@ class VLLMEngine(Engine):
 
         # Unpinned engines take the spawn lock too (with nothing to set), so that no
         # other engine process appears while a pinned one is being spawned.
-        llm = _build_with_environment(build, self.spawn_environment(), self._spawned)
-        processes = process_tree(_pids_of(llm))
+        llm = build_with_environment(build, self.spawn_environment(), self._spawned)
+        processes = process_tree(pids_of(llm))
         # Should this server die without stopping the engine (SIGKILL, OOM), a
         # watchdog stops it instead of leaving it holding its GPU memory.
         REAPER.watch(processes)
@@ -254,7 +253,7 @@ class VLLMEngine(Engine):
             return None
         exited = [
             f"{p.name} (pid {p.pid}) exited with code {p.exitcode}"
-            for p in getattr(_manager_of(llm), "processes", ())
+            for p in getattr(manager_of(llm), "processes", ())
             if p.exitcode is not None
         ]
         if exited:
@@ -432,7 +431,7 @@ class VLLMEngine(Engine):
             await anyio.to_thread.run_sync(kill_tree, starting)
             REAPER.forget(starting)
         if llm is not None:
-            _fail_held_requests(llm)
+            fail_held_requests(llm)
             await anyio.to_thread.run_sync(llm.shutdown)
         processes, self._processes = self._processes, []
         if processes:
@@ -441,7 +440,7 @@ class VLLMEngine(Engine):
 
     def process_ids(self) -> list[int]:
         """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""
-        return _pids_of(self._llm)
+        return pids_of(self._llm)
 
 
 def _content_characters(messages: Sequence[Mapping[str, Any]]) -> int:
@@ -458,88 +457,6 @@ def _content_characters(messages: Sequence[Mapping[str, Any]]) -> int:
                 if isinstance(part, Mapping) and isinstance(part.get("text"), str):
                     total += len(part["text"])
     return total
-
-
-def _manager_of(llm: Any) -> Any:
-    # vLLM's engine-core process manager (internal; None where it has none).
-    return getattr(getattr(getattr(llm, "engine_core", None), "resources", None), "engine_manager", None)
-
-
-def _pids_of(llm: Any) -> list[int]:
-    return [p.pid for p in getattr(_manager_of(llm), "processes", ()) if p.pid is not None]
-
-
-def _engine_cores(known: set[int]) -> list[Any]:
-    # vLLM names its engine-core processes "EngineCore" (or "EngineCore_DP<n>").
-    return [
-        p for p in multiprocessing.active_children()
-        if p.name.startswith("EngineCore") and p.pid is not None and p.pid not in known
-    ]
-
-
-def _build_with_environment(
-    build: Callable[[], Any], environment: Mapping[str, str], spawned: Callable[[list[int]], None]
-) -> Any:
-    """Run ``build`` (which spawns the engine process and waits for it) with
-    ``environment`` set only until the engine process exists.
-
-    The build runs in a helper thread; this one holds the process environment
-    (see :func:`spawn_environment`) until an engine-core process appears among
-    this process's children (its environment is then copied) or the build ends,
-    then restores it. Other engines' starts then proceed side by side with the
-    rest of this one (loading weights, profiling, compiling: the long part).
-    ``spawned`` gets the engine-core pids as soon as the process exists.
-    """
-    outcome: dict[str, Any] = {}
-
-    def run() -> None:
-        try:
-            outcome["llm"] = build()
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    worker = threading.Thread(target=run, name="lylm-engine-start", daemon=True)
-    with spawn_environment(environment):
-        # Taken under the lock: engine processes that other starts spawned while this
-        # one waited for it are not this start's.
-        known = {p.pid for p in multiprocessing.active_children() if p.pid is not None}
-        worker.start()
-        cores: list[Any] = []
-        while worker.is_alive() and not cores:
-            worker.join(0.01)
-            cores = _engine_cores(known)
-    if cores:
-        spawned([p.pid for p in cores if p.pid is not None])
-    worker.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["llm"]
-
-
-def _fail_held_requests(llm: Any) -> None:
-    # AsyncLLM.shutdown() cancels its output task, but requests waiting on their
-    # queues would wait forever: end them with vLLM's own EngineDeadError first.
-    # (When the engine process died, vLLM has usually done this already.) Calls
-    # waiting on an engine-core reply (a "utility" call) are ended too: vLLM never
-    # fails those, and every engine's first requests wait on one (AsyncLLM.add_request
-    # asks the core for its supported tasks once): a core killed then left them
-    # waiting forever, in flight on the books.
-    try:
-        from vllm.v1.engine.exceptions import EngineDeadError as VLLMEngineDeadError
-    except ImportError:  # a vLLM without these internals: shutdown still proceeds
-        return
-    processor = getattr(llm, "output_processor", None)
-    if processor is not None and getattr(processor, "request_states", None):
-        try:
-            processor.propagate_error(VLLMEngineDeadError())
-        except Exception:
-            pass
-    replies = getattr(getattr(llm, "engine_core", None), "utility_results", None)
-    if isinstance(replies, dict):
-        for reply in list(replies.values()):
-            if isinstance(reply, asyncio.Future) and not reply.done():
-                reply.set_exception(VLLMEngineDeadError())
-        replies.clear()
 
 
 def _is_delta(sampling_params: Any) -> bool:

@@ -386,7 +386,7 @@ def report_environment(queue: Any) -> None:
 
 def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
     """Two pinned starts: the second spawns while the first is still in its (long) build."""
-    from lylm._vllm_engine import _build_with_environment
+    from lylm._vllm_internals import build_with_environment
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -403,7 +403,7 @@ def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
     results: list[Any] = []
     spawned: list[int] = []  # engine-core pids, reported as soon as each process exists
     threads = [
-        threading.Thread(target=lambda v=v: results.append(_build_with_environment(build, {VAR: v}, spawned.extend)))
+        threading.Thread(target=lambda v=v: results.append(build_with_environment(build, {VAR: v}, spawned.extend)))
         for v in ("1", "2,3")
     ]
     for t in threads:

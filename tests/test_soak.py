@@ -26,7 +26,7 @@ TOKENS = 40
 def server(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("logs") / "fake_server.log"
     proc = ServerProcess(
-        "--token-delay", "0.1", log=log, script="benchmarks/fake_server.py", workers=request.param
+        "--token-delay", "0.1", log=log, module="lylm.testing.fake_server", workers=request.param
     )
     try:
         proc.wait_ready(timeout=120)

@@ -126,9 +126,9 @@ def test_sigkill_of_the_server_leaves_no_worker_and_no_engine(server: ServerProc
 
 
 def test_a_worker_that_dies_stops_the_whole_server(tmp_path_factory: pytest.TempPathFactory) -> None:
-    # FakeEngines (benchmarks/fake_server.py): the same server machinery, started in seconds.
+    # FakeEngines (lylm.testing.fake_server): the same server machinery, started in seconds.
     log = tmp_path_factory.mktemp("logs") / "fake_server.log"
-    proc = ServerProcess(log=log, script="benchmarks/fake_server.py", workers=2)
+    proc = ServerProcess(log=log, module="lylm.testing.fake_server", workers=2)
     try:
         proc.wait_ready(timeout=120)
         r = httpx.post(f"{proc.url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 4}, timeout=30)
@@ -165,7 +165,7 @@ def test_streams_open_at_the_drain_deadline_end_with_an_error_event_and_done(
     # FakeEngines at 20 ms a token: a 2,000-token stream outlasts the 1 s drain.
     log = tmp_path_factory.mktemp("logs") / "fake_server.log"
     proc = ServerProcess(
-        "--token-delay", "0.02", "--drain-timeout", "1", log=log, script="benchmarks/fake_server.py", workers=workers
+        "--token-delay", "0.02", "--drain-timeout", "1", log=log, module="lylm.testing.fake_server", workers=workers
     )
     lines: list[list[str]] = [[], []]
     errors: list[BaseException] = []

@@ -1,11 +1,16 @@
-"""lylm's HTTP front end over zero-latency FakeEngines: what the server alone can stream.
+"""lylm's HTTP front end over FakeEngines: the whole server without a model or a GPU.
 
-    python benchmarks/fake_server.py [--port 8000] [--engines 2] [--workers N]
+    python -m lylm.testing.fake_server [--port 8000] [--engines 2] [--workers N] [--token-delay S]
 
-Every token is ready at once, so the numbers measure lylm's own per-token work:
-validation, the pool's books, SSE encoding, Starlette and uvicorn. Profile it with
-    python -m pyinstrument -r text -o profile.txt benchmarks/fake_server.py --port 8000
-and stop it with Ctrl-C (or SIGINT) to write the profile.
+Serves model ``fake`` through the real server (``lylm.openai.serve``: workers, drain,
+limits, metrics), each engine a :class:`FakeEngine` answering every prompt with the
+same scripted tokens, at once or ``--token-delay`` s apart. For testing clients and
+the server's own machinery in seconds (lylm's tests do), and for measuring the front
+end alone: with zero-latency tokens the numbers are lylm's own per-token work
+(validation, books, SSE encoding, Starlette, uvicorn). Profile it with
+``python -m pyinstrument -r text -o profile.txt -m lylm.testing.fake_server --port 8000``
+and stop it with Ctrl-C (SIGINT) to write the profile. Needs the ``server`` extra and vLLM
+(the adapter builds vLLM's sampling parameters).
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ def attach_fake(spec: EngineSpec, handle: Any, index: int) -> FakeEngine:
 
 
 def main() -> None:
+    """Parse the command line and serve until stopped."""
     # The adapter builds vLLM SamplingParams; with real engines vLLM is imported long
     # before the first request, so import it here too, or the first request would
     # pay (and the profile would show) a 10 s import.
