@@ -1,6 +1,9 @@
 """Cost of one Balancer.choose() call, per built-in balancer, at 2, 8 and 64 engines.
 
-    python benchmarks/choose_cost.py [--out benchmarks/results/choose_cost]
+    python benchmarks/choose_cost.py [--batches 25] [--out benchmarks/results/choose_cost]
+
+No engine: in-process calls on this machine's CPU, so there is no ``--device``; the result
+files (OUT.json with the harness's provenance block, OUT.md) record the CPU.
 
 Candidates are real lylm Instances (on idle FakeEngines) with random books, so the
 policies do their full work; the median of many timed batches is reported in
@@ -16,12 +19,12 @@ and the block hashing alone, for the same prompts.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import random
 import statistics
 import time
 
+import harness
 from lylm import EngineSpec, Instance, RequestInfo
 from lylm.balancers import BALANCERS, PrefixAware, resolve_balancer
 from lylm.balancers._prefix_table import block_hashes
@@ -98,13 +101,18 @@ def measure_prefix(n: int, length: int, *, batches: int = 25) -> tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/choose_cost")
+    parser.add_argument("--batches", type=int, default=25, help="timed batches per cell (the median is reported)")
+    parser.add_argument("--calls", type=int, default=2000, help="choose() calls per batch (first table)")
+    parser.add_argument("--out", default=str(harness.BENCH / "results" / "choose_cost"))
     args = parser.parse_args()
+    harness.DEVICE = "cpu"  # no engine: everything runs on this machine's CPU
+    progress = harness.Progress(len(BALANCERS) * len(SIZES) + len(PROMPT_LENGTHS) * len(SIZES), "choose_cost")
     rows = []
     for name in sorted(BALANCERS):
         row = {"balancer": name}
         for n in SIZES:
-            row[f"{n}_engines_us"] = round(measure(name, n), 3)
+            row[f"{n}_engines_us"] = round(measure(name, n, calls=args.calls, batches=args.batches), 3)
+            progress.step(f"{name} at {n} engines")
         rows.append(row)
     lines = [
         "| balancer | " + " | ".join(f"{n} engines (us)" for n in SIZES) + " | target at 64 |",
@@ -119,9 +127,10 @@ def main() -> None:
     for length in PROMPT_LENGTHS:
         row = {"prompt_tokens": length}
         for n in SIZES:
-            us, hash_us = measure_prefix(n, length)
+            us, hash_us = measure_prefix(n, length, batches=args.batches)
             row[f"{n}_engines_us"] = round(us, 3)
             row[f"{n}_engines_hashing_us"] = round(hash_us, 3)
+            progress.step(f"prefix_aware, {length}-token prompts, {n} engines")
         prefix_rows.append(row)
     lines += [
         "",
@@ -138,11 +147,11 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     meta = {"python": platform.python_version(), "machine": platform.machine(), "processor": platform.processor()}
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": rows, "prefix_aware_rows": prefix_rows, "target_us": TARGET_US},
-                  f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
+    result = {"meta": meta, "rows": rows, "prefix_aware_rows": prefix_rows, "target_us": TARGET_US}
+    client = {"kind": "in-process Balancer.choose() calls, one thread", "sizes": list(SIZES),
+              "calls_per_batch": args.calls, "batches": args.batches, "prompt_lengths": list(PROMPT_LENGTHS),
+              "candidates": "lylm Instances on idle FakeEngines with random books"}
+    harness.save_results(args.out, result, table + "\n", engine_args=None, sampling=None, client=client)
 
 
 if __name__ == "__main__":

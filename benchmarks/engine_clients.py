@@ -1,7 +1,11 @@
 """One engine core, several front-end processes (issue 13's mechanism, measured before the server).
 
-    python benchmarks/gpu/engine_clients.py --model-dir DIR [--clients 1,2,4] [--streams 256] \
-        [--requests 1024] [--rounds 2] [--out PREFIX]
+    python benchmarks/engine_clients.py [--device cpu|gpu] [--model-dir DIR] [--engine-args JSON] \
+        [--clients 1,2,4] [--streams 256] [--requests 1024] [--prompt-len 128] [--max-tokens 256] \
+        [--rounds 2] [--gpu-mem 0.85] [--out PREFIX]
+
+A CPU dry run (``--device cpu``, the tiny model) wants a light load, e.g. ``--clients 1,2
+--streams 8 --requests 32 --prompt-len 32 --max-tokens 16 --rounds 1``.
 
 ``lylm._vllm_cores.EngineCores`` launches one engine core (pinned to GPU 0 on a GPU)
 for as many front-end clients as the largest arm, as ``vllm serve --api-server-count``
@@ -14,7 +18,8 @@ several front ends, output processing spread over processes. Reported per arm:
 output tok/s (all tokens / wall time from a common start), and each client process's
 CPU share. Arms alternate within each round.
 
-On the CPU build (``--cpu``, tiny model) the same code runs as a dry run.
+With ``--device cpu`` (vLLM's CPU build, the tiny model with the tests' engine args, the
+core not pinned) the same code runs as a dry run.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent.parent), str(HERE), str(HERE.parent)]
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # lylm (the repository root) and harness, also in spawned clients
 
 
 def client_main(cores: Any, index: int, max_tokens: int, commands: Any, results: Any) -> None:
@@ -93,8 +98,10 @@ def run_arm(clients: list[tuple[Any, Any]], results: Any, k: int, args: argparse
 
 
 def main() -> None:
+    import harness
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
+    harness.add_target_arguments(parser, shape=False)
     parser.add_argument("--clients", default="1,2,4")
     parser.add_argument("--streams", type=int, default=256)
     parser.add_argument("--requests", type=int, default=1024)
@@ -102,33 +109,28 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--gpu-mem", type=float, default=0.85)
-    parser.add_argument("--cpu", action="store_true", help="CPU build dry run (tiny model, no pinning)")
-    parser.add_argument("--out", default="engine_clients")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/engine_clients_<device>)")
     args = parser.parse_args()
+    harness.resolve_target(args)
+    args.out = args.out or str(harness.BENCH / "results" / f"engine_clients_{args.device}")
 
-    import gpucommon
     from lylm._vllm_cores import EngineCores
-    from lylm.testing import TINY_MODEL_ENGINE_ARGS
 
     arms = [int(k) for k in args.clients.split(",")]
-    if args.cpu:
-        engine_args = {"model": args.model_dir, **TINY_MODEL_ENGINE_ARGS, "max_num_seqs": 256}
-        environment: dict[str, str] = {}
-        vocab = 500
-    else:
-        engine_args = gpucommon.engine_args(args.model_dir, gpu_memory_utilization=args.gpu_mem)
-        environment = {"CUDA_VISIBLE_DEVICES": "0"}
-        vocab = gpucommon.FIRST_SPECIAL_ID
+    engine_args = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
     engine_args["disable_log_stats"] = True
+    environment: dict[str, str] = {"CUDA_VISIBLE_DEVICES": "0"} if harness.DEVICE == "gpu" else {}
+    vocab = min(harness.vocab_size(args.model_dir), harness.FIRST_SPECIAL_ID)
     t = time.monotonic()
     cores = EngineCores.launch(engine_args, clients=max(arms), environment=environment)
     started = time.monotonic() - t
     print(f"engine core up in {started:.1f} s for {max(arms)} clients (pids {cores.process_ids()})", flush=True)
-    result: dict[str, Any] = {"config": {**vars(args), "engine_args": engine_args}, "machine": gpucommon.device_info(),
-                              "start_s": started, "samples": []}
+    result: dict[str, Any] = {"config": {**vars(args), "engine_args": engine_args, "environment": environment},
+                              "machine": harness.device_info(), "start_s": started, "samples": []}
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()
     clients = []
+    progress = harness.Progress(args.rounds * len(arms), "engine_clients")
     try:
         for i in range(max(arms)):
             commands = ctx.Queue()
@@ -141,6 +143,7 @@ def main() -> None:
                 s["round"] = r
                 result["samples"].append(s)
                 print(f"r{r} clients={k}: {s['tok_s']:9.0f} tok/s over {s['wall_s']:.1f} s, client CPU {s['client_cpu_share']}", flush=True)
+                progress.step(f"round {r}, {k} client{'s' if k > 1 else ''}")
     finally:
         for proc, commands in clients:
             commands.put(None)
@@ -157,11 +160,14 @@ def main() -> None:
     for row in rows:
         md.append(f"| {row['clients']} | {row['tok_s']:.0f} | {row['tok_s'] / base:.2f}x | {row['max_client_cpu']:.2f} |")
     result["rows"] = rows
-    result["commit"] = result["machine"].get("lylm_commit")
     text = "\n".join(md) + "\n"
     print(text, flush=True)
-    Path(args.out + ".json").write_text(json.dumps(result, indent=1, default=str) + "\n")
-    Path(args.out + ".md").write_text(text)
+    sampling = {"api": "AsyncLLM.generate (no HTTP)", "prompt": f"{args.prompt_len} random token ids",
+                "max_tokens": args.max_tokens, "ignore_eos": True, "temperature": 0.0, "output_kind": "DELTA"}
+    client = {"kind": "k spawned processes, each an AsyncLLM attached to the one engine core (EngineCores.client)",
+              "clients": args.clients, "streams": args.streams, "requests": args.requests, "rounds": args.rounds,
+              "warm_up": "one request per client per arm before the common start, not counted"}
+    harness.save_results(args.out, result, text, engine_args=engine_args, sampling=sampling, client=client)
 
 
 if __name__ == "__main__":  # engines and clients are spawned: the guard is required

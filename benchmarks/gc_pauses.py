@@ -1,10 +1,15 @@
 """Are lylm's TTFT tails garbage-collector pauses? lylm with and without gc.freeze() against vllm serve.
 
-    python benchmarks/gpu/gc_pauses.py --model-dir DIR --shape qwen2.5-1.5b \
-        [--gpu-mem 0.28] [--grid 64x256,128x512,256x1024] [--rounds 3] [--budget-s 480] [--out PREFIX]
+    python benchmarks/gc_pauses.py [--device cpu|gpu] [--model-dir DIR] [--shape qwen2.5-1.5b] \
+        [--gpu-mem 0.28] [--grid 64x256,128x512,256x1024] [--rounds 3] [--min-rounds 1] \
+        [--prompt-len 128] [--max-tokens 256] [--procs 4] [--budget-s 480] [--out PREFIX] [--log-dir DIR]
 
-Three servers on one GPU, one engine each, the shared engine args and
-gpu_memory_utilization --gpu-mem each, started one after another:
+A CPU dry run (``--device cpu``, the tiny model) wants a small grid, e.g. ``--grid 4x8,16x32
+--rounds 1 --prompt-len 32 --max-tokens 16 --procs 1``.
+
+Three servers on one GPU (``--device cpu``: three CPU engines), one engine each, the
+target's engine args (``harness.engine_args``) and gpu_memory_utilization --gpu-mem each,
+started one after another:
 
 - ``lylm``: ``switch_server.py`` (lylm's OpenAI routes over a one-instance pool),
   the garbage collector as Python leaves it;
@@ -12,8 +17,8 @@ gpu_memory_utilization --gpu-mem each, started one after another:
   the engine is up, as vLLM's own server does);
 - ``vllm``: ``vllm serve`` (which freezes its heap at start-up).
 
-Same requests as server_vs_vllm.py (streamed completions, 128-token token-id
-prompts, 256 output tokens with ignore_eos); per round every cell visits the three
+Same requests as server_vs_vllm.py (streamed completions, --prompt-len random token
+ids, --max-tokens output tokens with ignore_eos); per round every cell visits the three
 servers in a rotating order. For the two lylm servers, each cell also records the
 server process's collections per generation (count, total and longest pause),
 from switch_server's /bench/gc.
@@ -31,7 +36,7 @@ from typing import Any
 import anyio
 import httpx
 
-import gpucommon
+import harness
 import loadgen
 import mpload
 
@@ -46,14 +51,15 @@ def gc_get(url: str, reset: bool) -> dict[str, Any] | None:
         return None
 
 
-async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, deadline: gpucommon.Deadline) -> tuple[list[dict[str, Any]], int]:
+async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, deadline: harness.Deadline) -> tuple[list[dict[str, Any]], int]:
     grid = loadgen.parse_grid(args.grid)
     names = list(urls)
     samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {c: {n: [] for n in names} for c in grid}
     rounds_done = 0
+    progress = harness.Progress(args.rounds * len(grid) * len(names), "gc_pauses")
     with mpload.MultiClient(args.procs) as mc:
         for name in names:
-            warm = gpucommon.token_prompts(64, 128, 12345, vocab)
+            warm = harness.token_prompts(64, 128, 12345, vocab)
             await mc.run(urls[name], "completions", [mpload.body(NAME, "completions", p, 32) for p in warm], 32)
         last_round = 0.0
         for r in range(args.rounds):
@@ -62,7 +68,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, de
                 break
             t_round = time.monotonic()
             for ci, (conc, total) in enumerate(grid):
-                prompts = gpucommon.token_prompts(total, args.prompt_len, 3000 * conc + r, vocab)
+                prompts = harness.token_prompts(total, args.prompt_len, 3000 * conc + r, vocab)
                 payloads = [mpload.body(NAME, "completions", p, args.max_tokens) for p in prompts]
                 k = (r + ci) % len(names)
                 order = names[k:] + names[:k]
@@ -78,6 +84,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, de
                     print(f"r{r} c={conc:<3} {name:12s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT p50 "
                           f"{s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms {gc_text} "
                           f"client cpu {s['client_cpu_share_max']:.0%}", flush=True)
+                    progress.step(f"round {r}, {conc}x{total}, {name}")
             rounds_done = r + 1
             last_round = time.monotonic() - t_round
     rows = []
@@ -86,7 +93,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, de
         for name in names:
             ss = per[name]
             for key in ("system_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms"):
-                row[f"{name}_{key}"] = gpucommon.median([s[key] for s in ss])
+                row[f"{name}_{key}"] = harness.median([s[key] for s in ss])
             gens = [((s.get("gc") or {}).get("generations") or {}).get("2") for s in ss]
             gens = [g for g in gens if g]
             row[f"{name}_gen2_count"] = sum(g["count"] for g in gens) if gens else None
@@ -97,7 +104,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, de
 
 
 def table(rows: list[dict[str, Any]], names: list[str]) -> str:
-    f = gpucommon.fmt
+    f = harness.fmt
     head = "| concurrency | requests | " + " | ".join(
         f"{n} tok/s | {n} TTFT p50 ms | {n} TTFT p99 ms" for n in names) + " | lylm gen-2 GCs (all rounds), longest | lylm_frozen gen-2 GCs, longest |"
     lines = [head, "|" + "---|" * (2 + 3 * len(names) + 2)]
@@ -113,9 +120,7 @@ def table(rows: list[dict[str, Any]], names: list[str]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--shape", required=True)
-    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
+    harness.add_target_arguments(parser)
     parser.add_argument("--gpu-mem", type=float, default=0.28)
     parser.add_argument("--grid", default="64x256,128x512,256x1024")
     parser.add_argument("--rounds", type=int, default=3)
@@ -124,35 +129,42 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default="gc_pauses_gpu")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/gc_pauses_<shape>)")
     parser.add_argument("--log-dir", default=None)
     args = parser.parse_args()
+    harness.resolve_target(args)
+    args.out = args.out or str(harness.BENCH / "results" / f"gc_pauses_{args.shape}")
 
-    deadline = gpucommon.Deadline(args.budget_s)
+    deadline = harness.Deadline(args.budget_s)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="gc-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
-    config = gpucommon.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}])
-    ports = {n: gpucommon.free_port() for n in ("lylm", "lylm_frozen", "vllm")}
+    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    config = harness.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": harness.devices(), "engine_args": eargs}])
+    ports = {n: harness.free_port() for n in ("lylm", "lylm_frozen", "vllm")}
     commands = {
-        "lylm": gpucommon.switch_server_command(config, ports["lylm"]),
-        "lylm_frozen": gpucommon.switch_server_command(config, ports["lylm_frozen"]) + ["--gc-freeze"],
-        "vllm": gpucommon.vllm_serve_command(eargs, NAME, ports["vllm"]),
+        "lylm": harness.switch_server_command(config, ports["lylm"]),
+        "lylm_frozen": harness.switch_server_command(config, ports["lylm_frozen"]) + ["--gc-freeze"],
+        "vllm": harness.vllm_serve_command(eargs, NAME, ports["vllm"]),
     }
     result: dict[str, Any] = {"config": {**vars(args), "engine_args": eargs, "commands": {k: " ".join(v) for k, v in commands.items()}},
-                              "machine": gpucommon.device_info()}
-    with gpucommon.server("lylm", commands["lylm"], log_dir, ports["lylm"], timeout_s=600) as u1, \
-         gpucommon.server("lylm_frozen", commands["lylm_frozen"], log_dir, ports["lylm_frozen"], timeout_s=600) as u2, \
-         gpucommon.server("vllm", commands["vllm"], log_dir, ports["vllm"], timeout_s=600) as u3:
-        result["gpu_processes"] = gpucommon.gpu_processes()
+                              "machine": harness.device_info()}
+    with harness.server("lylm", commands["lylm"], log_dir, ports["lylm"], timeout_s=600) as u1, \
+         harness.server("lylm_frozen", commands["lylm_frozen"], log_dir, ports["lylm_frozen"], timeout_s=600) as u2, \
+         harness.server("vllm", commands["vllm"], log_dir, ports["vllm"], timeout_s=600) as u3:
+        result["gpu_processes"] = harness.gpu_processes()
         urls = {"lylm": u1, "lylm_frozen": u2, "vllm": u3}
         result["gc_at_start"] = {n: gc_get(u, reset=False) for n, u in urls.items()}
-        rows, rounds = anyio.run(measure, args, urls, gpucommon.vocab_size(args.model_dir), deadline)
+        rows, rounds = anyio.run(measure, args, urls, harness.vocab_size(args.model_dir), deadline)
     result["rows"] = rows
     result["rounds_done"] = rounds
-    md = f"{args.shape}, gpu_memory_utilization {args.gpu_mem} each, {rounds} rounds (medians)\n\n" + table(rows, list(commands))
+    where = f"gpu_memory_utilization {args.gpu_mem} each" if harness.DEVICE == "gpu" else "three CPU engines"
+    md = f"{args.shape}, {where}, {rounds} rounds (medians)\n\n" + table(rows, list(commands))
     print(md, flush=True)
-    gpucommon.save_results(args.out, result, md, log_dir)
+    sampling = {"api": "completions", "prompt": f"{args.prompt_len} random token ids", "max_tokens": args.max_tokens,
+                "ignore_eos": True, "stream": True, "other": "the model's generation config (every server's default)"}
+    client = {"kind": "mpload.MultiClient", "processes": args.procs, "grid": args.grid, "rounds": args.rounds,
+              "order": "the three servers rotate cell by cell and round by round"}
+    harness.save_results(args.out, result, md, log_dir, engine_args=eargs, sampling=sampling, client=client)
 
 
 if __name__ == "__main__":

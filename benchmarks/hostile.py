@@ -1,10 +1,15 @@
 """Hostile clients against the demo server: what each costs the server (issue 15).
 
-    python benchmarks/hostile.py [--root DIR] [--label NAME] [--slow 300] [--window 30]
+    python benchmarks/hostile.py [--device cpu|gpu] [--model-dir DIR] [--shape NAME] [--engine-args JSON] \
+        [--gpu-mem 0.4] [--root DIR] [--label NAME] [--slow 300] [--window 30] [--out PREFIX]
 
-Starts ``lylm serve`` (the embedded demo: two real CPU engines of the tiny
-model, context 1,024) from ``--root`` (default: this checkout; pass a ``git worktree``
-of an older commit to measure it the same way), then, one after another:
+Starts ``lylm serve`` from ``--root`` (default: this checkout; pass a ``git worktree``
+of an older commit to measure it the same way) with the embedded demo's pool on the
+target: two instances of the target's model (``--device cpu``, the default without a
+GPU: the tiny model on the CPU build, context 1,024, exactly the demo; ``--device gpu
+--model-dir DIR``: both on GPU 0, ``gpu_memory_utilization`` = ``--gpu-mem`` each). A
+checkout from before the ``lylm`` command served the demo with ``examples/serve.py``,
+which takes no config: that is started as it is, CPU only. Then, one after another:
 
 - ``token_ids``: a completions request of 3.5M token ids (7 MB);
 - ``chat``: a chat request of 1,024 messages (7.2 MB, ~1.4M tokens);
@@ -15,8 +20,10 @@ of an older commit to measure it the same way), then, one after another:
   had closed them all).
 
 For each: the answer and how long it took, the worst ``/health`` latency meanwhile
-(a stalled event loop shows there), and the server's RSS after. Results go to
-``benchmarks/results/hostile_<label>.json`` and ``.md`` with the commit measured.
+(a stalled event loop shows there), and the server's RSS after. Results go through
+``harness.save_results`` to OUT.json (provenance block first; ``served_commit`` is the
+commit of ``--root``, which the server ran), OUT.md and OUT_logs.tar.gz (the server's log);
+default OUT: ``results/hostile_<label>`` on cpu, ``results/gpu/hostile_<label>_<shape>`` on gpu.
 """
 
 from __future__ import annotations
@@ -24,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import signal
 import socket
 import subprocess
@@ -40,30 +46,30 @@ from typing import Any
 import httpx
 import psutil
 
+import harness
+
 HERE = Path(__file__).resolve().parent
-MODEL = "lylm-tiny-demo"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+DEMO_MODEL = "lylm-tiny-demo"
+DEMO_WEIGHTS = (1, 2)
 
 
 @contextmanager
-def demo_server(root: Path, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = free_port()
+def demo_server(root: Path, config: Path | None, log: Path) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """``lylm serve --config CONFIG`` from ``root`` (``config`` None: an old checkout's examples/serve.py)."""
+    port = harness.free_port()
     env = {**os.environ, "PYTHONPATH": str(root)}
-    # A checkout from before the `lylm` command served the demo with examples/serve.py.
-    command = ["-m", "lylm", "serve"] if (root / "lylm" / "cli.py").exists() else [str(root / "examples" / "serve.py")]
+    if config is None:
+        command = [str(root / "examples" / "serve.py"), "--port", str(port)]
+    else:
+        command = ["-m", "lylm", "serve", "--config", str(config), "--port", str(port)]
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, *command, "--port", str(port)],
+            [sys.executable, *command],
             cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT,
         )  # fmt: skip
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + 300
+            deadline = time.monotonic() + 600
             while True:
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the server did not start; see {log}")
@@ -119,15 +125,15 @@ def post(url: str, path: str, body: bytes) -> dict[str, Any]:
     return {"status": r.status_code, "code": code, "seconds": round(took, 3), "body_mb": round(len(body) / 1e6, 2)}
 
 
-def token_ids(url: str) -> dict[str, Any]:
+def token_ids(url: str, model: str) -> dict[str, Any]:
     ids = ",".join(["7"] * 3_500_000)
-    return post(url, "/v1/completions", f'{{"model": "{MODEL}", "prompt": [{ids}], "max_tokens": 1}}'.encode())
+    return post(url, "/v1/completions", f'{{"model": "{model}", "prompt": [{ids}], "max_tokens": 1}}'.encode())
 
 
-def chat(url: str) -> dict[str, Any]:
+def chat(url: str, model: str) -> dict[str, Any]:
     roles = ("user", "assistant")
     messages = [{"role": roles[i % 2], "content": "word " * 1400} for i in range(1024)]
-    return post(url, "/v1/chat/completions", json.dumps({"model": MODEL, "messages": messages, "max_tokens": 1}).encode())
+    return post(url, "/v1/chat/completions", json.dumps({"model": model, "messages": messages, "max_tokens": 1}).encode())
 
 
 def _address(url: str) -> tuple[str, int]:
@@ -160,7 +166,7 @@ def header(url: str) -> dict[str, Any]:
     return {"status": status, "sent_mb": round(sent / 2**20, 1), "seconds": round(time.monotonic() - began, 3)}
 
 
-def slow_heads(url: str, count: int, window: float) -> dict[str, Any]:
+def slow_heads(url: str, model: str, count: int, window: float) -> dict[str, Any]:
     socks = []
     for _ in range(count):
         sock = socket.create_connection(_address(url), timeout=5)
@@ -191,7 +197,7 @@ def slow_heads(url: str, count: int, window: float) -> dict[str, Any]:
             all_closed = time.monotonic() - began
         position += 1
         t = time.monotonic()
-        httpx.post(url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 4}, timeout=60)
+        httpx.post(url + "/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 4}, timeout=60)
         normal.append(time.monotonic() - t)
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t)))
     for sock in socks:
@@ -207,40 +213,90 @@ def slow_heads(url: str, count: int, window: float) -> dict[str, Any]:
     }
 
 
-def measure(name: str, run: Callable[[], dict[str, Any]], url: str, proc: subprocess.Popen[bytes]) -> dict[str, Any]:
+def measure(name: str, run: Callable[[], dict[str, Any]], url: str, proc: subprocess.Popen[bytes],
+            progress: harness.Progress) -> dict[str, Any]:
     with health_probe(url) as latencies:
         result = run()
     result["health_worst_s"] = round(max(latencies), 3)
     result["server_rss_mib"] = rss_mib(proc)
     print(f"{name}: {result}", flush=True)
+    progress.step(name)
     return result
+
+
+def table(results: dict[str, Any]) -> str:
+    lines = ["| client | answer | seconds | worst /health s | server RSS MiB after | more |",
+             "|---|---|---|---|---|---|"]
+    for name in ("token_ids", "chat", "header", "slow_heads"):
+        r = dict(results[name])
+        answer = f"{r.pop('status', '-')} {r.pop('code', '') or ''}".strip()
+        seconds = r.pop("seconds", "-")
+        health, rss = r.pop("health_worst_s"), r.pop("server_rss_mib")
+        more = ", ".join(f"{k} {v}" for k, v in r.items())
+        lines.append(f"| {name} | {answer} | {seconds} | {health} | {rss} | {more} |")
+    return f"Served commit {results['served_commit'][:10]}; idle RSS {results['idle_rss_mib']} MiB.\n\n" + \
+        "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_target_arguments(parser)
+    parser.add_argument("--gpu-mem", type=float, default=0.4, help="gpu: gpu_memory_utilization of each instance")
     parser.add_argument("--root", type=Path, default=HERE.parent, help="the lylm checkout to serve from")
     parser.add_argument("--label", default="now")
     parser.add_argument("--slow", type=int, default=300, help="slow connections")
     parser.add_argument("--window", type=float, default=30.0, help="seconds the slow connections dribble")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/hostile_<label>; "
+                                                    "gpu: results/gpu/hostile_<label>_<shape>)")
     args = parser.parse_args()
+    harness.resolve_target(args)
     root = args.root.resolve()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    if args.out is None:
+        gpu = harness.BENCH / "results" / "gpu" / f"hostile_{args.label}_{args.shape}"
+        args.out = str(harness.BENCH / "results" / f"hostile_{args.label}" if args.device == "cpu" else gpu)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    served_commit = git.stdout.strip()
+    log_dir = Path(tempfile.mkdtemp(prefix=f"lylm-hostile-{args.label}-"))
+    eargs: dict[str, Any] | None = harness.engine_args(
+        args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem
+    )
+    model = DEMO_MODEL if args.device == "cpu" else args.shape
+    config: Path | None = None
+    if (root / "lylm" / "cli.py").exists():
+        instances = [{"devices": harness.devices(weight=w), "engine_args": eargs} for w in DEMO_WEIGHTS]
+        config = harness.write_lylm_config(log_dir / "lylm.json", model, instances)
+        server = "lylm serve --config (the demo's pool: two instances, weights 1:2)"
+    else:
+        if args.device != "cpu":
+            raise SystemExit(f"{root} predates `lylm serve`: its examples/serve.py serves the CPU demo only "
+                             "(run it with --device cpu)")
+        model, eargs = DEMO_MODEL, None  # its own demo; its engine args are that checkout's
+        server = "examples/serve.py (the embedded demo: 2 CPU engines, tiny model)"
     results: dict[str, Any] = {
-        "commit": commit,
+        "served_commit": served_commit,
         "label": args.label,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-        "server": "lylm serve (examples/serve.py before it existed), embedded demo (2 CPU engines, tiny model, context 1,024), 1 process",
+        "root": "this checkout" if root == HERE.parent.resolve() else root.name,
+        "server": server + ", 1 process",
+        "settings": {"slow": args.slow, "window_s": args.window, "shape": args.shape, "model_dir": args.model_dir},
     }
-    log = Path(tempfile.gettempdir()) / f"lylm_hostile_{args.label}.log"  # the server's output
-    with demo_server(root, log) as (url, proc):
+    progress = harness.Progress(4, "hostile")
+    log = log_dir / "server.log"
+    with demo_server(root, config, log) as (url, proc):
         results["idle_rss_mib"] = rss_mib(proc)
-        results["token_ids"] = measure("token_ids", lambda: token_ids(url), url, proc)
-        results["chat"] = measure("chat", lambda: chat(url), url, proc)
-        results["header"] = measure("header", lambda: header(url), url, proc)
-        results["slow_heads"] = measure("slow_heads", lambda: slow_heads(url, args.slow, args.window), url, proc)
-    out = HERE / "results" / f"hostile_{args.label}.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+        results["token_ids"] = measure("token_ids", lambda: token_ids(url, model), url, proc, progress)
+        results["chat"] = measure("chat", lambda: chat(url, model), url, proc, progress)
+        results["header"] = measure("header", lambda: header(url), url, proc, progress)
+        results["slow_heads"] = measure("slow_heads", lambda: slow_heads(url, model, args.slow, args.window),
+                                        url, proc, progress)
+    md = table(results)
+    print(md)
+    sampling = {"max_tokens": 1, "slow_heads_requests": {"prompt": "hi", "max_tokens": 4}}
+    client = {"kind": "hostile clients one after another (httpx and raw sockets), /health probed every 20 ms",
+              "token_ids": 3_500_000, "chat_messages": 1024, "header_mib": 64,
+              "slow_connections": args.slow, "slow_window_s": args.window}
+    harness.save_results(args.out, results, md, log_dir, engine_args=eargs, sampling=sampling, client=client)
+    print(f"wrote {args.out}.json")
 
 
 if __name__ == "__main__":

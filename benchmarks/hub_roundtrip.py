@@ -1,6 +1,7 @@
 """What the hub costs one request: a worker's pool against a plain pool, over a zero-latency FakeEngine.
 
-    flock /tmp/lylm-bench.lock python benchmarks/hub_roundtrip.py [--requests 3000] [--rounds 5]
+    flock /tmp/lylm-bench.lock python benchmarks/hub_roundtrip.py [--requests 3000] [--rounds 5] \
+        [--out benchmarks/results/hub_roundtrip]
 
 Both pools serve the same one-token requests one after another on one event loop:
 ``EnginePool`` (admission, choice and books in process) and ``WorkerPool`` (the same,
@@ -9,21 +10,24 @@ The hub runs in a separate process, as in a server with workers, so the numbers
 include both processes' event-loop turns. Rounds alternate the order. Reported:
 median microseconds per request for each, and their difference (the hub's cost per
 request; tokens never cross it).
+
+No vLLM engine (FakeEngines on this machine's CPU), so there is no ``--device``. Writes
+OUT.json (the harness's provenance block first) and OUT.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
 
+import harness
+import loadgen
 from lylm import EnginePool, EngineSpec, PoolConfig
 from lylm._hub import Hub, HubClient
 from lylm._worker_pool import WorkerPool
@@ -66,7 +70,7 @@ async def timed(pool: EnginePool, n: int) -> float:
     return (time.perf_counter() - t0) / n * 1e6
 
 
-async def measure(args: argparse.Namespace, address: str) -> dict[str, list[float]]:
+async def measure(args: argparse.Namespace, address: str, progress: harness.Progress) -> dict[str, list[float]]:
     local = EnginePool(config(), engine_factory=make_engine)
     client = HubClient(address, 0)
     worker = WorkerPool(config(), hub=client, attach=lambda spec, handle: FakeEngine(), handles={'models["m"][0]': None})
@@ -78,6 +82,7 @@ async def measure(args: argparse.Namespace, address: str) -> dict[str, list[floa
         for r in range(args.rounds):
             for name, pool in ([("local", local), ("worker", worker)] if r % 2 == 0 else [("worker", worker), ("local", local)]):
                 out[name].append(await timed(pool, args.requests))
+            progress.step(f"round {r}: plain {out['local'][-1]:.0f} us, worker {out['worker'][-1]:.0f} us")
     await client.close()
     return out
 
@@ -86,8 +91,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "hub_roundtrip.json"))
+    parser.add_argument("--out", default=str(harness.BENCH / "results" / "hub_roundtrip"),
+                        help="result prefix: OUT.json, OUT.md")
     args = parser.parse_args()
+    args.out = args.out.removesuffix(".json")
+    harness.DEVICE = "cpu"  # no engine: both pools and the hub run on this machine's CPU
     address = f"ipc://{tempfile.mkdtemp(prefix='lylm-hub-bench-')}/hub"
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
@@ -96,19 +104,26 @@ def main() -> None:
     try:
         if not ready.wait(60):
             raise SystemExit("the hub did not start")
-        out = anyio.run(measure, args, address)
+        out = anyio.run(measure, args, address, harness.Progress(args.rounds, "hub_roundtrip"))
     finally:
         stop.set()
         hub.join(10)
     local, worker = statistics.median(out["local"]), statistics.median(out["worker"])
-    print(f"per request, median of {args.rounds} rounds of {args.requests}: plain pool {local:.0f} us, "
-          f"worker pool {worker:.0f} us, the hub's share {worker - local:.0f} us")
+    line = (f"per request, median of {args.rounds} rounds of {args.requests}: plain pool {local:.0f} us, "
+            f"worker pool {worker:.0f} us, the hub's share {worker - local:.0f} us")
+    print(line)
     print({k: [round(v) for v in vs] for k, vs in out.items()})
-    import loadgen
-
-    result = {"commit": loadgen.machine_info()["lylm_commit"], "machine": loadgen.machine_info(),
-              "settings": vars(args), "us_per_request": out, "median_local_us": local, "median_worker_us": worker}
-    Path(args.out).write_text(json.dumps(result, indent=1, default=str) + "\n")
+    result = {"machine": loadgen.machine_info(), "settings": vars(args), "us_per_request": out,
+              "median_local_us": local, "median_worker_us": worker}
+    md = (
+        "| pool | median us per request | rounds (us) |\n|---|---|---|\n"
+        + "".join(f"| {label} | {statistics.median(out[k]):.0f} | {', '.join(f'{v:.0f}' for v in out[k])} |\n"
+                  for k, label in (("local", "EnginePool (plain)"), ("worker", "WorkerPool (hub over ZeroMQ IPC)")))
+        + f"\n{line}.\n"
+    )
+    client = {"kind": "one-token requests one after another on one event loop", "requests_per_round": args.requests,
+              "rounds": args.rounds, "prompt": [1, 2, 3, 4], "engines": "one FakeEngine (zero latency)"}
+    harness.save_results(args.out, result, md, engine_args=None, sampling={"max_tokens": 1}, client=client)
 
 
 if __name__ == "__main__":

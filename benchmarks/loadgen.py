@@ -1,7 +1,8 @@
 """Async load generator for any OpenAI-compatible endpoint: a grid of concurrency levels.
 
     python benchmarks/loadgen.py --url http://127.0.0.1:8000 --model M --grid 1x4,4x16,16x64 \
-        --max-tokens 128 --prompts short --seed 0 --out benchmarks/results/x
+        --max-tokens 128 --prompts short --seed 0 --out benchmarks/results/x \
+        [--device cpu|gpu] [--engine-args JSON]
 
 For each grid cell ``CxN`` it sends exactly N streamed requests with at most C in
 flight, to ``/v1/completions`` (``--api completions``, the default) or
@@ -25,6 +26,12 @@ It talks to ``--url`` only (no proxies from the environment). Importable:
 ``await run_grid(...)`` returns one :class:`CellResult` per cell, so other scripts
 can alternate A/B runs; :func:`write_results` writes PREFIX.json and PREFIX.md.
 
+Every result file opens with the same provenance block as the harness's
+(``benchmarks/harness.py``, built here by :func:`provenance` so that this script needs
+nothing else): the commit, vLLM's version, the device, the engine args, the sampling and
+the client settings. A client cannot see the server's engine args or device: pass them
+with ``--engine-args`` and ``--device`` to have them recorded (else they are ``null``).
+
 The client shares the machine with the server when both run on one host: at high
 concurrency its own parsing costs CPU that the server then lacks.
 """
@@ -38,8 +45,8 @@ import json
 import math
 import os
 import platform
-import subprocess
 import random
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -61,7 +68,7 @@ except ImportError:  # pragma: no cover - any OpenAI endpoint, any environment
 
 __all__ = [
     "CellResult", "LoadConfig", "RequestResult", "build_prompts", "machine_info", "markdown_table",
-    "parse_grid", "percentile", "run_grid", "write_results",
+    "parse_grid", "percentile", "provenance", "run_grid", "write_results",
 ]
 
 PROMPT_KINDS = ("short", "long", "shared-prefix")
@@ -526,6 +533,41 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def _gpu_names() -> list[str]:
+    """The GPUs ``nvidia-smi`` lists ([] without one)."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip()]
+
+
+def provenance(*, engine_args: Any, sampling: Any, client: Any, target: str | None) -> dict[str, Any]:
+    """What every result file records, in the harness's shape (``harness.provenance``): the
+    commit measured, vLLM's version, the target (``cpu``/``gpu``; None: not known, e.g. a
+    server elsewhere), the device, and the run's engine args, sampling and client settings
+    (None: not applicable or not known)."""
+    info = machine_info()
+    gpus = _gpu_names()
+    cpu = f"{info['cpu']}, {info['usable_cpus'] or info['cpu_count']} usable cores"
+    if target is None:
+        device = f"not known to the client (the client ran on {cpu})"
+    elif target == "gpu" and gpus:
+        device = f"{len(gpus)} x {gpus[0]} ({cpu})"
+    else:
+        device = f"{cpu}, no GPU used"
+    return {
+        "commit": info["lylm_commit"],
+        "vllm": info["vllm"],
+        "target": target,
+        "device": device,
+        "engine_args": engine_args,
+        "sampling": sampling,
+        "client": client,
+    }
+
+
 #: (header, summary key, format) for every markdown column, in the seed's order then extras.
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("conc", "concurrency", "d"),
@@ -582,6 +624,32 @@ def render_markdown(
     return "\n".join(text)
 
 
+def results_doc(
+    cells: Sequence[CellResult], config: dict[str, Any], *, notes: str = "", machine: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], str]:
+    """A grid's result (config, machine, per-cell summaries, notes) and its markdown report."""
+    machine = machine or machine_info()
+    summaries = [c.summary() for c in cells]
+    doc: dict[str, Any] = {"config": config, "machine": machine, "cells": summaries}
+    if notes:
+        doc["notes"] = notes
+    return doc, render_markdown(summaries, config, machine, notes)
+
+
+def sampling_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """What every request asked for, from :func:`run_config`'s settings."""
+    keys = ("api", "max_tokens", "ignore_eos", "temperature", "prompts", "seed", "long_words", "groups")
+    return {"stream": True, **{k: config[k] for k in keys if k in config},
+            "other": "the server's defaults (the model's generation config on vLLM and lylm)"}
+
+
+def client_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """How the load was sent, from :func:`run_config`'s settings."""
+    keys = ("url", "model", "grid", "warmup", "cell_timeout_s", "request_timeout_s")
+    return {"kind": "loadgen.run_grid (one process, httpx, one connection per in-flight request)",
+            **{k: config[k] for k in keys if k in config}}
+
+
 def write_results(
     prefix: str | os.PathLike[str],
     cells: Sequence[CellResult],
@@ -589,19 +657,28 @@ def write_results(
     *,
     notes: str = "",
     machine: dict[str, Any] | None = None,
+    engine_args: Any = None,
+    sampling: Any = None,
+    client: Any = None,
+    target: str | None = None,
 ) -> tuple[Path, Path]:
-    """Write PREFIX.json (config, machine, per-cell summaries) and PREFIX.md; return both paths."""
-    machine = machine or machine_info()
-    summaries = [c.summary() for c in cells]
+    """Write PREFIX.json (the provenance block, config, machine, per-cell summaries) and
+    PREFIX.md; return both paths. ``sampling`` and ``client`` default to what ``config``
+    (:func:`run_config`'s settings) says; ``engine_args`` and ``target`` to None (not known)."""
+    doc, md = results_doc(cells, config, notes=notes, machine=machine)
+    head = provenance(
+        engine_args=engine_args,
+        sampling=sampling if sampling is not None else sampling_settings(config),
+        client=client if client is not None else client_settings(config),
+        target=target,
+    )
+    doc = {"provenance": head, "commit": head["commit"], **doc}
     base = Path(prefix)
     base.parent.mkdir(parents=True, exist_ok=True)
     json_path = base.with_name(base.name + ".json")
     md_path = base.with_name(base.name + ".md")
-    doc = {"config": config, "machine": machine, "cells": summaries}
-    if notes:
-        doc["notes"] = notes
-    json_path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    md_path.write_text(render_markdown(summaries, config, machine, notes), encoding="utf-8")
+    json_path.write_text(json.dumps(doc, indent=2, default=str) + "\n", encoding="utf-8")
+    md_path.write_text(md, encoding="utf-8")
     return json_path, md_path
 
 
@@ -649,6 +726,8 @@ def run_config(args: argparse.Namespace, url: str, model: str, grid: Sequence[tu
         "long_words": args.long_words,
         "groups": args.groups,
         "warmup": args.warmup,
+        "cell_timeout_s": args.cell_timeout,
+        "request_timeout_s": args.request_timeout,
     }
 
 
@@ -669,15 +748,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Load-test an OpenAI-compatible endpoint over a concurrency grid.")
     parser.add_argument("--url", required=True, help="base URL, e.g. http://127.0.0.1:8000")
     parser.add_argument("--grid", default="1x4,4x16,16x64", help="CONCxTOTAL cells, comma-separated")
+    parser.add_argument("--device", choices=("cpu", "gpu"), default=None,
+                        help="where the server's engines run, for the record (default: not known)")
+    parser.add_argument("--engine-args", default=None,
+                        help="the server's engine args (JSON), for the record (default: not known)")
     add_load_arguments(parser)
     args = parser.parse_args(argv)
     grid = parse_grid(args.grid)
+    engine_args = json.loads(args.engine_args) if args.engine_args else None
     model = args.model or first_model(args.url)
     cells = anyio.run(run_from_args, args, args.url, model, grid)
     summaries = [c.summary() for c in cells]
     print(markdown_table(summaries), end="")
     if args.out:
-        paths = write_results(args.out, cells, run_config(args, args.url, model, grid))
+        paths = write_results(args.out, cells, run_config(args, args.url, model, grid),
+                              engine_args=engine_args, target=args.device)
         print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
 
 

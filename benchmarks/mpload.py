@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import httpx
 
-import gpucommon  # noqa: F401  (sets sys.path for loadgen)
+import harness  # noqa: F401  (sets sys.path for loadgen)
 import loadgen
 
 

@@ -1,7 +1,11 @@
 """Placement on a real GPU host (issue 12): pinning at spawn, start times, the 1:2 split.
 
-    python benchmarks/gpu/placement.py --model-dir DIR --shape qwen2.5-1.5b \
-        [--gpus N] [--split-requests 600] [--budget-s 480] [--out PREFIX]
+    python benchmarks/placement.py [--device cpu|gpu] [--model-dir DIR] [--shape qwen2.5-1.5b] \
+        [--gpus N] [--gpu-mem 0.85] [--split-requests 600] [--split-tokens 32] [--prompt-len 128] \
+        [--procs 4] [--quick] [--out PREFIX] [--log-dir DIR]
+
+A CPU dry run (``--device cpu``) wants a short split, e.g. ``--split-requests 60
+--split-tokens 8 --prompt-len 32 --procs 1``.
 
 Runs on any number of GPUs (``device.sh place``), with vLLM's compile cache warm
 for every timed start:
@@ -25,6 +29,14 @@ for every timed start:
    --split-requests streamed requests at concurrency 64; counts from ``/metrics``.
 5. **A GPU that does not exist**: a pool naming GPU N on an N-GPU machine must
    fail with a ConfigError naming the key, and leave no engine process.
+
+With ``--device cpu`` (vLLM's CPU build, the tiny model) the device is the CPU build's
+one "device", memory node 0 (--gpus is 1: vLLM's CPU platform counts one): the 1-GPU
+config runs with ``gpu_ids [0]``, which lylm turns into ``CPU_VISIBLE_MEMORY_NODES=0``
+for each engine; the nvidia-smi check is skipped (its column reads "-"), the device
+variable in each engine process is checked as on a GPU where /proc shows it (where vLLM
+renamed its processes it reads "unreadable", as on the GPU image), and "GPU 1" is the
+one that does not exist. A dry run of the script's logic: the start times are not a GPU's.
 """
 
 from __future__ import annotations
@@ -41,7 +53,7 @@ from typing import Any
 
 import anyio
 
-import gpucommon
+import harness
 import mpload
 from multi_gpu import SPLIT_TOLERANCE, check_pinning, gpu_count
 from seed_table import metrics_monitor
@@ -52,8 +64,33 @@ START_TARGET = 1.3  # N instances on N disjoint GPUs vs one, warm cache
 OVERRIDES: dict[str, Any] = {}  # --engine-args, over everything (a CPU dry run sizes its KV cache here)
 
 
+#: The device-control variable lylm sets per engine: vLLM's platform's ``device_control_env_var``.
+DEVICE_VARIABLE = {"gpu": "CUDA_VISIBLE_DEVICES", "cpu": "CPU_VISIBLE_MEMORY_NODES"}
+
+
 def inst(eargs: dict[str, Any], gpus: list[int], weight: float = 1.0, **more: Any) -> dict[str, Any]:
+    if harness.DEVICE == "cpu":  # the CPU build sizes its KV cache by kv_cache_memory_bytes
+        more.pop("gpu_memory_utilization", None)
     return {"devices": {"gpu_ids": gpus, "weight": weight}, "engine_args": {**eargs, **more, **OVERRIDES}}
+
+
+def placement_gpus(args: argparse.Namespace) -> int:
+    """--gpus, else the GPUs nvidia-smi lists; on the CPU build its one device (memory node 0)."""
+    if args.gpus:
+        return int(args.gpus)
+    return 1 if harness.DEVICE == "cpu" else gpu_count()
+
+
+def engine_args_of(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every instance's engine args by its name (``m[0]``, ``m[1]``, ...)."""
+    return {f"{model}[{i}]": spec["engine_args"] for model, group in config["models"].items()
+            for i, spec in enumerate(group)}
+
+
+def unchecked_pinning(engines: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """check_pinning's rows without nvidia-smi (the CPU build): nothing to read, nothing judged."""
+    return [{"model": e["model"], "index": e["index"], "gpu_ids": e["gpu_ids"], "held_on": None, "memory": [],
+             "ok": None} for e in engines]
 
 
 def placement_config(eargs: dict[str, Any], gpus: int) -> tuple[dict[str, Any], list[float]]:
@@ -78,10 +115,10 @@ def placement_config(eargs: dict[str, Any], gpus: int) -> tuple[dict[str, Any], 
 def start_server(name: str, config: dict[str, Any], log_dir: Path) -> tuple[Any, float, str]:
     path = log_dir / f"{name}.json"
     path.write_text(json.dumps(config, indent=1) + "\n")
-    port = gpucommon.free_port()
-    command = gpucommon.switch_server_command(path, port)
+    port = harness.free_port()
+    command = harness.switch_server_command(path, port)
     t0 = time.monotonic()
-    ctx = gpucommon.server(name, command, log_dir, port, timeout_s=600)
+    ctx = harness.server(name, command, log_dir, port, timeout_s=600)
     url = ctx.__enter__()
     return ctx, time.monotonic() - t0, url
 
@@ -94,7 +131,7 @@ def ready_lines(log_dir: Path, name: str) -> list[str]:
 
 def check_environment(engines: list[dict[str, Any]], server_env: dict[str, str | None]) -> list[dict[str, Any]]:
     """Each instance's processes carry the device variable for its GPUs; the server's is as launched."""
-    launched = os.environ.get("CUDA_VISIBLE_DEVICES")  # inherited by the server from this process
+    launched = os.environ.get(DEVICE_VARIABLE[harness.DEVICE])  # inherited by the server from this process
     visible = launched.split(",") if launched else None
     rows = []
     for e in engines:
@@ -111,10 +148,10 @@ def check_environment(engines: list[dict[str, Any]], server_env: dict[str, str |
 async def split(url: str, args: argparse.Namespace, weights: list[float], vocab: int) -> dict[str, Any]:
     monitor = metrics_monitor(url)
     with mpload.MultiClient(args.procs) as mc:
-        gpucommon.set_policy(url, "weighted_random", weights, seed=1)
-        warm = gpucommon.token_prompts(64, args.prompt_len, 4242, vocab)
+        harness.set_policy(url, "weighted_random", weights, seed=1)
+        warm = harness.token_prompts(64, args.prompt_len, 4242, vocab)
         await mc.run(url, "completions", [mpload.body("m", "completions", p, 16) for p in warm], 32)
-        prompts = gpucommon.token_prompts(args.split_requests, args.prompt_len, 600, vocab)
+        prompts = harness.token_prompts(args.split_requests, args.prompt_len, 600, vocab)
         payloads = [mpload.body("m", "completions", p, args.split_tokens) for p in prompts]
         async with monitor(64, len(payloads)) as extra:
             cell = await mc.run(url, "completions", payloads, 64)
@@ -128,7 +165,7 @@ async def split(url: str, args: argparse.Namespace, weights: list[float], vocab:
 
 def missing_gpu(args: argparse.Namespace, gpus: int, log_dir: Path) -> dict[str, Any]:
     """A pool naming GPU ``gpus`` (one past the last): the error, its time, leftovers."""
-    config = {"models": {"x": [inst(gpucommon.engine_args(args.model_dir), [gpus])]}}
+    config = {"models": {"x": [inst(harness.engine_args(args.model_dir), [gpus])]}}
     code = (
         "import json, sys, time, anyio, multiprocessing\n"
         "from lylm import EnginePool, LylmError\n"
@@ -145,7 +182,7 @@ def missing_gpu(args: argparse.Namespace, gpus: int, log_dir: Path) -> dict[str,
     )
     script = log_dir / "missing_gpu.py"
     script.write_text(code)
-    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=gpucommon.ROOT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=harness.ROOT)
     (log_dir / "missing_gpu.log").write_text(out.stdout + out.stderr)
     last = [line for line in out.stdout.splitlines() if line.startswith("{")]
     result = json.loads(last[-1]) if last else {"error": None, "stderr_tail": out.stderr[-2000:]}
@@ -154,7 +191,7 @@ def missing_gpu(args: argparse.Namespace, gpus: int, log_dir: Path) -> dict[str,
 
 
 def table(r: dict[str, Any]) -> str:
-    f = gpucommon.fmt
+    f = harness.fmt
     lines = [
         f"Start times (server launch to healthy, vLLM compile cache warm; cold first start {r['start']['cold_s']:.1f} s):",
         "",
@@ -172,8 +209,9 @@ def table(r: dict[str, Any]) -> str:
         name = f"{p['model']}[{p['index']}]"
         seen = sorted(set(env.get(name, {}).get("seen", {}).values()))
         env_ok = env.get(name, {}).get("ok")
-        ok = p["ok"] and env_ok is not False
-        lines.append(f"| {name} | {p['gpu_ids']} | {p['held_on']} | {seen} | {'yes' if ok else 'NO'} |")
+        ok = p["ok"] is not False and env_ok is not False
+        held = "-" if p["held_on"] is None else p["held_on"]
+        lines.append(f"| {name} | {p['gpu_ids']} | {held} | {seen} | {'yes' if ok else 'NO'} |")
     server = env["server"]
     lines.append(f"| (server process) | - | - | {server['seen']} | {'unchanged' if server['ok'] else 'CHANGED'} |")
     s = r["split"]
@@ -189,73 +227,94 @@ def table(r: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--shape", required=True)
-    parser.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all nvidia-smi lists)")
+    harness.add_target_arguments(parser)
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs to use (default: all nvidia-smi lists; cpu: 1, the CPU build's one device)")
     parser.add_argument("--gpu-mem", type=float, default=0.85)
-    parser.add_argument("--engine-args", default="{}", help="JSON merged over every instance's engine args (CPU dry runs)")
     parser.add_argument("--split-requests", type=int, default=600)
     parser.add_argument("--split-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--procs", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default="placement")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="(unused: the steps are fixed; kept for device.sh)")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/placement_<shape>)")
     parser.add_argument("--log-dir", default=None)
     parser.add_argument("--quick", action="store_true",
                         help="only the cold start, the placement config, pinning and the split (short device time)")
     args = parser.parse_args()
+    harness.resolve_target(args)
+    args.out = args.out or str(harness.BENCH / "results" / f"placement_{args.shape}")
 
-    gpus = args.gpus or gpu_count()
+    gpus = placement_gpus(args)
     if gpus >= 4 and os.environ.get("NCCL_NVLS_ENABLE") != "0":
         raise SystemExit("set NCCL_NVLS_ENABLE=0 (NVLink multicast must stay off) before a tensor-parallel run")
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="placement-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    eargs = gpucommon.engine_args(args.model_dir, gpu_memory_utilization=args.gpu_mem)
+    eargs = harness.engine_args(args.model_dir, gpu_memory_utilization=args.gpu_mem)
     OVERRIDES.update(json.loads(args.engine_args))
     one = {"models": {"m": [inst(eargs, [0])]}}
     config, weights = placement_config(eargs, gpus)
     result: dict[str, Any] = {"gpus": gpus, "config": {**vars(args), "placement": config, "one": one},
-                              "machine": gpucommon.device_info()}
+                              "machine": harness.device_info()}
+    eargs_used = {"one": engine_args_of(one), "placement": engine_args_of(config)}
+    sampling = {"api": "completions", "prompt": f"{args.prompt_len} random token ids",
+                "max_tokens": args.split_tokens, "ignore_eos": True, "stream": True,
+                "other": "the model's generation config (lylm's default)",
+                "warm_up": f"64 requests of {args.prompt_len} token ids, max_tokens 16, not counted"}
+    client = {"kind": "mpload.MultiClient", "processes": args.procs, "split_requests": args.split_requests,
+              "concurrency": 64, "balancer": "weighted_random", "weights": weights}
+    progress = harness.Progress(3 if args.quick else 5, "placement")
     starts: dict[str, float] = {}
     ctx, starts["cold"], _ = start_server("cold", one, log_dir)
     ctx.__exit__(None, None, None)
     print(f"cold start: {starts['cold']:.1f} s", flush=True)
+    progress.step("cold start of one instance")
     ctx, starts["placement"], url = start_server("placement", config, log_dir)
     try:
         print(f"placement start: {starts['placement']:.1f} s", flush=True)
-        engines = gpucommon.bench_engines(url)
+        progress.step("placement config start")
+        engines = harness.bench_engines(url)
         result["engines"] = engines
-        result["pinning"] = check_pinning(engines)
-        server_env = gpucommon.bench_server_env(url)
+        result["pinning"] = check_pinning(engines) if harness.DEVICE == "gpu" else unchecked_pinning(engines)
+        server_env = harness.bench_server_env(url)
         result["environment"] = check_environment(engines, server_env)
         for row in result["environment"]:
-            print(f"environment {row['instance']}: want {row['want']} seen {row['seen']} {'ok' if row['ok'] else 'WRONG'}", flush=True)
+            verdict = "unreadable" if row["ok"] is None else "ok" if row["ok"] else "WRONG"
+            print(f"environment {row['instance']}: want {row['want']} seen {row['seen']} {verdict}", flush=True)
         for p in result["pinning"]:
+            verdict = "not checked" if p["ok"] is None else "ok" if p["ok"] else "WRONG"
             print(f"pinning {p['model']}[{p['index']}]: gpu_ids {p['gpu_ids']} memory on {p['held_on']} "
-                  f"{'ok' if p['ok'] else 'WRONG'} {p['memory']}", flush=True)
-        result["nvidia_smi"] = gpucommon._run(["nvidia-smi"])
-        result["split"] = anyio.run(split, url, args, weights, gpucommon.vocab_size(args.model_dir))
+                  f"{verdict} {p['memory']}", flush=True)
+        result["nvidia_smi"] = harness._run(["nvidia-smi"])
+        result["split"] = anyio.run(split, url, args, weights, harness.vocab_size(args.model_dir))
+        progress.step("1:2 split")
     finally:
         ctx.__exit__(None, None, None)
     if args.quick:
         result["start"] = {"cold_s": starts["cold"], "placement_s": starts["placement"],
                            "pool_log": {name: ready_lines(log_dir, name) for name in ("cold", "placement")}}
         print(json.dumps(result["start"], indent=1), flush=True)
-        gpucommon.save_results(args.out, result, "quick run: see the JSON\n", log_dir)
+        s = result["split"]
+        md = (f"{args.shape} on {gpus} {'GPU' if harness.DEVICE == 'gpu' else 'CPU device'}, quick run: cold start "
+              f"{starts['cold']:.1f} s, placement start {starts['placement']:.1f} s; 1:2 split {s['served'][0]} / "
+              f"{s['served'][1]} ({'met' if s['ok'] else 'missed'}); pinning and environment in the JSON\n")
+        harness.save_results(args.out, result, md, log_dir, engine_args=eargs_used, sampling=sampling, client=client)
         return
     # One instance last, when the compile cache is as warm as it gets (it kept warming over the
     # first starts: 94, 60, then 44 and 21 s for the engines of one 1.5B model on an H200).
     ctx, starts["one"], _ = start_server("one", one, log_dir)
     ctx.__exit__(None, None, None)
+    progress.step("warm start of one instance")
     n = sum(len(g) for g in config["models"].values())
     result["start"] = {"cold_s": starts["cold"], "one_s": starts["one"], "placement_s": starts["placement"],
                        "instances": n, "ratio": starts["placement"] / starts["one"],
                        "pool_log": {name: ready_lines(log_dir, name) for name in ("cold", "placement", "one")}}
     print(f"one start: {starts['one']:.1f} s; placement ({n} instances) = {result['start']['ratio']:.2f}x one", flush=True)
     result["missing_gpu"] = missing_gpu(args, gpus, log_dir)
-    md = f"{args.shape} on {gpus} GPU{'s' if gpus > 1 else ''}\n\n" + table(result)
+    progress.step(f"GPU {gpus} (missing)")
+    where = f"{gpus} GPU{'s' if gpus > 1 else ''}" if harness.DEVICE == "gpu" else "the CPU build (dry run)"
+    md = f"{args.shape} on {where}\n\n" + table(result)
     print(md, flush=True)
-    gpucommon.save_results(args.out, result, md, log_dir)
+    harness.save_results(args.out, result, md, log_dir, engine_args=eargs_used, sampling=sampling, client=client)
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required

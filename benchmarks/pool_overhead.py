@@ -1,10 +1,11 @@
-"""Pool overhead on a GPU: pool.generate vs the same AsyncLLM driven directly.
+"""Pool overhead: pool.generate vs the same AsyncLLM driven directly.
 
-    python benchmarks/gpu/pool_overhead.py --model-dir DIR [--engine-args JSON] \
-        [--requests 1024] [--concurrency 128] [--prompt-len 128] [--max-tokens 256] \
-        [--rounds 4] [--budget-s 300] [--out PREFIX]
+    python benchmarks/pool_overhead.py [--device cpu|gpu] [--model-dir DIR] [--engine-args JSON] \
+        [--requests N] [--concurrency N] [--prompt-len N] [--max-tokens N] \
+        [--rounds N] [--budget-s 300] [--out PREFIX]
 
-One engine (devices.gpu_ids [0]) serves both paths: ``AsyncLLM.generate`` with
+One engine (on a GPU: devices.gpu_ids [0]; ``--device cpu``: the tiny model on the CPU
+build, with smaller defaults) serves both paths: ``AsyncLLM.generate`` with
 token-id prompts, and ``EnginePool.generate`` with the same token ids (the pool
 adds its balancer, books and two async-generator layers). Rounds alternate
 (direct, pool, pool, direct, ...); every round sends the same prompts with
@@ -24,12 +25,11 @@ import json
 import statistics
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
 
-import gpucommon
+import harness
 import loadgen
 
 TARGET = 0.97
@@ -75,10 +75,10 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
     from lylm import EnginePool
 
-    deadline = gpucommon.Deadline(args.budget_s)
-    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args))
-    config = {"models": {MODEL: [{"devices": gpucommon.devices(), "engine_args": eargs}]}}
-    prompts = gpucommon.token_prompts(args.requests, args.prompt_len, 7, gpucommon.vocab_size(args.model_dir))
+    deadline = harness.Deadline(args.budget_s)
+    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args))
+    config = {"models": {MODEL: [{"devices": harness.devices(), "engine_args": eargs}]}}
+    prompts = harness.token_prompts(args.requests, args.prompt_len, 7, harness.vocab_size(args.model_dir))
     t0 = time.monotonic()
     async with EnginePool.from_config(config) as pool:
         start_s = time.monotonic() - t0
@@ -99,13 +99,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             return pool.generate(MODEL, ids, params)
 
         # Warm-up (CUDA graphs for every batch size, both paths), not counted.
-        warm = gpucommon.token_prompts(args.concurrency * 2, args.prompt_len, 99, gpucommon.vocab_size(args.model_dir))
+        warm = harness.token_prompts(args.concurrency * 2, args.prompt_len, 99, harness.vocab_size(args.model_dir))
         await drive(direct, warm, args.concurrency)
         await drive(pooled, warm[: args.concurrency], args.concurrency)
         modes = args.gc_modes.split(",")
         runs: dict[str, dict[str, list[dict[str, Any]]]] = {m: {"direct": [], "pool": []} for m in modes}
+        progress = harness.Progress(args.rounds, "pool_overhead")
         paths = {"direct": direct, "pool": pooled}
-        watch = gpucommon.GcWatch()
+        watch = harness.GcWatch()
         last_round_s = 0.0
         for r in range(args.rounds):
             if r >= 2 * len(modes) and deadline.left() < last_round_s * 1.2 + 20:
@@ -129,6 +130,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
                       f"TTFT p50 {res['ttft_p50_ms']:.0f} ms p99 {res['ttft_p99_ms']:.0f} ms  "
                       f"gen2 GCs {g2['count']:.0f} (longest {g2['max_ms']:.0f} ms)", flush=True)
             last_round_s = time.monotonic() - t_round
+            progress.step(f"round {r} (gc={mode})")
         watch.unfreeze()
         signals = dict(running=engine.signals.running, kv_cache_usage=engine.signals.kv_cache_usage)
     med = {mode: {k: {m: statistics.median(x[m] for x in v) for m in ("tok_s", "wall_s", "ttft_p50_ms", "ttft_p99_ms")}
@@ -138,7 +140,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
               for mode, m in med.items() if "pool" in m and "direct" in m}
     return {
         "config": {**vars(args), "engine_args": eargs, "sampling_params": repr(params)},
-        "machine": gpucommon.device_info(),
+        "machine": harness.device_info(),
         "engine_start_s": start_s,
         "runs": runs,
         "median": med,
@@ -169,20 +171,29 @@ def table(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--requests", type=int, default=1024)
-    parser.add_argument("--concurrency", type=int, default=128)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=256)
+    harness.add_target_arguments(parser, shape=False)
+    # Defaults by --device (None below): cpu 6 rounds of 256 requests, 64 at once, 32-token
+    # prompts, 32 tokens out; gpu 4 rounds of 1,024, 128 at once, 128-token prompts, 256 out.
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--requests", type=int, default=None)
+    parser.add_argument("--concurrency", type=int, default=None)
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
     parser.add_argument("--budget-s", type=float, default=300.0, help="stop starting rounds after this (>= 2 rounds)")
     parser.add_argument("--gc-modes", default="none",
                         help="comma-separated, taken in turn per round: none (Python's default) or freeze (gc.freeze() first)")
-    parser.add_argument("--out", default="pool_overhead_gpu")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/pool_overhead_<device>)")
     args = parser.parse_args()
+    harness.resolve_target(args)
+    harness.device_defaults(
+        args,
+        cpu={"rounds": 6, "requests": 256, "concurrency": 64, "prompt_len": 32, "max_tokens": 32},
+        gpu={"rounds": 4, "requests": 1024, "concurrency": 128, "prompt_len": 128, "max_tokens": 256},
+    )
+    args.out = args.out or str(harness.BENCH / "results" / f"pool_overhead_{args.device}")
     result = anyio.run(main, args)
     md = table(result)
     print(md)
-    gpucommon.write_json(Path(args.out + ".json"), result)
-    Path(args.out + ".md").write_text(md)
+    client = {"in_process": True, "requests": args.requests, "concurrency": args.concurrency, "prompt_len": args.prompt_len}
+    harness.save_results(args.out, result, md, engine_args=result["config"]["engine_args"],
+                         sampling=result["config"]["sampling_params"], client=client)

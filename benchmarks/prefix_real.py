@@ -1,13 +1,16 @@
-"""Prefix-cache hit rate and throughput per balancer on 2 real CPU vLLM engines.
+"""Prefix-cache hit rate and throughput per balancer on 2 real vLLM engines.
 
-    flock /tmp/lylm-bench.lock env HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \\
-        .venv/bin/python -m benchmarks.prefix_real [--rounds 3 --requests 240 --concurrency 8] \\
-        [--out benchmarks/results/prefix_real]
+    python benchmarks/prefix_real.py [--device cpu|gpu] [--model-dir DIR] [--shape NAME] [--engine-args JSON] \\
+        [--rounds 3 --requests 240 --concurrency 8] [--kv-tokens 6144] [--out benchmarks/results/prefix_real]
 
-Two engines of ``lylm.testing.build_tiny_model`` in one real ``EnginePool``, each
-pinned to its own core, each with a KV cache of ``--kv-tokens`` tokens (vLLM's CPU
-block is 128 tokens): the prefix groups together need more than one engine holds
-(16 groups x 640 tokens = 80 blocks against 48), about what both hold together.
+(or ``python -m benchmarks.prefix_real ...``; on a shared machine inside ``flock /tmp/lylm-bench.lock``).
+Two engines of the target's model in one real ``EnginePool``: ``--device cpu`` (the
+default without a GPU) the tiny model on the CPU build with the tests' engine args, each
+engine pinned to its own core (``VLLM_CPU_OMP_THREADS_BIND``); ``--device gpu --model-dir
+DIR`` both on GPU 0. Each has a KV cache of ``--kv-tokens`` tokens (``kv_cache_memory_bytes``
+from the model's layers, KV heads, head size and dtype; the blocks vLLM actually made are
+recorded): the prefix groups together need more than one engine holds (16 groups x 640
+tokens = 10,240 tokens against 6,144), about what both hold together.
 
 Two workloads, closed loop at ``--concurrency``, 16 output tokens (ignore_eos):
 
@@ -21,30 +24,35 @@ Per run: both engines' prefix caches are reset, a fresh balancer is swapped in
 per round in a rotated order so that machine noise hits all alike. Measured: output
 tokens/s, TTFT p50/p90 at the client, the prefix-cache hit rate from vLLM's
 ``num_cached_tokens`` (prompt tokens served from the cache / prompt tokens) and,
-as a cross-check, from the engines' live signals. Writes ``OUT.json`` and ``OUT.md``.
+as a cross-check, from the engines' live signals. Writes OUT.json (the harness's
+provenance block first) and OUT.md; default OUT: ``results/prefix_real`` on cpu,
+``results/gpu/prefix_real_<shape>`` on gpu.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import random
 import statistics
-import tempfile
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
 import numpy as np
 
-from benchmarks.sim.real import Switch, _pinned_factory
-from lylm import EnginePool
-from lylm.balancers import BALANCERS, resolve_balancer
+_ROOT = Path(__file__).resolve().parents[1]
+for _path in (_ROOT, _ROOT / "benchmarks"):  # run as a script or as ``-m benchmarks.prefix_real``
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+import harness  # noqa: E402
+from benchmarks.sim.real import Switch, _pinned_factory  # noqa: E402
+from lylm import EnginePool  # noqa: E402
+from lylm.balancers import BALANCERS, resolve_balancer  # noqa: E402
 
 GROUPS, PREFIX, QUESTION, OUTPUT = 16, 640, 96, 16
 VOCAB = 500
@@ -113,20 +121,36 @@ async def run(pool: EnginePool, batch: list[list[int]], concurrency: int) -> dic
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+def kv_bytes_per_token(model_dir: str, eargs: dict[str, Any]) -> int:
+    """Bytes of KV cache one token takes: layers x (K and V) x KV heads x head size x element size."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    kv_dtype = str(eargs.get("kv_cache_dtype") or "auto")
+    dtype = str(eargs.get("dtype") or "auto")
+    if dtype == "auto":
+        dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16")
+    size = 1 if kv_dtype.startswith("fp8") else 4 if dtype in ("float32", "float") else 2
+    return int(cfg["num_hidden_layers"]) * 2 * int(heads) * int(head_dim) * size
 
-    model_dir = build_tiny_model(os.path.join(tempfile.gettempdir(), "lylm-tiny-model"))
-    engine_args = {**TINY_MODEL_ENGINE_ARGS, "model": str(model_dir), "kv_cache_memory_bytes": args.kv_tokens * 512}
-    config = {"models": {"tiny": [{"engine_args": engine_args}, {"engine_args": engine_args}]}}
+
+async def main_async(args: argparse.Namespace, engine_args: dict[str, Any]) -> dict[str, Any]:
+    instance = {"devices": harness.devices(), "engine_args": engine_args}
+    config = {"models": {"tiny": [instance, instance]}}
     switch = Switch()
     names = sorted(BALANCERS)
     results: dict[str, Any] = {"runs": {}}
+    # One core per engine on the CPU build (else vLLM binds both to the same one).
+    factory = {"engine_factory": _pinned_factory} if harness.DEVICE == "cpu" else {}
+    progress = harness.Progress(args.rounds * 2 * len(names), "prefix_real")
     t0 = time.time()
-    async with EnginePool.from_config(config, balancer=switch, engine_factory=_pinned_factory) as pool:
-        block = pool.instances("tiny")[0].engine.llm.vllm_config.cache_config.block_size  # type: ignore[attr-defined]
-        print(f"engines up in {time.time() - t0:.0f} s; KV block {block} tokens", flush=True)
+    async with EnginePool.from_config(config, balancer=switch, **factory) as pool:
+        cache = pool.instances("tiny")[0].engine.llm.vllm_config.cache_config  # type: ignore[attr-defined]
+        block = cache.block_size
+        print(f"engines up in {time.time() - t0:.0f} s; KV block {block} tokens, "
+              f"{cache.num_gpu_blocks} blocks per engine", flush=True)
         results["block_size"] = block
+        results["kv_blocks_per_engine"] = cache.num_gpu_blocks
         await run(pool, prompts("distinct", 999, 16), args.concurrency)  # warm-up, not counted
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
@@ -139,6 +163,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"round {r} {kind:8} {name:18} {res['throughput']:6.0f} tok/s  "
                           f"TTFT p90 {res['ttft_p90'] * 1e3:6.0f} ms  hits {res['hit_rate']:.1%} "
                           f"(signals {res['signal_hit_rate']:.1%})  served {res['served']}", flush=True)
+                    progress.step(f"round {r}, {kind}, {name}")
     return results
 
 
@@ -166,21 +191,37 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/prefix_real")
+    harness.add_target_arguments(parser)
+    parser.add_argument("--out", default=None,
+                        help="result prefix (default: results/prefix_real; gpu: results/gpu/prefix_real_<shape>)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--kv-tokens", type=int, default=6144, help="KV cache per engine, in tokens")
     args = parser.parse_args()
-    results = anyio.run(main_async, args)
+    harness.resolve_target(args)
+    if args.out is None:
+        gpu = harness.BENCH / "results" / "gpu" / f"prefix_real_{args.shape}"
+        args.out = str(harness.BENCH / "results" / "prefix_real" if args.device == "cpu" else gpu)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    overrides = json.loads(args.engine_args)
+    base = harness.engine_args(args.model_dir, overrides)
+    per_token = kv_bytes_per_token(args.model_dir, base)
+    engine_args = harness.engine_args(args.model_dir, overrides, kv_cache_memory_bytes=args.kv_tokens * per_token)
+    results = anyio.run(main_async, args, engine_args)
     results["args"] = vars(args)
+    results["kv_bytes_per_token"] = per_token
     results["meta"] = {"python": platform.python_version(), "machine": platform.machine()}
-    with open(args.out + ".json", "w") as f:
-        json.dump(results, f, indent=1)
     table = markdown(results)
-    with open(args.out + ".md", "w") as f:
-        f.write(table + "\n")
     print(table)
+    sampling = {"max_tokens": OUTPUT, "ignore_eos": True, "output_kind": "DELTA",
+                "other": "vLLM's SamplingParams defaults",
+                "prompts": f"token ids 3..{VOCAB}: shared = one of {GROUPS} {PREFIX}-token prefixes + a unique "
+                           f"{QUESTION}-token question; distinct = {PREFIX + QUESTION} unique tokens"}
+    client = {"kind": "in-process pool.generate, closed loop", "concurrency": args.concurrency,
+              "requests_per_run": args.requests, "rounds": args.rounds, "balancers": sorted(BALANCERS),
+              "between_runs": "both engines' prefix caches reset, a fresh balancer"}
+    harness.save_results(args.out, results, table + "\n", engine_args=engine_args, sampling=sampling, client=client)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Reproduce the seed's (LyLM's) load-test table against any OpenAI-compatible server.
 
-    flock /tmp/lylm-bench.lock .venv/bin/python benchmarks/seed_table.py --serve-demo \
-        --max-tokens 64 --out benchmarks/results/seed_table_cpu
+    python benchmarks/seed_table.py --serve-demo [--device cpu|gpu] [--model-dir DIR] [--shape NAME] \
+        [--engine-args JSON] [--gpu-mem 0.4] [--max-tokens 64] [--out benchmarks/results/seed_table_cpu]
 
-or, against a server that is already up:
+(on a shared machine inside ``flock /tmp/lylm-bench.lock``), or, against a server that is already up:
 
-    python benchmarks/seed_table.py --url http://127.0.0.1:8000 --model M --out benchmarks/results/x
+    python benchmarks/seed_table.py --url http://127.0.0.1:8000 --model M [--device cpu|gpu] \
+        [--engine-args JSON] --out benchmarks/results/x
 
 Grid (``--grid`` to change it): concurrency 1, 4, 16, 64, 128, 256 with total
 requests 4x the concurrency up to 64 and 2x above it:
@@ -15,17 +16,26 @@ req tok/s, sys tok/s, total s) plus TTFT p50/p90/p99 and inter-token p50/p99.
 Requests go to /v1/chat/completions (the seed's template served chat only), with
 fixed ``max_tokens`` and ``ignore_eos`` so every row generates the same lengths.
 
-``--serve-demo`` starts ``lylm serve`` with no config (the random-weight
-tiny demo model on two CPU engines weighted 1:2) on 127.0.0.1 at a free port,
-waits for /health to answer 200, runs the grid and stops it with SIGTERM. While
-each cell runs it samples the server's /metrics (per-engine running/waiting
-requests) so that queueing shows in the results rather than being guessed at.
+``--serve-demo`` starts ``lylm serve`` with the embedded demo's pool on the target
+(``harness``): two instances of the target's model weighted 1:2 (weighted-random
+balancing). On ``--device cpu`` (the default without a GPU) that is exactly the demo
+(``lylm serve`` with no config): the tiny random-weight model on two CPU engines with
+the tests' engine args, served as ``lylm-tiny-demo``; on ``--device gpu --model-dir DIR``
+both instances share GPU 0 with ``gpu_memory_utilization`` = ``--gpu-mem`` each. It
+waits for /health, runs the grid and stops the server with SIGTERM. While each cell
+runs it samples the server's /metrics (per-engine running/waiting requests) so that
+queueing shows in the results rather than being guessed at. With ``--url`` nothing
+starts; ``--device`` and ``--engine-args`` then only record where the server runs and
+how (a client cannot see them; left out, they are recorded as not known).
+
+Results go through ``harness.save_results``: OUT.json (provenance block first), OUT.md,
+OUT.png and, with ``--serve-demo``, OUT_logs.tar.gz (the server's log).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
 import re
 import signal
 import socket
@@ -33,8 +43,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +54,6 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import loadgen  # noqa: E402  (a sibling script, not a package)
 
-ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_GRID = "1x4,4x16,16x64,64x256,128x256,256x512"
 DEMO_MODEL = "lylm-tiny-demo"
 DEMO_WEIGHTS = (1, 2)  # lylm.cli.demo_config()
@@ -86,30 +95,6 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 60.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
-
-
-@contextmanager
-def demo_server(startup_timeout_s: float = 600.0) -> Iterator[str]:
-    """`lylm serve`'s embedded demo on 127.0.0.1; yields its base URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = tempfile.NamedTemporaryFile(prefix="seed_table_server_", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "lylm", "serve", "--host", "127.0.0.1",
-           "--port", str(port), "--log-level", "warning"]
-    print(f"starting {' '.join(cmd)} (log: {log.name})", file=sys.stderr)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        t0 = time.monotonic()
-        wait_healthy(url, proc, startup_timeout_s)
-        print(f"server healthy after {time.monotonic() - t0:.0f} s", file=sys.stderr)
-        yield url
-    except BaseException:
-        tail = Path(log.name).read_text(errors="replace")[-3000:]
-        print(f"--- server log tail ---\n{tail}", file=sys.stderr)
-        raise
-    finally:
-        stop(proc)
-        log.close()
 
 
 # ----------------------------------------------------------------------------- /metrics sampling
@@ -176,31 +161,42 @@ def metrics_monitor(url: str) -> loadgen.CellMonitor:
 # ----------------------------------------------------------------------------- notes
 
 
-def demo_notes(summaries: list[dict[str, Any]]) -> str:
+def demo_notes(summaries: list[dict[str, Any]], engine_args: dict[str, Any], device: str, served: str) -> str:
     """What the demo run measures, and the engine facts its numbers should be read against."""
-    from lylm.testing import TINY_MODEL_ENGINE_ARGS
-
-    max_seqs = int(TINY_MODEL_ENGINE_ARGS["max_num_seqs"])
+    max_seqs = int(engine_args.get("max_num_seqs") or 0)
     share = DEMO_WEIGHTS[1] / sum(DEMO_WEIGHTS)
-    lines = [
-        "## What this measures",
+    where = "two vLLM CPU engines" if device == "cpu" else "two vLLM engines sharing GPU 0"
+    lines = ["## What this measures", ""]
+    if device == "cpu" and engine_args.get("load_format") == "dummy":
+        lines += [
+            f"The model is `{served}`, lylm's embedded demo: a tiny Qwen2-shaped model (2 layers,",
+            "hidden size 128, vocabulary 512) with RANDOM weights, served by `lylm serve` on",
+            f"{where} weighted {DEMO_WEIGHTS[0]}:{DEMO_WEIGHTS[1]} (weighted-random balancing).",
+            "Tokens/s here measure the serving machinery (HTTP, SSE, the pool, vLLM's scheduler) plus a",
+            "tiny model, not a real LLM; compare rows with each other, not with the seed's GPU numbers.",
+            "The load generator, the server and both engines share the same CPUs.",
+        ]
+    else:
+        lines += [
+            f"The model is `{engine_args.get('model')}` (served as `{served}`), served by `lylm serve` on",
+            f"{where} weighted {DEMO_WEIGHTS[0]}:{DEMO_WEIGHTS[1]} (weighted-random balancing).",
+        ]
+    lines += [
         "",
-        f"The model is `{DEMO_MODEL}`, lylm's embedded demo: a tiny Qwen2-shaped model (2 layers,",
-        "hidden size 128, vocabulary 512) with RANDOM weights, served by `lylm serve` with no",
-        f"config on two vLLM CPU engines weighted {DEMO_WEIGHTS[0]}:{DEMO_WEIGHTS[1]} (weighted-random balancing).",
-        "Tokens/s here measure the serving machinery (HTTP, SSE, the pool, vLLM's scheduler) plus a",
-        "tiny model, not a real LLM; compare rows with each other, not with the seed's GPU numbers.",
-        "The load generator, the server and both engines share the same CPUs.",
-        "",
-        "Engine facts (lylm/testing/_tiny_model.py, TINY_MODEL_ENGINE_ARGS):",
+        "Engine facts (the engine args in this file's provenance block):",
         f"max_num_seqs={max_seqs} per engine, so the pool runs at most {2 * max_seqs} sequences at once;",
-        f"max_model_len={TINY_MODEL_ENGINE_ARGS['max_model_len']}; "
-        f"kv_cache_memory_bytes={TINY_MODEL_ENGINE_ARGS['kv_cache_memory_bytes']} (~130k tokens per engine,",
-        f"far more than {max_seqs} short prompts plus their max_tokens need); "
-        f"enforce_eager={TINY_MODEL_ENGINE_ARGS['enforce_eager']}.",
-        f"Weighted random sends ~{share:.0%} of requests to engine 1, so that engine alone passes",
-        f"{max_seqs} in flight once concurrency exceeds ~{max_seqs / share:.0f} (earlier, with random fluctuation);",
-        "requests beyond max_num_seqs wait in its queue while engine 0 still has free slots.",
+        f"max_model_len={engine_args.get('max_model_len')}; "
+        f"kv_cache_memory_bytes={engine_args.get('kv_cache_memory_bytes')}; "
+        f"enforce_eager={engine_args.get('enforce_eager')}.",
+    ]
+    if max_seqs:
+        lines += [
+            f"Weighted random sends ~{share:.0%} of requests to engine 1, so that engine alone passes",
+            f"{max_seqs} in flight once concurrency exceeds ~{max_seqs / share:.0f} (earlier, with random "
+            "fluctuation);",
+            "requests beyond max_num_seqs wait in its queue while engine 0 still has free slots.",
+        ]
+    lines += [
         f"Peak running/waiting per engine, sampled from the server's /metrics every {METRICS_PERIOD_S} s:",
         "",
         "| conc | total | requests served (engine 0, 1) | peak running (engine 0, 1) | peak waiting (engine 0, 1) |",
@@ -245,7 +241,7 @@ def observations(summaries: list[dict[str, Any]], max_seqs: int) -> list[str]:
             f"- {s['concurrency']}x{s['total']}: requests queued inside the engines (peak waiting {queued}; "
             f"max_num_seqs={max_seqs} running per engine)"
         )
-        if served and sum(served.values()):
+        if served and sum(served.values()) and max_seqs:
             waves = ", ".join(f"engine {e}: {n} requests = {n / max_seqs:.1f} batches of {max_seqs}"
                               for e, n in served.items())
             line += (
@@ -259,36 +255,75 @@ def observations(summaries: list[dict[str, Any]], max_seqs: int) -> list[str]:
 # ----------------------------------------------------------------------------- main
 
 
+def with_progress(monitor: loadgen.CellMonitor | None, progress: Any) -> loadgen.CellMonitor:
+    """``monitor`` (or none), then one ``progress`` step as each cell ends."""
+
+    @asynccontextmanager
+    async def wrapped(concurrency: int, total: int) -> AsyncIterator[dict[str, Any]]:
+        if monitor is None:
+            yield {}
+        else:
+            async with monitor(concurrency, total) as extra:
+                yield extra
+        progress.step(f"{concurrency}x{total}")
+
+    return wrapped
+
+
 def main(argv: list[str] | None = None) -> None:
+    import harness  # not at the top: harness imports this module (free_port, stop, wait_healthy)
+
     parser = argparse.ArgumentParser(description="Reproduce the seed's concurrency table.")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--url", help="base URL of a running OpenAI-compatible server")
-    target.add_argument("--serve-demo", action="store_true", help="start lylm serve's embedded demo")
+    target.add_argument("--serve-demo", action="store_true",
+                        help="start lylm serve with the demo's pool (two instances, weights 1:2) on the target")
     parser.add_argument("--grid", default=DEFAULT_GRID, help=f"CONCxTOTAL cells (default {DEFAULT_GRID})")
     parser.add_argument("--no-metrics", dest="metrics", action="store_false", help="do not sample /metrics")
+    parser.add_argument("--gpu-mem", type=float, default=0.4,
+                        help="--serve-demo on a GPU: gpu_memory_utilization of each of the two instances")
+    parser.add_argument("--log-dir", default=None, help="--serve-demo: the server's log (default: a temp dir)")
+    harness.add_target_arguments(parser)
     loadgen.add_load_arguments(parser, default_api="chat")
     parser.set_defaults(max_tokens=64)
     args = parser.parse_args(argv)
     grid = loadgen.parse_grid(args.grid)
+    progress = harness.Progress(len(grid), "seed_table")
 
-    def run(url: str) -> None:
+    def run(url: str, engine_args: dict[str, Any] | None, log_dir: Path | None) -> None:
         model = args.model or loadgen.first_model(url)
-        monitor = metrics_monitor(url) if args.metrics else None
+        monitor = with_progress(metrics_monitor(url) if args.metrics else None, progress)
         cells = anyio.run(loadgen.run_from_args, args, url, model, grid, monitor)
         summaries = [c.summary() for c in cells]
         print(loadgen.markdown_table(summaries), end="")
-        if args.out:
-            config = loadgen.run_config(args, url, model, grid)
-            config["server"] = "lylm serve (embedded demo)" if args.serve_demo else url
-            notes = demo_notes(summaries) if args.serve_demo else ""
-            paths = loadgen.write_results(args.out, cells, config, notes=notes)
-            print(f"wrote {paths[0]} and {paths[1]}", file=sys.stderr)
+        if not args.out:
+            return
+        config = loadgen.run_config(args, url, model, grid)
+        config["server"] = "lylm serve (the demo's pool: two instances, weights 1:2)" if args.serve_demo else url
+        if args.serve_demo:
+            config["shape"] = args.shape if args.device == "gpu" else None
+        notes = demo_notes(summaries, engine_args or {}, args.device, model) if args.serve_demo else ""
+        result, md = loadgen.results_doc(cells, config, notes=notes, machine=harness.device_info())
+        harness.save_results(args.out, result, md, log_dir, engine_args=engine_args,
+                             sampling=loadgen.sampling_settings(config), client=loadgen.client_settings(config))
+        print(f"wrote {args.out}.json and {args.out}.md", file=sys.stderr)
 
-    if args.serve_demo:
-        with demo_server() as url:
-            run(url)
-    else:
-        run(args.url)
+    if not args.serve_demo:
+        # Nothing starts: the target arguments only record what the caller says about the server.
+        harness.DEVICE = args.device
+        overrides = json.loads(args.engine_args)
+        run(args.url, overrides or None, None)
+        return
+    harness.resolve_target(args)
+    served = DEMO_MODEL if args.device == "cpu" else args.shape
+    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="seed-table-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    instances = [{"devices": harness.devices(weight=w), "engine_args": eargs} for w in DEMO_WEIGHTS]
+    config_path = harness.write_lylm_config(log_dir / "lylm.json", served, instances)
+    port = free_port()
+    with harness.server("lylm", harness.lylm_serve_command(config_path, port), log_dir, port, timeout_s=600) as url:
+        run(url, eargs, log_dir)
 
 
 if __name__ == "__main__":  # the demo server spawns vLLM engine processes

@@ -1,13 +1,14 @@
-"""lylm's server against `vllm serve` on one GPU, and (optionally) the seed's table through lylm.
+"""lylm's server against `vllm serve`, one engine each, and (optionally) the seed's table through lylm.
 
-    python benchmarks/gpu/server_vs_vllm.py --model-dir DIR --shape qwen2.5-1.5b \
+    python benchmarks/server_vs_vllm.py [--device cpu|gpu] [--model-dir DIR] [--shape qwen2.5-1.5b] \
         [--gpu-mem 0.4] [--grid 1x4,16x64,64x256,128x512,256x1024] [--rounds 3] \
         [--prompt-len 128] [--max-tokens 256] [--procs 4] [--workers 1] [--budget-s 480] \
         [--seed-table] [--out PREFIX] [--log-dir DIR]
 
-Both servers run at once on the same GPU, each with the same engine args
-(``gpucommon.BASE_ENGINE_ARGS`` plus ``gpu_memory_utilization`` = --gpu-mem, so
-both fit): ``lylm serve`` with a one-instance config (devices.gpu_ids [0])
+Both servers run at once on the same device, each with the same engine args
+(the target's, ``harness.engine_args``: on a GPU ``BASE_ENGINE_ARGS`` plus
+``gpu_memory_utilization`` = --gpu-mem, so both fit; ``--device cpu``: the tiny model,
+and a smaller default grid and lengths): ``lylm serve`` with a one-instance config (devices.gpu_ids [0])
 and vLLM's own ``python -m vllm.entrypoints.openai.api_server``. They start one
 after the other (engines on one GPU must not profile memory at the same time) and
 each is idle while the other is measured. Requests: streamed ``/v1/completions``
@@ -36,7 +37,7 @@ from typing import Any
 
 import anyio
 
-import gpucommon
+import harness
 import loadgen
 import mpload
 from seed_table import metrics_monitor
@@ -46,16 +47,17 @@ SEED_GRID = "1x4,4x16,16x64,64x256,128x512,256x512"
 
 
 async def warm(mc: mpload.MultiClient, url: str, vocab: int) -> None:
-    prompts = gpucommon.token_prompts(64, 128, 12345, vocab)
+    prompts = harness.token_prompts(64, 128, 12345, vocab)
     await mc.run(url, "completions", [mpload.body(NAME, "completions", p, 32) for p in prompts], 32)
 
 
-async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, deadline: gpucommon.Deadline,
+async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, deadline: harness.Deadline,
                   reserve_s: float) -> tuple[list[dict[str, Any]], int]:
     grid = loadgen.parse_grid(args.grid)
     names = list(urls)
     samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {cell: {n: [] for n in names} for cell in grid}
     rounds_done = 0
+    progress = harness.Progress(args.rounds * len(grid) * len(names), "server_vs_vllm")
     with mpload.MultiClient(args.procs) as mc:
         for name in names:
             await warm(mc, urls[name], vocab)
@@ -66,7 +68,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, de
                 break
             t_round = time.monotonic()
             for ci, (conc, total) in enumerate(grid):
-                prompts = gpucommon.token_prompts(total, args.prompt_len, 1000 * conc + r, vocab)
+                prompts = harness.token_prompts(total, args.prompt_len, 1000 * conc + r, vocab)
                 payloads = [mpload.body(NAME, "completions", p, args.max_tokens) for p in prompts]
                 order = names if (r + ci) % 2 == 0 else names[::-1]
                 for name in order:
@@ -78,6 +80,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, de
                     print(f"r{r} c={conc:<3} n={total:<5} {name:5s} {s['system_tokens_per_s'] or 0:8.0f} tok/s "
                           f"TTFT p50 {s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms "
                           f"ok {s['success_rate']:.0%} client cpu {s['client_cpu_share_max']:.0%}", flush=True)
+                    progress.step(f"round {r}, {conc}x{total}, {name}")
             rounds_done = r + 1
             last_round = time.monotonic() - t_round
     rows = []
@@ -85,15 +88,15 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], vocab: int, de
         row: dict[str, Any] = {"concurrency": conc, "total": total, "rounds": per}
         for name in names:
             ss = per[name]
-            row[f"{name}_tok_s"] = gpucommon.median([s["system_tokens_per_s"] for s in ss])
-            row[f"{name}_ttft_p50_ms"] = gpucommon.median([s["ttft_p50_ms"] for s in ss])
-            row[f"{name}_ttft_p99_ms"] = gpucommon.median([s["ttft_p99_ms"] for s in ss])
-            row[f"{name}_itl_p50_ms"] = gpucommon.median([s["itl_p50_ms"] for s in ss])
+            row[f"{name}_tok_s"] = harness.median([s["system_tokens_per_s"] for s in ss])
+            row[f"{name}_ttft_p50_ms"] = harness.median([s["ttft_p50_ms"] for s in ss])
+            row[f"{name}_ttft_p99_ms"] = harness.median([s["ttft_p99_ms"] for s in ss])
+            row[f"{name}_itl_p50_ms"] = harness.median([s["itl_p50_ms"] for s in ss])
             row[f"{name}_success"] = min((s["success_rate"] for s in ss), default=None)
             row[f"{name}_client_cpu_max"] = max((s["client_cpu_share_max"] for s in ss), default=None)
-        row["throughput_ratio"] = gpucommon.ratio(row["lylm_tok_s"], row["vllm_tok_s"])
-        row["ttft_p50_ratio"] = gpucommon.ratio(row["lylm_ttft_p50_ms"], row["vllm_ttft_p50_ms"])
-        row["ttft_p99_ratio"] = gpucommon.ratio(row["lylm_ttft_p99_ms"], row["vllm_ttft_p99_ms"])
+        row["throughput_ratio"] = harness.ratio(row["lylm_tok_s"], row["vllm_tok_s"])
+        row["ttft_p50_ratio"] = harness.ratio(row["lylm_ttft_p50_ms"], row["vllm_ttft_p50_ms"])
+        row["ttft_p99_ratio"] = harness.ratio(row["lylm_ttft_p99_ms"], row["vllm_ttft_p99_ms"])
         rows.append(row)
     return rows, rounds_done
 
@@ -125,7 +128,7 @@ def ab_table(rows: list[dict[str, Any]]) -> str:
         "vllm TTFT p50 ms | TTFT p50 ratio | lylm TTFT p99 ms | vllm TTFT p99 ms | TTFT p99 ratio |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    f = gpucommon.fmt
+    f = harness.fmt
     for r in rows:
         lines.append(
             f"| {r['concurrency']} | {r['total']} | {f(r['lylm_tok_s'])} | {f(r['vllm_tok_s'])} | "
@@ -138,47 +141,55 @@ def ab_table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--shape", required=True, help="label for the results, e.g. qwen2.5-1.5b")
-    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
+    harness.add_target_arguments(parser)
     parser.add_argument("--gpu-mem", type=float, default=0.4, help="gpu_memory_utilization of each server")
-    parser.add_argument("--grid", default="1x4,16x64,64x256,128x512,256x1024")
+    # Defaults by --device (None below): gpu grid 1x4,16x64,64x256,128x512,256x1024, 128-token
+    # prompts, 256 tokens out, 4 client processes; cpu 1x16,16x64,64x128, 32-token prompts,
+    # 64 out, 1 client process (2 cores: the rest run the servers).
+    parser.add_argument("--grid", default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--min-rounds", type=int, default=2)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--procs", type=int, default=None, help="client processes")
     parser.add_argument("--workers", type=int, default=1,
                         help="lylm's front-end workers (vllm serve runs one API server: 1 compares like with like)")
     parser.add_argument("--budget-s", type=float, default=480.0, help="start no round that would end past this")
     parser.add_argument("--seed-table", action="store_true")
     parser.add_argument("--seed-grid", default=SEED_GRID)
-    parser.add_argument("--out", default="server_vs_vllm_gpu")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/server_vs_vllm_<shape>)")
     parser.add_argument("--log-dir", default=None, help="server logs (default: a temp dir); tarred next to --out")
     args = parser.parse_args()
+    harness.resolve_target(args)
+    harness.device_defaults(
+        args,
+        cpu={"grid": "1x16,16x64,64x128", "prompt_len": 32, "max_tokens": 64, "procs": 1},
+        gpu={"grid": "1x4,16x64,64x256,128x512,256x1024", "prompt_len": 128, "max_tokens": 256, "procs": 4},
+    )
+    args.out = args.out or str(harness.BENCH / "results" / f"server_vs_vllm_{args.shape}")
 
-    deadline = gpucommon.Deadline(args.budget_s)
+    deadline = harness.Deadline(args.budget_s)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="svv-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
-    config = gpucommon.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}])
-    vocab = gpucommon.vocab_size(args.model_dir)
-    ports = {"lylm": gpucommon.free_port(), "vllm": gpucommon.free_port()}
+    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    config = harness.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": harness.devices(), "engine_args": eargs}])
+    vocab = harness.vocab_size(args.model_dir)
+    ports = {"lylm": harness.free_port(), "vllm": harness.free_port()}
     commands = {
-        "lylm": [*gpucommon.lylm_serve_command(config, ports["lylm"]), "--workers", str(args.workers)],
-        "vllm": gpucommon.vllm_serve_command(eargs, NAME, ports["vllm"]),
+        "lylm": [*harness.lylm_serve_command(config, ports["lylm"]), "--workers", str(args.workers)],
+        "vllm": harness.vllm_serve_command(eargs, NAME, ports["vllm"]),
     }
     result: dict[str, Any] = {
         "config": {**vars(args), "engine_args": eargs, "commands": {k: " ".join(v) for k, v in commands.items()}},
-        "machine": gpucommon.device_info(),
+        "machine": harness.device_info(),
     }
     t0 = time.monotonic()
-    with gpucommon.server("lylm", commands["lylm"], log_dir, ports["lylm"]) as lylm_url:
+    with harness.server("lylm", commands["lylm"], log_dir, ports["lylm"]) as lylm_url:
         result["lylm_start_s"] = time.monotonic() - t0
         t1 = time.monotonic()
-        with gpucommon.server("vllm", commands["vllm"], log_dir, ports["vllm"]) as vllm_url:
+        with harness.server("vllm", commands["vllm"], log_dir, ports["vllm"]) as vllm_url:
             result["vllm_start_s"] = time.monotonic() - t1
-            result["gpu_processes"] = gpucommon.gpu_processes()
+            result["gpu_processes"] = harness.gpu_processes()
             reserve = 90.0 if args.seed_table else 20.0
             rows, rounds = anyio.run(measure, args, {"lylm": lylm_url, "vllm": vllm_url}, vocab, deadline, reserve)
             result["rows"] = rows
@@ -195,7 +206,13 @@ def main() -> None:
                             f"{s.get('peak_waiting_per_engine')} |\n")
             print(seed_md, flush=True)
             md += "\n## Seed table through lylm (chat)\n\n" + seed_md
-    gpucommon.save_results(args.out, result, md, log_dir)
+    sampling = {"api": "completions", "prompt": f"{args.prompt_len} random token ids", "max_tokens": args.max_tokens,
+                "ignore_eos": True, "stream": True, "other": "the model's generation config (both servers' default)"}
+    if args.seed_table:
+        sampling["seed_table"] = {"api": "chat", "prompt": "short text questions", "max_tokens": args.max_tokens,
+                                  "ignore_eos": True}
+    client = {"kind": "mpload.MultiClient", "processes": args.procs, "grid": args.grid, "rounds": args.rounds}
+    harness.save_results(args.out, result, md, log_dir, engine_args=eargs, sampling=sampling, client=client)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
 """Does lylm run on this machine's vLLM? A checklist, each step reported, none fatal to the rest.
 
-    python benchmarks/gpu/smoke.py --model-dir DIR [--engine-args JSON] [--bad-gpu 1] [--out smoke.json]
+    python benchmarks/smoke.py [--device cpu|gpu] [--model-dir DIR] [--engine-args JSON] \
+        [--drop KEY ...] [--bad-gpu 1] [--bad-gpu-timeout 150] [--out PREFIX]
+
+On the CPU (``--device cpu``, the tiny model) it runs as it is, in about a minute; leave
+--bad-gpu out there (the CPU build has one "device", so ``--bad-gpu 1`` only checks the
+ConfigError).
 
 1. versions and which copy of lylm is imported;
-2. one VLLMEngine through an EnginePool (devices.gpu_ids [0]): the effective engine
-   config (batch limits when none are given, device), GPU processes seen by nvidia-smi;
+2. one VLLMEngine through an EnginePool (devices.gpu_ids [0]; ``--device cpu``: unpinned):
+   the effective engine config (batch limits when none are given, device), GPU processes
+   seen by nvidia-smi;
 3. pool.generate with a text prompt, token ids and chat messages; streamed DELTA
    outputs; num_cached_tokens; the stat logger's signals; num_unfinished_requests;
    default_sampling_params;
@@ -12,6 +18,9 @@
    chat, /health, /metrics;
 5. optionally (--bad-gpu N) a pool whose instance names a GPU that does not exist:
    what error, how fast.
+
+The report goes to PREFIX.json (each step's findings, after the provenance block) and
+PREFIX.md (one line per step).
 """
 
 from __future__ import annotations
@@ -21,13 +30,12 @@ import json
 import os
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
 import anyio
 import attrs
 
-import gpucommon
+import harness
 
 MODEL = "smoke"
 
@@ -62,12 +70,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     report: dict[str, Any] = {}
     with step(report, "versions") as e:
-        e.update(gpucommon.device_info())
+        e.update(harness.device_info())
 
-    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args))
+    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args))
     for key in args.drop:
         eargs.pop(key, None)
-    config = {"models": {MODEL: [{"devices": gpucommon.devices(), "engine_args": eargs}]}}
+    config = {"models": {MODEL: [{"devices": harness.devices(), "engine_args": eargs}]}}
     pool = EnginePool.from_config(config)
     with step(report, "start") as e:
         e["engine_args"] = eargs
@@ -86,7 +94,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "device_config": str(getattr(llm.vllm_config.device_config, "device", None)),
         }
         e["vllm_engine_args_passed"] = inst.engine.engine_args()  # type: ignore[attr-defined]
-        e["gpu_processes"] = gpucommon.gpu_processes()
+        e["gpu_processes"] = harness.gpu_processes()
         e["parent_pid"] = os.getpid()
 
     if pool.instances(MODEL):
@@ -160,7 +168,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     with step(report, "shutdown") as e:
         await pool.aclose()
-        e["gpu_processes_after"] = gpucommon.gpu_processes()
+        e["gpu_processes_after"] = harness.gpu_processes()
 
     if args.bad_gpu is not None:
         with step(report, "bad_gpu") as e:
@@ -173,24 +181,48 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             except Exception as exc:  # the point: what does a wrong GPU id give?
                 e["raised"] = f"{type(exc).__name__}: {exc}"[:1500]
             e["after_s"] = round(time.monotonic() - t0, 1)
-            e["gpu_processes_after"] = gpucommon.gpu_processes()
+            e["gpu_processes_after"] = harness.gpu_processes()
     return report
+
+
+#: What each step's requests asked for (the provenance's sampling).
+SAMPLING = {
+    "generate": {"prompts": "a text, 64 token ids (twice), chat messages", "max_tokens": 16, "ignore_eos": True,
+                 "output_kind": "DELTA", "other": "SamplingParams' defaults"},
+    "concurrent": {"prompts": "64 x 128 token ids", "max_tokens": 64, "ignore_eos": True, "output_kind": "DELTA"},
+    "http": {"api": "completions (text; 128 token ids streamed, ignore_eos) and chat", "max_tokens": 8,
+             "other": "the model's generation config (lylm's default)"},
+}
+
+
+def summary(report: dict[str, Any]) -> str:
+    lines = ["| step | ok | seconds | error |", "|---|---|---|---|"]
+    for name, entry in report.items():
+        error = str(entry.get("error") or "").replace("|", "/").replace("\n", " ")[:200]
+        lines.append(f"| {name} | {'yes' if entry.get('ok') else 'NO'} | {entry.get('seconds', '-')} | {error} |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
-    parser.add_argument("--drop", nargs="*", default=[], help="shared engine args to leave out (see vLLM's defaults)")
+    harness.add_target_arguments(parser, shape=False)
+    parser.add_argument("--drop", nargs="*", default=[], help="the target's engine args to leave out (see vLLM's defaults)")
     parser.add_argument("--bad-gpu", type=int, default=None)
     parser.add_argument("--bad-gpu-timeout", type=float, default=150.0)
-    parser.add_argument("--out", default=None)
+    parser.add_argument("--out", default=None, help="result prefix (default: results/smoke_<device>)")
     args = parser.parse_args()
+    harness.resolve_target(args)
+    args.out = (args.out or str(harness.BENCH / "results" / f"smoke_{args.device}")).removesuffix(".json")
     report = anyio.run(run, args)
-    if args.out:
-        gpucommon.write_json(Path(args.out), report)
     failed = [k for k, v in report.items() if not v.get("ok")]
-    print("smoke:", "all steps ok" if not failed else f"FAILED steps: {failed}", flush=True)
+    verdict = "all steps ok" if not failed else f"FAILED steps: {failed}"
+    md = f"smoke test of lylm on {args.device}: {verdict}\n\n" + summary(report)
+    eargs = report.get("start", {}).get("engine_args")
+    client = {"kind": "in-process: pool.generate, and httpx over ASGI for the OpenAI adapter",
+              "concurrent_requests": 64, "bad_gpu": args.bad_gpu}
+    harness.save_results(args.out, {"config": vars(args), **report}, md, engine_args=eargs,
+                         sampling=SAMPLING, client=client)
+    print("smoke:", verdict, flush=True)
 
 
 if __name__ == "__main__":

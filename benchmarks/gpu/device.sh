@@ -21,6 +21,7 @@
 #   tests26 issue 14: the OpenAI adapter's engine tests and the differential test against vllm serve,
 #           on the kit's vLLM 0.26 (the snapshot carries tests/ and pytest's wheels in whl/)
 #
+# Every scenario script lives in benchmarks/ and runs here with --device gpu (benchmarks/harness.py).
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
 # .gpurun, a copy of this repository's lylm/, benchmarks/, examples/ and a whl/ folder with
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
@@ -58,74 +59,74 @@ for s in 0.5b 1.5b 3b; do
 done
 echo "setup done after ${SECONDS} s"
 left() { echo $((LIMIT - SECONDS)); }
-B="$RUN/benchmarks/gpu"
+B="$RUN/benchmarks"   # the scenario scripts (this script stays in benchmarks/gpu/)
 
 case $CALL in
   call1)
-    timeout 300 python3 "$B/smoke.py" --model-dir "$MODELS/0.5b" \
+    timeout 300 python3 "$B/smoke.py" --device gpu --model-dir "$MODELS/0.5b" \
       --engine-args '{"enforce_eager": true, "max_model_len": 2048, "gpu_memory_utilization": 0.3}' \
-      --drop max_num_seqs max_num_batched_tokens --bad-gpu 1 --bad-gpu-timeout 90 --out "$OUT/smoke.json"
+      --drop max_num_seqs max_num_batched_tokens --bad-gpu 1 --bad-gpu-timeout 90 --out "$OUT/smoke"
     echo "smoke done after ${SECONDS} s"
-    python3 "$B/pool_overhead.py" --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
+    python3 "$B/pool_overhead.py" --device gpu --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
       --budget-s "$(($(left) - 30))" --out "$OUT/pool_overhead_gpu"
     ;;
   call2)
-    python3 "$B/server_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+    python3 "$B/server_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/server_vs_vllm_1.5b" --log-dir /tmp/logs-call2
     ;;
   call3)
-    python3 "$B/server_vs_vllm.py" --model-dir "$MODELS/3b" --shape qwen2.5-3b --seed-table \
+    python3 "$B/server_vs_vllm.py" --device gpu --model-dir "$MODELS/3b" --shape qwen2.5-3b --seed-table \
       --budget-s "$(($(left) - 40))" --out "$OUT/server_vs_vllm_3b" --log-dir /tmp/logs-call3
     ;;
   call4)
-    python3 "$B/two_instances.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+    python3 "$B/two_instances.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/two_instances_1.5b" --log-dir /tmp/logs-call4
     ;;
   call5)
-    python3 "$B/balancers.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+    python3 "$B/balancers.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/balancers_1.5b" --log-dir /tmp/logs-call5
     ;;
   call6)
-    python3 "$B/gc_pauses.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+    python3 "$B/gc_pauses.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/gc_pauses_1.5b" --log-dir /tmp/logs-call6
     ;;
   call7)
-    python3 "$B/pool_overhead.py" --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
+    python3 "$B/pool_overhead.py" --device gpu --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
       --rounds 8 --gc-modes none,freeze --budget-s "$(($(left) - 30))" --out "$OUT/pool_overhead_gc_1.5b"
     ;;
   multi1)  # issues 8, 12, on nvidia-h200-x2 or -x4: pinning, scaling over 1/2/4 GPUs
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-      python3 "$B/multi_gpu.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      python3 "$B/multi_gpu.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/multi_gpu_1.5b" --log-dir /tmp/logs-multi1
     ;;
   multi2)  # issue 8: the balancers with one instance per GPU
-    python3 "$B/balancers.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --separate-gpus --gpu-mem 0.85 \
+    python3 "$B/balancers.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --separate-gpus --gpu-mem 0.85 \
       --budget-s "$(($(left) - 40))" --out "$OUT/balancers_2gpu_1.5b" --log-dir /tmp/logs-multi2
     ;;
   place)  # issue 12: pinning by CUDA_VISIBLE_DEVICES at spawn, start times with a warm compile cache
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-      python3 "$B/placement.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      python3 "$B/placement.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/placement_1.5b" --log-dir /tmp/logs-place
     ;;
   placequick)  # issue 12 on a short device budget: 0.5B, cold start, placement config, pinning, split
     KIT_SKIP_GPU_TEST=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \
-      python3 "$B/placement.py" --model-dir "$MODELS/0.5b" --shape qwen2.5-0.5b --quick --split-requests 600 \
+      python3 "$B/placement.py" --device gpu --model-dir "$MODELS/0.5b" --shape qwen2.5-0.5b --quick --split-requests 600 \
       --split-tokens 16 --out "$OUT/placement_quick_0.5b" --log-dir /tmp/logs-placequick
     ;;
   clients)  # issue 13: does spreading output processing over front-end processes pay on one GPU?
-    python3 "$B/engine_clients.py" --model-dir "$MODELS/1.5b" --clients 1,2,4 --streams 256 --requests 1024 \
+    python3 "$B/engine_clients.py" --device gpu --model-dir "$MODELS/1.5b" --clients 1,2,4 --streams 256 --requests 1024 \
       --rounds 3 --out "$OUT/engine_clients_1.5b"
     ;;
   workers)  # issue 13: lylm --workers 1/4 vs vllm serve --api-server-count 1/4, one engine on one GPU
-    python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+    python3 "$B/workers_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --budget-s "$(($(left) - 40))" --out "$OUT/workers_vs_vllm_1.5b" --log-dir /tmp/logs-workers
     ;;
   workers2)  # issue 13, more rounds: lylm --workers 2 and 4 vs vllm serve --api-server-count 4
-    python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --arms lylm:4,vllm:4,lylm:2 \
+    python3 "$B/workers_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --arms lylm:4,vllm:4,lylm:2 \
       --rounds 3 --budget-s "$(($(left) - 40))" --out "$OUT/workers_vs_vllm_1.5b_r2" --log-dir /tmp/logs-workers2
     ;;
   workersk)  # issue 13 on one GPU standing in for several: 3 instances (0.5B), lylm --workers 1 vs 3
-    python3 "$B/workers_vs_vllm.py" --model-dir "$MODELS/0.5b" --shape qwen2.5-0.5b --arms lylm:1,lylm:3 \
+    python3 "$B/workers_vs_vllm.py" --device gpu --model-dir "$MODELS/0.5b" --shape qwen2.5-0.5b --arms lylm:1,lylm:3 \
       --instances 3 --gpu-mem 0.13 --rounds 2 --budget-s "$(($(left) - 30))" --out "$OUT/workers_3_instances_0.5b" \
       --log-dir /tmp/logs-workersk
     ;;
@@ -139,6 +140,7 @@ case $CALL in
     grep -a -E "^(E |FAILED|ERROR)|passed|failed" "$OUT/tests26.log" | cut -c1-400 | tail -60
     ;;
   ceiling)  # issue 13: the front end's ceiling with 1/2/4/8 workers over fake engines, on this host's CPUs
+    # (no --device: fake engines, no model; the result says "no GPU used")
     python3 "$B/worker_ceiling.py" --procs 6 --budget "$(($(left) - 30))" --out "$OUT/worker_ceiling_gpu_host"
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;

@@ -1,7 +1,12 @@
 """Calibrate the simulator's step-time model on a real CPU vLLM engine of lylm's tiny model.
 
-    flock /tmp/lylm-bench.lock env HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
-        .venv/bin/python -m benchmarks.sim.calibrate --out benchmarks/results/sim
+    flock /tmp/lylm-bench.lock .venv/bin/python -m benchmarks.sim.calibrate --out benchmarks/results/sim \
+        [--device cpu] [--model-dir DIR] [--engine-args JSON] [--repeats 3] [--decode-steps 24] [--replot]
+
+CPU only: the simulator models vLLM's CPU build (``--device gpu`` is refused, and so is a
+vLLM built for another device). Without ``--model-dir`` the model is lylm's tiny test model
+with the tests' engine args (``harness.engine_args``), prefix caching off and a token
+budget of 2,048.
 
 The engine runs in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and is stepped by hand
 through ``LLMEngine.step()``, so every timed call is exactly one scheduler step whose
@@ -17,7 +22,9 @@ each batch fits the token budget. Two families of points:
 It fits ``step_s = a + b*tokens + c*decode_seqs + d*context`` by least squares
 (first run: prefill tokens are ~90 us each, a decoding sequence ~140 us, so one
 shared per-token cost cannot fit both) and writes
-calibration.json (raw points, coefficients, R^2) and calibration.png (measured vs fitted).
+calibration.json (the harness's provenance block, raw points, coefficients, R^2),
+calibration.md and calibration.png (measured vs fitted). ``--replot`` refits the saved
+points without an engine.
 """
 
 from __future__ import annotations
@@ -29,16 +36,15 @@ import pathlib
 import platform
 import random
 import statistics
-import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
+from . import results as results_io
+
 # In-process engine core: step() then runs exactly one scheduler step, synchronously.
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 
 DECODE_BATCHES = (1, 2, 4, 8, 16, 24, 32, 48, 64)
 LONG_CONTEXT_BATCHES = (8, 32)
@@ -75,16 +81,18 @@ def features(p: dict[str, Any]) -> list[float]:
     return [1.0, float(p["tokens"]), float(p["decode_seqs"]), float(p["context"])]
 
 
-def measure(repeats: int, decode_steps: int) -> list[dict[str, Any]]:
+def calibration_engine_args(harness: Any, model_dir: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The target's engine args (the tests' tiny-model args on the CPU build), prefix caching
+    off and the token budget every prefill point fits in."""
+    return harness.engine_args(model_dir, overrides, enable_prefix_caching=False,
+                               max_num_batched_tokens=MAX_BATCHED_TOKENS)
+
+
+def measure(engine_args: dict[str, Any], repeats: int, decode_steps: int, progress: Any) -> list[dict[str, Any]]:
     """Run the grid on a fresh engine; return one dict per measured point."""
     from vllm import LLM, SamplingParams
 
-    from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
-
-    model_dir = build_tiny_model(os.path.join(tempfile.gettempdir(), "lylm-tiny-model"))
-    args = dict(TINY_MODEL_ENGINE_ARGS)
-    args.update(enable_prefix_caching=False, max_num_batched_tokens=MAX_BATCHED_TOKENS)
-    llm = LLM(model=str(model_dir), **args)
+    llm = LLM(**engine_args)
     engine = llm.llm_engine
     rng = random.Random(0)
     points: list[dict[str, Any]] = []
@@ -96,6 +104,7 @@ def measure(repeats: int, decode_steps: int) -> list[dict[str, Any]]:
                 times = _run_batch(engine, one, [_prompt(rng, p) for _ in range(b)], f"p{rep}-{p}-{b}")
                 # One step does the whole prefill (b*p <= budget) and samples the first token.
                 points.append(_point("prefill", b * p, b, 0, 0, times[0]))
+                progress.step(f"repeat {rep}: prefill {b} x {p}")
         grid = [(b, 16) for b in DECODE_BATCHES] + [(b, LONG_CONTEXT) for b in LONG_CONTEXT_BATCHES]
         for b, p in grid:
             params = SamplingParams(max_tokens=decode_steps + 1, ignore_eos=True)
@@ -107,7 +116,12 @@ def measure(repeats: int, decode_steps: int) -> list[dict[str, Any]]:
             tail = times[-(decode_steps // 2) :]
             ctx = b * (p + decode_steps // 2)
             points.append(_point("decode", b, b, b, ctx, statistics.median(tail)))
+            progress.step(f"repeat {rep}: decode {b} x {p}")
     return points
+
+
+#: Batches per repeat (for the progress count).
+BATCHES_PER_REPEAT = len(PREFILL_LENGTHS) * len(PREFILL_BATCHES) + len(DECODE_BATCHES) + len(LONG_CONTEXT_BATCHES)
 
 
 def fit(points: list[dict[str, Any]]) -> dict[str, float]:
@@ -168,16 +182,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--decode-steps", type=int, default=24)
     parser.add_argument("--replot", action="store_true", help="refit and replot the saved points")
+    results_io.harness().add_target_arguments(parser, shape=False)
     args = parser.parse_args()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "calibration.json"
-    if args.replot:
-        points = json.loads(path.read_text())["points"]
+    sampling = {"prefill points": {"max_tokens": 1, "ignore_eos": True},
+                "decode points": {"max_tokens": args.decode_steps + 1, "ignore_eos": True},
+                "prompts": "random token ids 3..499 (no shared prefixes)"}
+    client = {"kind": "in-process LLMEngine stepped by hand (VLLM_ENABLE_V1_MULTIPROCESSING=0)",
+              "repeats": args.repeats, "decode_steps": args.decode_steps}
+    if args.replot:  # no engine: the saved points, with the saved run's provenance
+        harness = results_io.engine_free()
+        saved = json.loads(path.read_text())
+        points = saved["points"]
+        head = saved.get("provenance") or {}
+        engine_args = head.get("engine_args")
+        sampling, client = head.get("sampling", sampling), head.get("client", client)
+        measured_at = saved.get("points_measured_at") or {
+            "commit": saved.get("commit"), "vllm": head.get("vllm"), "device": head.get("device")}
     else:
+        harness = results_io.cpu_only(args, "sim.calibrate")
+        engine_args = calibration_engine_args(harness, args.model_dir, json.loads(args.engine_args))
         t0 = time.time()
-        points = measure(args.repeats, args.decode_steps)
+        progress = harness.Progress(args.repeats * BATCHES_PER_REPEAT, "calibrate")
+        points = measure(engine_args, args.repeats, args.decode_steps, progress)
         print(f"measured {len(points)} points in {time.time() - t0:.0f} s")
+        measured_at = None  # this run: the provenance block
     coef = fit(points)
     result = {
         "model": "step_s = a + b*tokens + c*decode_seqs + d*context",
@@ -186,7 +217,16 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "points": points,
     }
-    path.write_text(json.dumps(result, indent=1) + "\n")
+    if measured_at is not None:  # --replot: the points are an earlier run's
+        result["points_measured_at"] = measured_at
+    md = (
+        "| a (ms per step) | b (us per token) | c (us per decoding seq) | d (ns per context token) | R^2 | "
+        "median relative error | points |\n|---|---|---|---|---|---|---|\n"
+        f"| {coef['a'] * 1e3:.2f} | {coef['b'] * 1e6:.1f} | {coef['c'] * 1e6:.1f} | {coef['d'] * 1e9:.1f} | "
+        f"{coef['r2']:.3f} | {coef['median_rel_error']:.1%} | {len(points)} |\n"
+    )
+    harness.save_results(str(out / "calibration"), result, md, engine_args=engine_args, sampling=sampling,
+                         client=client)
     plot(points, coef, out / "calibration.png")
     print(json.dumps(coef))
 

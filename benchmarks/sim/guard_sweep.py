@@ -4,20 +4,21 @@
 
 Both shared-prefix variants (80% of cache-less capacity, and 3x it) for each
 (load_factor, load_slack) pair, with session affinity off so that only prefix
-matching and the guard decide. Means over seeds; writes guard_sweep.json and
-guard_sweep.md under ``--out``.
+matching and the guard decide. Means over seeds; writes guard_sweep.json (the harness's
+provenance block first) and guard_sweep.md under ``--out``. No engine runs, so there is
+no ``--device``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import random
 import statistics
 
 from lylm.balancers import PrefixAware
 
+from . import results as results_io
 from .model import StepModel
 from .scenarios import shared_prefix
 from .sim import simulate
@@ -30,13 +31,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/sim")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--requests", type=int, default=2000, help="requests per variant and seed")
     args = parser.parse_args()
+    harness = results_io.engine_free()
     out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     model = StepModel.load(out / "calibration.json")
     results: dict[str, dict[str, dict[str, float]]] = {}
     lines = ["| variant | load_factor | load_slack | tok/s | TTFT p90 ms | cache hits | max spread |",
              "|---|---|---|---|---|---|---|"]
-    for v in shared_prefix(model, 2000):
+    variants = shared_prefix(model, args.requests)
+    progress = harness.Progress(len(variants) * len(GUARDS), "guard_sweep")
+    for v in variants:
         arrivals = [v.workload(seed) for seed in range(args.seeds)]
         for factor, slack in GUARDS:
             runs = [
@@ -51,9 +57,16 @@ def main() -> None:
             spread = max(mean["request_spread"], mean["load_spread"], mean["work_spread"])
             lines.append(f"| {v.name} | {factor} | {slack} | {mean['throughput']:.0f} | "
                          f"{mean['ttft_p90'] * 1e3:.1f} | {mean['cache_hit_rate']:.1%} | {spread:.2f} |")
+            progress.step(f"{v.name}, load_factor {factor}, load_slack {slack}")
     table = "\n".join(lines)
-    (out / "guard_sweep.json").write_text(json.dumps(results, indent=1) + "\n")
-    (out / "guard_sweep.md").write_text(table + "\n")
+    payload = {"step_model": model.__dict__, "seeds": args.seeds, "requests": args.requests,
+               "guards": [list(g) for g in GUARDS], "means": results}
+    sampling = {"simulated": "every request generates exactly its workload's output tokens (as with ignore_eos)"}
+    client = {"kind": "simulated arrivals of the shared-prefix scenario (benchmarks/sim/scenarios.py)",
+              "seeds": args.seeds, "requests": args.requests,
+              "balancer": "PrefixAware(load_factor, load_slack, session_affinity=False)"}
+    harness.save_results(str(out / "guard_sweep"), payload, table + "\n", engine_args=None, sampling=sampling,
+                         client=client)
     print(table)
 
 

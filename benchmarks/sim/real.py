@@ -1,9 +1,14 @@
 """Check the simulator's rankings against a real pool: 2 CPU vLLM engines of the tiny model.
 
-    flock /tmp/lylm-bench.lock env HF_HUB_OFFLINE=1 VLLM_NO_USAGE_STATS=1 \
-        .venv/bin/python -m benchmarks.sim.real --out benchmarks/results/sim [--requests 300 --seeds 2] \
+    flock /tmp/lylm-bench.lock .venv/bin/python -m benchmarks.sim.real --out benchmarks/results/sim \
+        [--device cpu] [--model-dir DIR] [--engine-args JSON] [--requests 300 --seeds 2] \
         [--load-scale 1.0 --tag real]
     .venv/bin/python -m benchmarks.sim.real --tag real --resim-speed 0.7   # sim side only, slower engines
+
+CPU only: the simulator it is checked against is calibrated on vLLM's CPU build
+(``--device gpu`` is refused, and so is a vLLM built for another device). Engine args:
+the target's (``harness.engine_args``: the tests' tiny-model args) with each setup's
+``max_num_seqs`` and a 2,048-token budget.
 
 Small versions of scenarios 1 and 2, each run both through a real ``lylm.EnginePool``
 and through the simulator with the same arrivals, engines and balancers:
@@ -17,7 +22,9 @@ and through the simulator with the same arrivals, engines and balancers:
 Each engine process is pinned to its own core (``VLLM_CPU_OMP_THREADS_BIND`` set
 before each start), else vLLM binds both to the same one. One pool per engine set-up;
 the balancer is swapped between runs through a small delegating Balancer and weights
-are set on the idle instances, which saves restarting engines. Writes real.json and real.md.
+are set on the idle instances, which saves restarting engines. Writes TAG.json (the
+harness's provenance block first, then the setups) and TAG.md; ``--resim-speed`` writes
+TAG_sim_speedS.json and .md.
 """
 
 from __future__ import annotations
@@ -28,7 +35,6 @@ import os
 import pathlib
 import random
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -39,14 +45,11 @@ import numpy as np
 from lylm import Balancer, EnginePool, Instance, RequestInfo
 from lylm.balancers import BALANCERS, resolve_balancer
 
+from . import results as results_io
 from .engine import EngineConfig
 from .model import StepModel
 from .sim import Arrival, simulate
 from .workloads import capacity, poisson_times, unique_prompt
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-
 
 class Switch(Balancer):
     """Delegates to whichever balancer the harness set last."""
@@ -138,20 +141,24 @@ SETUPS = {
 }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+def setup_engine_args(harness: Any, model_dir: str, overrides: dict[str, Any], max_num_seqs: int) -> dict[str, Any]:
+    """One engine of a setup: the target's engine args with its slot count and a 2,048-token budget."""
+    return harness.engine_args(model_dir, overrides, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048)
 
-    model_dir = build_tiny_model(os.path.join(tempfile.gettempdir(), "lylm-tiny-model"))
+
+async def main_async(args: argparse.Namespace, harness: Any) -> dict[str, Any]:
     step = StepModel.load(pathlib.Path(args.out) / "calibration.json")
+    overrides = json.loads(args.engine_args)
     results: dict[str, Any] = {}
+    runs = sum(len(variants) for _, variants, _, _ in SETUPS.values()) * args.seeds * len(BALANCERS)
+    progress = harness.Progress(runs, "sim.real")
     for name, (seqs, variants, kind, load) in SETUPS.items():
         engines = [EngineConfig(max_num_seqs=s) for s in seqs]
         mean_prompt, mean_out = (100, 64) if kind == "heterogeneous" else (0.9 * 37.5 + 0.1 * 750, 32)
         rate = load * args.load_scale * capacity(step, engines, mean_prompt, mean_out)
         switch = Switch()
-        config = {"models": {"tiny": [
-            {"engine_args": {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS, "max_num_seqs": s,
-                             "max_num_batched_tokens": 2048}} for s in seqs]}}
+        engine_args = [setup_engine_args(harness, args.model_dir, overrides, s) for s in seqs]
+        config = {"models": {"tiny": [{"devices": harness.devices(), "engine_args": e} for e in engine_args]}}
         t0 = time.time()
         async with EnginePool.from_config(config, balancer=switch, engine_factory=_pinned_factory) as pool:
             print(f"{name}: engines up in {time.time() - t0:.0f} s; rate {rate:.1f} req/s", flush=True)
@@ -160,7 +167,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
             for vname, weights in variants.items():
                 for inst, w in zip(pool.instances("tiny"), weights):
                     inst.weight = w  # between runs, with nothing in flight
-                cell: dict[str, Any] = {"rate": rate, "real": {}, "sim": {}}
+                cell: dict[str, Any] = {"rate": rate, "engine_args": engine_args, "real": {}, "sim": {}}
                 for seed in range(args.seeds):
                     arrivals = workload(kind, seed, args.requests, rate)
                     for b in BALANCERS:
@@ -172,6 +179,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                         print(f"  {vname} seed {seed} {b}: real {real['throughput']:.0f} tok/s "
                               f"e2e p99 {real['e2e_p99']:.2f} s | sim {sim['throughput']:.0f} tok/s "
                               f"e2e p99 {sim['e2e_p99']:.2f} s", flush=True)
+                        progress.step(f"{name}: {vname}, seed {seed}, {b}")
                 results[f"{name}: {vname}"] = cell
     return results
 
@@ -216,6 +224,16 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def saved_setups(doc: dict[str, Any]) -> dict[str, Any]:
+    """A TAG.json's setups: under ``setups`` (written through the harness) or, in files
+    written before, at the top level."""
+    return dict(doc["setups"]) if "setups" in doc else {k: v for k, v in doc.items() if ": " in k}
+
+
+SAMPLING = {"max_tokens": "each arrival's output tokens (16..96)", "ignore_eos": True, "output_kind": "DELTA",
+            "other": "vLLM's SamplingParams defaults; the simulator generates exactly the same counts"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results/sim")
@@ -226,18 +244,30 @@ def main() -> None:
     parser.add_argument("--tag", default="real", help="output name: TAG.json, TAG.md")
     parser.add_argument("--resim-speed", type=float, default=None,
                         help="no engines: re-simulate TAG.json's arrivals with engines of this speed")
+    results_io.harness().add_target_arguments(parser, shape=False)
     args = parser.parse_args()
     out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    client = {"kind": "in-process pool.generate at Poisson arrival times (open loop)", "requests": args.requests,
+              "seeds": args.seeds, "load_scale": args.load_scale, "balancers": list(BALANCERS)}
     if args.resim_speed is not None:
+        harness = results_io.engine_free()
         saved = json.loads((out / f"{args.tag}.json").read_text())
-        table = markdown(resimulate(saved, args.resim_speed, args.requests))
-        (out / f"{args.tag}_sim_speed{args.resim_speed:g}.md").write_text(table + "\n")
+        setups = resimulate(saved_setups(saved), args.resim_speed, args.requests)
+        table = markdown(setups)
+        head = saved.get("provenance") or {}
+        harness.save_results(str(out / f"{args.tag}_sim_speed{args.resim_speed:g}"),
+                             {"resim_speed": args.resim_speed, "from": f"{args.tag}.json", "setups": setups},
+                             table + "\n", engine_args=head.get("engine_args"),
+                             sampling=head.get("sampling", SAMPLING), client=head.get("client", client))
         print(table)
         return
-    results = anyio.run(main_async, args)
-    (out / f"{args.tag}.json").write_text(json.dumps(results, indent=1) + "\n")
-    table = markdown(results)
-    (out / f"{args.tag}.md").write_text(table + "\n")
+    harness = results_io.cpu_only(args, "sim.real")
+    setups = anyio.run(main_async, args, harness)
+    table = markdown(setups)
+    engine_args = {name: cell["engine_args"] for name, cell in setups.items()}
+    harness.save_results(str(out / args.tag), {"settings": {k: v for k, v in vars(args).items()}, "setups": setups},
+                         table + "\n", engine_args=engine_args, sampling=SAMPLING, client=client)
     print(table)
 
 

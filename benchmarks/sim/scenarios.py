@@ -1,20 +1,21 @@
 """Run every scenario x balancer x seed in the simulator; write JSON, tables, plots.
 
-    .venv/bin/python -m benchmarks.sim.scenarios --out benchmarks/results/sim [--seeds 5]
+    .venv/bin/python -m benchmarks.sim.scenarios --out benchmarks/results/sim [--seeds 5] [--scale 1.0]
 
 Balancers are every name in ``lylm.balancers.BALANCERS`` (new built-ins join by
 themselves) plus ``--extra`` import strings; the default extras are the README's
 session-sticky example (``examples.custom_balancer:StickyByUser``), shown as a
 reference, and ``prefix_aware`` with session affinity off (prefix hashing alone),
 both only where session keys exist: the shared-prefix scenario sets one per group.
-All balancers of a seed see the same arrivals. Writes ``scenarios.json``,
-``scenarios.md`` and ``<scenario>.png`` under ``--out``.
+All balancers of a seed see the same arrivals. Writes ``scenarios.json`` (the harness's
+provenance block first), ``scenarios.md`` and ``<scenario>.png`` under ``--out``.
+No engine runs (the step-time model comes from ``--out``'s calibration.json), so there is
+no ``--device``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import time
@@ -26,6 +27,7 @@ import numpy as np
 
 from lylm.balancers import BALANCERS
 
+from . import results as results_io
 from .engine import EngineConfig
 from .model import StepModel
 from .sim import Arrival, simulate
@@ -144,8 +146,10 @@ SCENARIOS: dict[str, tuple[Callable[[StepModel, int], list[Variant]], int]] = {
 }
 
 
-def run_all(seeds: int, balancers: list[str], model: StepModel, scale: float = 1.0) -> dict[str, Any]:
-    """Every scenario, variant, balancer and seed; per-seed metrics and their means."""
+def run_all(seeds: int, balancers: list[str], model: StepModel, scale: float = 1.0,
+            progress: Any = None) -> dict[str, Any]:
+    """Every scenario, variant, balancer and seed; per-seed metrics and their means.
+    ``progress`` (a ``harness.Progress``, optional) steps once per variant."""
     results: dict[str, Any] = {}
     for scenario, (build, n) in SCENARIOS.items():
         variants = build(model, max(int(n * scale), 10))
@@ -169,6 +173,8 @@ def run_all(seeds: int, balancers: list[str], model: StepModel, scale: float = 1
                 "mean": {b: {k: statistics.fmean(r[k] for r in rs) for k, _, _ in METRICS} for b, rs in runs.items()},
                 "std": {b: {k: statistics.pstdev([r[k] for r in rs]) for k, _, _ in METRICS} for b, rs in runs.items()},
             }
+            if progress is not None:
+                progress.step(f"{scenario}: {v.name}")
     return results
 
 
@@ -240,16 +246,22 @@ def main() -> None:
     parser.add_argument("--extra", nargs="*", default=[STICKY, PREFIX_ONLY],
                         help="more balancers, as import strings")
     args = parser.parse_args()
+    harness = results_io.engine_free()
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = StepModel.load(out / "calibration.json")
     balancers = list(BALANCERS) + list(args.extra)
     t0 = time.time()
-    results = run_all(args.seeds, balancers, model, args.scale)
-    payload = {"step_model": model.__dict__, "seeds": args.seeds, "balancers": balancers, "scenarios": results}
-    (out / "scenarios.json").write_text(json.dumps(payload, indent=1) + "\n")
+    variants = sum(len(build(model, 10)) for build, _ in SCENARIOS.values())  # builds no workload yet
+    results = run_all(args.seeds, balancers, model, args.scale, harness.Progress(variants, "scenarios"))
+    payload = {"step_model": model.__dict__, "seeds": args.seeds, "scale": args.scale, "balancers": balancers,
+               "scenarios": results}
     table = markdown(results, args.seeds)
-    (out / "scenarios.md").write_text(table + "\n")
+    sampling = {"simulated": "every request generates exactly its workload's output tokens (as with ignore_eos)"}
+    client = {"kind": "simulated arrivals (benchmarks/sim/workloads.py), per scenario", "seeds": args.seeds,
+              "scale": args.scale, "balancers": balancers}
+    harness.save_results(str(out / "scenarios"), payload, table + "\n", engine_args=None, sampling=sampling,
+                         client=client)
     plot(results, out)
     print(table)
     print(f"simulated in {time.time() - t0:.1f} s")
