@@ -18,6 +18,8 @@
 #   workers2 the same, lylm --workers 2/4 vs vllm serve --api-server-count 4, more rounds
 #   workersk 3 instances (0.5B) on one GPU, lylm --workers 1 vs 3
 #   ceiling issue 13: front-end ceiling with 1/2/4/8 workers over fake engines, on the host's CPUs
+#   harness issue 16: the one harness on a GPU: pool overhead (short), lylm vs vllm serve (1.5B, short grid)
+#   eject  issue 16: the ejection distribution of a SIGKILLed engine core (two 1.5B engines on GPU 0)
 #   tests26 issue 14: the OpenAI adapter's engine tests and the differential test against vllm serve,
 #           on the kit's vLLM 0.26 (the snapshot carries tests/ and pytest's wheels in whl/)
 #
@@ -27,7 +29,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|tests26}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|tests26}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -69,6 +71,18 @@ case $CALL in
     echo "smoke done after ${SECONDS} s"
     python3 "$B/pool_overhead.py" --device gpu --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.85}' \
       --budget-s "$(($(left) - 30))" --out "$OUT/pool_overhead_gpu"
+    ;;
+  harness)
+    python3 "$B/pool_overhead.py" --device gpu --model-dir "$MODELS/1.5b" --engine-args '{"gpu_memory_utilization": 0.4}' \
+      --rounds 4 --budget-s 100 --out "$OUT/pool_overhead_1.5b"
+    echo "pool overhead done after ${SECONDS} s"
+    python3 "$B/server_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --grid 1x4,64x256,256x1024 --rounds 2 --min-rounds 2 --budget-s "$(($(left) - 150))" \
+      --out "$OUT/server_vs_vllm_1.5b" --log-dir /tmp/logs-harness
+    ;;
+  eject)
+    timeout "$(($(left) - 10))" python3 "$B/ejection.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --runs 3 --streams 16 --out "$OUT/ejection_1.5b"
     ;;
   call2)
     python3 "$B/server_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
