@@ -39,9 +39,7 @@ import argparse
 import json
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -167,7 +165,7 @@ def table(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_target_arguments(parser)
-    parser.add_argument("--gpu-mem", type=float, default=0.4)
+    harness.add_run_arguments(parser, gpu_mem=0.4, procs=4)
     parser.add_argument("--kv-bytes", type=int, default=None,
                         help="kv_cache_memory_bytes per engine (0: not set; default: 1.5 GiB on gpu, the tiny model's on cpu)")
     parser.add_argument("--groups", type=int, default=32)
@@ -183,20 +181,12 @@ def main() -> None:
     parser.add_argument("--skewed-concurrency", type=int, default=128)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--seed-reserve-s", type=float, default=150.0, help="start a seed > 0 only with this much left")
-    parser.add_argument("--procs", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default=None, help="result prefix (default: results/balancers_<shape>)")
-    parser.add_argument("--log-dir", default=None)
     parser.add_argument("--separate-gpus", action="store_true", help="instance i on GPU i (default: both on GPU 0)")
     args = parser.parse_args()
-    harness.resolve_target(args)
-    args.out = args.out or str(harness.BENCH / "results" / f"balancers_{args.shape}")
+    deadline, log_dir = harness.start_run(args, "balancers")
     if args.kv_bytes is None:
         args.kv_bytes = 0 if harness.DEVICE == "cpu" else 3 * 2**29
 
-    deadline = harness.Deadline(args.budget_s)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="bal-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     extra: dict[str, Any] = {"gpu_memory_utilization": args.gpu_mem}
     if args.kv_bytes:
         extra["kv_cache_memory_bytes"] = args.kv_bytes

@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -121,23 +119,11 @@ def table(rows: list[dict[str, Any]], names: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_target_arguments(parser)
-    parser.add_argument("--gpu-mem", type=float, default=0.28)
-    parser.add_argument("--grid", default="64x256,128x512,256x1024")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--min-rounds", type=int, default=1)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--procs", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default=None, help="result prefix (default: results/gc_pauses_<shape>)")
-    parser.add_argument("--log-dir", default=None)
+    harness.add_run_arguments(parser, gpu_mem=0.28, procs=4)
+    harness.add_grid_arguments(parser, grid="64x256,128x512,256x1024", rounds=3, min_rounds=1)
     args = parser.parse_args()
-    harness.resolve_target(args)
-    args.out = args.out or str(harness.BENCH / "results" / f"gc_pauses_{args.shape}")
+    deadline, log_dir = harness.start_run(args, "gc_pauses")
 
-    deadline = harness.Deadline(args.budget_s)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="gc-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
     config = harness.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": harness.devices(), "engine_args": eargs}])
     ports = {n: harness.free_port() for n in ("lylm", "lylm_frozen", "vllm")}

@@ -25,6 +25,7 @@ import random
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -36,7 +37,7 @@ if str(BENCH) not in sys.path:  # siblings (loadgen, seed_table, plots) import a
     sys.path.insert(0, str(BENCH))
 
 import loadgen  # noqa: E402
-from seed_table import free_port, stop, wait_healthy  # noqa: E402
+from seed_table import free_port, stop, wait_healthy  # noqa: E402, F401  (free_port: harness.free_port)
 
 #: Qwen2.5's special tokens start at this id; prompt ids stay below it.
 FIRST_SPECIAL_ID = 151643
@@ -95,6 +96,42 @@ def resolve_target(args: argparse.Namespace) -> None:
         args.shape = "tiny" if DEVICE == "cpu" else Path(args.model_dir).name
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, gpu_mem: float, procs: int | None = 4,
+                      budget_s: float = 480.0) -> None:
+    """What every scenario with servers takes: ``--gpu-mem`` (each engine's share of the GPU),
+    ``--procs`` (client processes; None: by device), ``--budget-s`` (start no round that would
+    end past it), ``--out`` (result prefix) and ``--log-dir`` (servers' logs, tarred beside it)."""
+    run = parser.add_argument_group("run")
+    run.add_argument("--gpu-mem", type=float, default=gpu_mem, help="gpu: gpu_memory_utilization of each engine")
+    run.add_argument("--procs", type=int, default=procs, help="client processes")
+    run.add_argument("--budget-s", type=float, default=budget_s, help="start no round that would end past this")
+    run.add_argument("--out", default=None, help="result prefix (default: benchmarks/results/<scenario>_<shape>)")
+    run.add_argument("--log-dir", default=None, help="server logs (default: a temporary folder); tarred beside --out")
+
+
+def add_grid_arguments(parser: argparse.ArgumentParser, *, grid: str | None, rounds: int, min_rounds: int = 2,
+                       prompt_len: int | None = 128, max_tokens: int | None = 256) -> None:
+    """A load grid (``CONCURRENCYxREQUESTS,...``) run for ``--rounds``, prompts of ``--prompt-len``
+    token ids, ``--max-tokens`` out (None: by device, see :func:`device_defaults`)."""
+    load = parser.add_argument_group("load")
+    load.add_argument("--grid", default=grid, help="cells CONCURRENCYxREQUESTS, comma-separated")
+    load.add_argument("--rounds", type=int, default=rounds)
+    load.add_argument("--min-rounds", type=int, default=min_rounds, help="rounds run whatever the budget")
+    load.add_argument("--prompt-len", type=int, default=prompt_len)
+    load.add_argument("--max-tokens", type=int, default=max_tokens)
+
+
+def start_run(args: argparse.Namespace, scenario: str) -> tuple[Deadline, Path]:
+    """After parsing :func:`add_target_arguments` and :func:`add_run_arguments`: fix the target,
+    default ``--out`` to ``benchmarks/results/<scenario>_<shape>``, start the budget's clock and
+    make the log folder. Returns (deadline, log folder)."""
+    resolve_target(args)
+    args.out = args.out or str(BENCH / "results" / f"{scenario}_{args.shape}")
+    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix=f"{scenario}-"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    return Deadline(args.budget_s), log_dir
 
 
 def device_defaults(args: argparse.Namespace, *, cpu: Mapping[str, Any], gpu: Mapping[str, Any]) -> None:

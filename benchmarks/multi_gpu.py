@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -160,28 +158,20 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_target_arguments(parser)
+    harness.add_run_arguments(parser, gpu_mem=0.85, procs=8)
     parser.add_argument("--gpus", type=int, default=None,
                         help="GPUs to use (default: all nvidia-smi lists; cpu: 2 unpinned engines)")
-    parser.add_argument("--gpu-mem", type=float, default=0.85)
     parser.add_argument("--per-gpu", default="64,256", help="concurrent streams per serving GPU, comma-separated")
     parser.add_argument("--requests-per-stream", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--procs", type=int, default=8)
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default=None, help="result prefix (default: results/multi_gpu_<shape>)")
-    parser.add_argument("--log-dir", default=None)
     args = parser.parse_args()
-    harness.resolve_target(args)
-    args.out = args.out or str(harness.BENCH / "results" / f"multi_gpu_{args.shape}")
+    deadline, log_dir = harness.start_run(args, "multi_gpu")
 
     gpus = args.gpus or gpu_count()
     if gpus < 2:
         raise SystemExit(f"needs 2 or more GPUs; found {gpus}")
-    deadline = harness.Deadline(args.budget_s)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="multi-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     config = build_config(args, gpus)
     path = log_dir / "lylm-multi.json"
     path.write_text(json.dumps(config, indent=1) + "\n")

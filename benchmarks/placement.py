@@ -46,7 +46,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -228,27 +227,20 @@ def table(r: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_target_arguments(parser)
+    harness.add_run_arguments(parser, gpu_mem=0.85, procs=4)
     parser.add_argument("--gpus", type=int, default=None,
                         help="GPUs to use (default: all nvidia-smi lists; cpu: 1, the CPU build's one device)")
-    parser.add_argument("--gpu-mem", type=float, default=0.85)
     parser.add_argument("--split-requests", type=int, default=600)
     parser.add_argument("--split-tokens", type=int, default=32)
     parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--procs", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=480.0, help="(unused: the steps are fixed; kept for device.sh)")
-    parser.add_argument("--out", default=None, help="result prefix (default: results/placement_<shape>)")
-    parser.add_argument("--log-dir", default=None)
     parser.add_argument("--quick", action="store_true",
                         help="only the cold start, the placement config, pinning and the split (short device time)")
     args = parser.parse_args()
-    harness.resolve_target(args)
-    args.out = args.out or str(harness.BENCH / "results" / f"placement_{args.shape}")
+    _, log_dir = harness.start_run(args, "placement")
 
     gpus = placement_gpus(args)
     if gpus >= 4 and os.environ.get("NCCL_NVLS_ENABLE") != "0":
         raise SystemExit("set NCCL_NVLS_ENABLE=0 (NVLink multicast must stay off) before a tensor-parallel run")
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="placement-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     eargs = harness.engine_args(args.model_dir, gpu_memory_utilization=args.gpu_mem)
     OVERRIDES.update(json.loads(args.engine_args))
     one = {"models": {"m": [inst(eargs, [0])]}}

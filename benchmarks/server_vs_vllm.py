@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -142,35 +140,23 @@ def ab_table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_target_arguments(parser)
-    parser.add_argument("--gpu-mem", type=float, default=0.4, help="gpu_memory_utilization of each server")
+    harness.add_run_arguments(parser, gpu_mem=0.4, procs=None)
     # Defaults by --device (None below): gpu grid 1x4,16x64,64x256,128x512,256x1024, 128-token
     # prompts, 256 tokens out, 4 client processes; cpu 1x16,16x64,64x128, 32-token prompts,
     # 64 out, 1 client process (2 cores: the rest run the servers).
-    parser.add_argument("--grid", default=None)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--min-rounds", type=int, default=2)
-    parser.add_argument("--prompt-len", type=int, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
-    parser.add_argument("--procs", type=int, default=None, help="client processes")
+    harness.add_grid_arguments(parser, grid=None, rounds=3, prompt_len=None, max_tokens=None)
     parser.add_argument("--workers", type=int, default=1,
                         help="lylm's front-end workers (vllm serve runs one API server: 1 compares like with like)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="start no round that would end past this")
     parser.add_argument("--seed-table", action="store_true")
     parser.add_argument("--seed-grid", default=SEED_GRID)
-    parser.add_argument("--out", default=None, help="result prefix (default: results/server_vs_vllm_<shape>)")
-    parser.add_argument("--log-dir", default=None, help="server logs (default: a temp dir); tarred next to --out")
     args = parser.parse_args()
-    harness.resolve_target(args)
+    deadline, log_dir = harness.start_run(args, "server_vs_vllm")
     harness.device_defaults(
         args,
         cpu={"grid": "1x16,16x64,64x128", "prompt_len": 32, "max_tokens": 64, "procs": 1},
         gpu={"grid": "1x4,16x64,64x256,128x512,256x1024", "prompt_len": 128, "max_tokens": 256, "procs": 4},
     )
-    args.out = args.out or str(harness.BENCH / "results" / f"server_vs_vllm_{args.shape}")
 
-    deadline = harness.Deadline(args.budget_s)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="svv-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
     config = harness.write_lylm_config(log_dir / "lylm.json", NAME, [{"devices": harness.devices(), "engine_args": eargs}])
     vocab = harness.vocab_size(args.model_dir)

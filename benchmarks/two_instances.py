@@ -27,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -130,23 +128,11 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_target_arguments(parser)
-    parser.add_argument("--gpu-mem", type=float, default=0.4)
-    parser.add_argument("--grid", default="16x64,64x256,128x512,256x1024")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--min-rounds", type=int, default=2)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--procs", type=int, default=4)
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default=None, help="result prefix (default: results/two_instances_<shape>)")
-    parser.add_argument("--log-dir", default=None)
+    harness.add_run_arguments(parser, gpu_mem=0.4, procs=4)
+    harness.add_grid_arguments(parser, grid="16x64,64x256,128x512,256x1024", rounds=3, min_rounds=2)
     args = parser.parse_args()
-    harness.resolve_target(args)
-    args.out = args.out or str(harness.BENCH / "results" / f"two_instances_{args.shape}")
+    deadline, log_dir = harness.start_run(args, "two_instances")
 
-    deadline = harness.Deadline(args.budget_s)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="two-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
     instances = [{"devices": harness.devices(w), "engine_args": eargs} for w in (1, 2)]
     config = harness.write_lylm_config(log_dir / "lylm-two.json", NAME, instances)

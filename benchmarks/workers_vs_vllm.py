@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import importlib.metadata
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -97,7 +96,7 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
             await mc.run(urls[name], "completions", [body(p, 32) for p in warm], 64)
         last_round = 0.0
         for r in range(args.rounds):
-            if r >= 1 and deadline.left() < last_round * 1.1 + 15:
+            if r >= args.min_rounds and deadline.left() < last_round * 1.1 + 15:
                 print(f"stopping after {r} rounds ({deadline.left():.0f} s left)", flush=True)
                 break
             t_round = time.monotonic()
@@ -150,25 +149,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     harness.add_target_arguments(parser)
+    harness.add_run_arguments(parser, gpu_mem=0.2, procs=6)
+    harness.add_grid_arguments(parser, grid="64x256,256x1024", rounds=2, min_rounds=1)
     parser.add_argument("--arms", default="lylm:1,vllm:1,lylm:4,vllm:4")
-    parser.add_argument("--gpu-mem", type=float, default=0.2)
     parser.add_argument("--instances", type=int, default=1,
                         help="lylm arms: this many instances of the model on GPU 0, each with --gpu-mem (vllm arms: one)")
-    parser.add_argument("--grid", default="64x256,256x1024")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--procs", type=int, default=6)
-    parser.add_argument("--budget-s", type=float, default=480.0)
-    parser.add_argument("--out", default=None, help="result prefix (default: results/workers_vs_vllm_<shape>)")
-    parser.add_argument("--log-dir", default=None)
     args = parser.parse_args()
-    harness.resolve_target(args)
-    args.out = args.out or str(harness.BENCH / "results" / f"workers_vs_vllm_{args.shape}")
+    deadline, log_dir = harness.start_run(args, "workers_vs_vllm")
 
-    deadline = harness.Deadline(args.budget_s)
-    log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="wvv-"))
-    log_dir.mkdir(parents=True, exist_ok=True)
     eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
     config = harness.write_lylm_config(
         log_dir / "lylm.json", NAME, [{"devices": harness.devices(), "engine_args": eargs}] * args.instances
