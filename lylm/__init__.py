@@ -11,6 +11,7 @@ from .balancers._resolve import BalancerLike as BalancerLike
 from ._config import EngineSpec as EngineSpec
 from ._config import ModelSpec as ModelSpec
 from ._config import PoolConfig as PoolConfig
+from ._config import RemoteCore as RemoteCore
 from ._engine import Engine as Engine
 from ._engine import EngineSignals as EngineSignals
 from ._engine import EngineStep as EngineStep
@@ -69,6 +70,7 @@ __all__ = [
     "PoolOptions",
     "Prompt",
     "PromptError",
+    "RemoteCore",
     "RenderedPrompt",
     "RequestInfo",
     "RequestRecord",

@@ -19,13 +19,16 @@ import attrs
 from ._exceptions import ConfigError
 from .balancers._registry import BALANCERS, DEFAULT_BALANCER
 
-__all__ = ["EngineSpec", "ModelSpec", "PoolConfig"]
+__all__ = ["EngineSpec", "ModelSpec", "PoolConfig", "RemoteCore"]
 
 _TOP_KEYS = ("common", "models")
 _COMMON_KEYS = ("balancer", "engine_args", "limits", "workers")
 _MODEL_KEYS = ("instances", "balancer", "limits")
 _LIMIT_KEYS = ("max_in_flight_requests", "max_in_flight_tokens")
-_INSTANCE_KEYS = ("devices", "engine_args")
+_INSTANCE_KEYS = ("devices", "engine_args", "remote")
+_REMOTE_KEYS = ("address", "port", "timeout")
+#: Addresses that bind every interface: an engine core's sockets carry no authentication.
+_WILDCARDS = ("0.0.0.0", "::", "[::]", "*", "")
 _DEVICE_KEYS = ("gpu_ids", "weight")
 _MODELS_SHAPE = 'must be a list of instances or {"instances": [...], "balancer": ...}'
 
@@ -36,8 +39,28 @@ def _copy_args(value: Mapping[str, Any]) -> dict[str, Any]:
 
 
 @attrs.frozen
+class RemoteCore:
+    """Where a remote instance's engine core attaches: vLLM's headless mode, addressed as
+    vLLM addresses it. The pool listens on ``address:port`` (an address of this host that
+    the core's host reaches: vLLM's ``--data-parallel-address`` and
+    ``--data-parallel-rpc-port``) and the core, started on its own host with
+    ``vllm serve MODEL --headless --data-parallel-address ADDRESS --data-parallel-rpc-port
+    PORT``, connects to it. ``timeout``: seconds to wait for it to connect, per attempt."""
+
+    address: str
+    port: int
+    timeout: float = 60.0
+
+    def describe(self) -> str:
+        """``address:port`` as a URL host part (IPv6 in brackets)."""
+        host = f"[{self.address}]" if ":" in self.address else self.address
+        return f"{host}:{self.port}"
+
+
+@attrs.frozen
 class EngineSpec:
-    """One engine instance: the model it serves, its vLLM engine args, GPUs and weight."""
+    """One engine instance: the model it serves, its vLLM engine args, GPUs and weight; for
+    an instance whose engine core runs on another host, where it attaches (``remote``)."""
 
     model: str
     # Excluded from the hash (a dict is unhashable) but still compared by ==.
@@ -45,6 +68,7 @@ class EngineSpec:
     gpu_ids: tuple[int, ...] = ()
     weight: float = 1.0
     index: int = 0
+    remote: RemoteCore | None = None
 
     @property
     def name(self) -> str:
@@ -139,12 +163,13 @@ class PoolConfig:
             gpu_ids: Any = spec.gpu_ids
             if isinstance(gpu_ids, tuple):
                 gpu_ids = list(gpu_ids)
-            entry["instances"].append(
-                {
-                    "devices": {"gpu_ids": gpu_ids, "weight": spec.weight},
-                    "engine_args": spec.engine_args,
-                }
-            )
+            instance: dict[str, Any] = {
+                "devices": {"gpu_ids": gpu_ids, "weight": spec.weight},
+                "engine_args": spec.engine_args,
+            }
+            if spec.remote is not None:
+                instance["remote"] = attrs.asdict(spec.remote)
+            entry["instances"].append(instance)
         # A balancer for a model without specs shows up as "has no instances".
         for name, model_balancer in (balancers or {}).items():
             models.setdefault(name, {"instances": []})["balancer"] = model_balancer
@@ -311,7 +336,38 @@ def _instance(
             f"lists {n} GPU{'' if n == 1 else 's'} but tensor_parallel_size x "
             f"pipeline_parallel_size = {tp} x {pp} = {tp * pp}",
         )
-    return EngineSpec(model=model, engine_args=args, gpu_ids=gpu_ids, weight=weight, index=index)
+    remote = None
+    if "remote" in raw:
+        remote = _remote(raw["remote"], f"{path}.remote")
+        if gpu_ids:
+            _fail(f"{path}.devices.gpu_ids", "a remote instance's GPUs are chosen on its own host (leave gpu_ids out)")
+        for key in ("data_parallel_address", "data_parallel_rpc_port", "data_parallel_size_local"):
+            if key in args:
+                _fail(arg_path(key), "set by lylm for a remote instance (from remote.address and remote.port)")
+    return EngineSpec(model=model, engine_args=args, gpu_ids=gpu_ids, weight=weight, index=index, remote=remote)
+
+
+def _remote(value: Any, path: str) -> RemoteCore:
+    remote = _object(value, path)
+    _check_keys(remote, _REMOTE_KEYS, path)
+    for key in ("address", "port"):
+        if key not in remote:
+            _fail(f"{path}.{key}", "required")
+    address, port = remote["address"], remote["port"]
+    if not isinstance(address, str):
+        _fail(f"{path}.address", f"must be a string (got {_show(address)})")
+    if address.strip() in _WILDCARDS:
+        _fail(
+            f"{path}.address",
+            f"{_show(address)} would listen on every interface, and an engine core's sockets carry no "
+            "authentication: name this host's address on the private network the remote host reaches",
+        )
+    if not _is_int(port) or not 1 <= port <= 65535:
+        _fail(f"{path}.port", f"must be a port number, 1 to 65535 (got {_show(port)})")
+    timeout = remote.get("timeout", 60.0)
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
+        _fail(f"{path}.timeout", f"must be a positive number of seconds (got {_show(timeout)})")
+    return RemoteCore(address=address.strip(), port=port, timeout=float(timeout))
 
 
 def _limits(value: Any, path: str) -> dict[str, int]:
@@ -390,9 +446,19 @@ def _build(data: Any) -> tuple[ModelSpec, ...]:
     models = data["models"]
     if not isinstance(models, Mapping) or not models:
         _fail("models", f"must be a non-empty object of model name -> instances (got {_show(models)})")
-    return tuple(
+    built = tuple(
         _model(
             name, raw, common_args=common_args, default_balancer=default_balancer, common_limits=common_limits
         )
         for name, raw in models.items()
     )
+    listening: dict[tuple[str, int], str] = {}
+    for model in built:
+        for spec in model.instances:
+            if spec.remote is None:
+                continue
+            where = (spec.remote.address, spec.remote.port)
+            if where in listening:
+                _fail(f"{spec.name}.remote", f"{spec.remote.describe()} is already {listening[where]}'s")
+            listening[where] = spec.name
+    return built

@@ -70,6 +70,8 @@ class EngineStats:
     kv_cache_usage: float
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    #: Where a remote instance's engine core attaches (``address:port``); None: a local engine.
+    remote: str | None = None
 
 
 class Instance:
@@ -254,4 +256,5 @@ class Instance:
             kv_cache_usage=self.kv_cache_usage,
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
+            remote=None if self.spec.remote is None else self.spec.remote.describe(),
         )

@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from ._config import EngineSpec
+from ._config import EngineSpec, RemoteCore
 from ._engine import Engine, EngineStep, RenderedPrompt
 from ._exceptions import (
     ConfigError,
@@ -29,6 +29,7 @@ from ._render import is_pooling
 from ._reaper import REAPER, kill_tree, process_tree, reap
 from ._vllm_cores import EngineCores
 from ._vllm_internals import build_with_environment, fail_held_requests, manager_of, pids_of
+from ._vllm_remote import Disconnects, abort_attach, remote_engine_args
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
 
@@ -76,6 +77,10 @@ class VLLMEngine(Engine):
         self._client_index = 0
         self._core_lost: str | None = None
         self._parsing: OutputParsing | None = None
+        #: A remote instance's core connections (see _vllm_remote), and whether a start
+        #: is waiting for the core to connect.
+        self._disconnects: Disconnects | None = None
+        self._attaching = False
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -117,6 +122,8 @@ class VLLMEngine(Engine):
                     f"{self.spec.name}.engine_args.{key}",
                     "not an engine argument of the installed vLLM",
                 )
+        if self.spec.remote is not None:
+            args.update(remote_engine_args(self.spec.remote))
         return args
 
     def spawn_environment(self) -> dict[str, str]:
@@ -156,10 +163,45 @@ class VLLMEngine(Engine):
         return environment
 
     async def start(self) -> None:
-        """Build the AsyncLLM in a worker thread: it blocks until the engine is ready."""
+        """Build the AsyncLLM in a worker thread: it blocks until the engine is ready.
+        A remote instance's engine waits for its core to connect, at most
+        ``remote.timeout`` seconds."""
         if self._llm is not None:
             return
-        await anyio.to_thread.run_sync(self._build)
+        if self.spec.remote is None:
+            await anyio.to_thread.run_sync(self._build)
+            return
+        await self._attach(self.spec.remote)
+
+    async def _attach(self, remote: RemoteCore) -> None:
+        timed_out = False
+
+        async def abort_when_late() -> None:
+            nonlocal timed_out
+            await anyio.sleep(remote.timeout)
+            timed_out = True
+            await self._abort_attach(remote)
+
+        self._attaching = True
+        try:
+            async with anyio.create_task_group() as deadline:
+                deadline.start_soon(abort_when_late)
+                try:
+                    await anyio.to_thread.run_sync(self._build)
+                finally:
+                    deadline.cancel_scope.cancel()
+        except Exception as exc:
+            if timed_out:
+                raise TimeoutError(
+                    f"no engine core connected to {remote.describe()} within {remote.timeout:g} s; start it on "
+                    f"its host with: vllm serve MODEL --headless --data-parallel-address {remote.address} "
+                    f"--data-parallel-rpc-port {remote.port} (and the instance's engine args)"
+                ) from exc
+            raise
+        finally:
+            self._attaching = False
+        # On the event loop's thread, where the health poll reads it.
+        self._disconnects = Disconnects(self._llm)
 
     def _build(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -172,6 +214,11 @@ class VLLMEngine(Engine):
         if self._cores is not None:
             self._llm = self._cores.client(self._client_index, stat_loggers=loggers)
             self._parsing = self._build_parsing()
+            return
+        if self.spec.remote is not None:  # no local process to spawn, pin or watch
+            self._keep(AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
+            ), [])
             return
 
         def build() -> Any:
@@ -189,6 +236,17 @@ class VLLMEngine(Engine):
         # Should this server die without stopping the engine (SIGKILL, OOM), a
         # watchdog stops it instead of leaving it holding its GPU memory.
         REAPER.watch(processes)
+        self._keep(llm, processes)
+
+    async def _abort_attach(self, remote: RemoteCore) -> None:
+        # Until the start's thread has left vLLM's handshake: a message sent before
+        # the handshake socket is bound (vLLM reads the model's config first) is lost.
+        while self._attaching:
+            await anyio.to_thread.run_sync(abort_attach, remote)
+            await anyio.sleep(0.2)
+
+    def _keep(self, llm: Any, processes: list[Any]) -> None:
+        # The start is done: keep what it built, unless a shutdown came meanwhile.
         with self._state_lock:
             closed = self._closed
             if not closed:
@@ -240,9 +298,13 @@ class VLLMEngine(Engine):
         return self._llm is not None and not self._closed and not self._llm.errored and self._core_lost is None
 
     def check(self) -> None:
-        """For an attached engine: notice that its engine core is gone (vLLM does not)."""
-        if self._cores is not None and self._llm is not None and self._core_lost is None and not self._cores.alive():
+        """For an attached or remote engine: notice that its engine core is gone (vLLM does not)."""
+        if self._llm is None or self._core_lost is not None:
+            return
+        if self._cores is not None and not self._cores.alive():
             self._core_lost = f"engine core (pid {', '.join(map(str, self._cores.process_ids()))}) is gone"
+        elif self._disconnects is not None and self.spec.remote is not None and self._disconnects.seen():
+            self._core_lost = f"remote engine core at {self.spec.remote.describe()} disconnected"
 
     def failure_reason(self) -> str | None:
         """Which engine process exited and how, once vLLM has flagged the engine as errored."""
@@ -427,6 +489,11 @@ class VLLMEngine(Engine):
             llm, self._llm = self._llm, None
             starting, self._starting = self._starting, []
             self._closed = True
+        if self.spec.remote is not None:  # a start waiting for the core: end the wait
+            await self._abort_attach(self.spec.remote)
+        if self._disconnects is not None:
+            self._disconnects.close()
+            self._disconnects = None
         if starting:
             await anyio.to_thread.run_sync(kill_tree, starting)
             REAPER.forget(starting)

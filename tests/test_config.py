@@ -228,7 +228,7 @@ M0 = 'models["m"][0]'
         ),
         (
             {"device": {}, "engine_args": {"model": "/m"}},
-            f"{M0}.device: unknown key (allowed: devices, engine_args)",
+            f"{M0}.device: unknown key (allowed: devices, engine_args, remote)",
         ),
         (
             {"devices": {"gpus": [0]}, "engine_args": {"model": "/m"}},

@@ -92,6 +92,8 @@ def health_report(pool: EnginePool) -> tuple[int, dict[str, Any]]:
                 "restarts": instance.restarts,
                 "last_error": instance.last_error,
                 "weight": instance.weight,
+                # A remote instance: where its engine core attaches (null: a local engine).
+                "remote": None if instance.spec.remote is None else instance.spec.remote.describe(),
                 "in_flight_requests": instance.in_flight_requests,
                 "in_flight_tokens": instance.in_flight_tokens,
             }

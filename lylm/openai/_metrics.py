@@ -60,6 +60,11 @@ class _BooksCollector(Collector):
         hits = CounterMetricFamily(
             "lylm_engine_prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=LABELS
         )
+        info = GaugeMetricFamily(
+            "lylm_engine_info",
+            "1 per engine; core: local or remote, attaches_at: where a remote engine core attaches.",
+            labels=[*LABELS, "core", "attaches_at"],
+        )
         for instance in self._pool.instances():
             s = instance.stats()
             labels = [s.model, str(instance.index)]
@@ -80,8 +85,9 @@ class _BooksCollector(Collector):
             restarts.add_metric(labels, s.restarts)
             queries.add_metric(labels, s.prefix_cache_queries)
             hits.add_metric(labels, s.prefix_cache_hits)
+            info.add_metric([*labels, "local" if s.remote is None else "remote", s.remote or ""], 1)
         yield from (requests, prompt, generated, in_flight, in_flight_tokens)
-        yield from (healthy, weight, running, waiting, kv, state, restarts, queries, hits)
+        yield from (healthy, weight, running, waiting, kv, state, restarts, queries, hits, info)
 
 
 class _ShadowCollector(Collector):

@@ -44,6 +44,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .._config import EngineSpec, PoolConfig
+from .._exceptions import ConfigError
 from .._engine import Engine
 from .._hub import Hub, HubClient
 from .._pool import EnginePool, PoolOptions
@@ -202,6 +203,12 @@ def serve(
         return
     if "engine_factory" in pool_options:
         raise ValueError("with workers > 1, engines are made by `engines` (EngineKinds), not engine_factory")
+    for model in config.models:
+        for spec in model.instances:
+            if spec.remote is not None:
+                # Workers attach to engine cores the main process launched here; a remote
+                # core attaches to one front end. Refused before anything starts.
+                raise ConfigError(f"{spec.name}.remote", "remote instances are served by one process (workers 1) for now")
     code = anyio.run(partial(_main_process, config, workers, options, pool_options, engines or EngineKinds()))
     if code < 0:
         # Stopped by a signal: end by it, as uvicorn (and any Unix program) does.

