@@ -19,6 +19,8 @@
 #   workersk 3 instances (0.5B) on one GPU, lylm --workers 1 vs 3
 #   ceiling issue 13: front-end ceiling with 1/2/4/8 workers over fake engines, on the host's CPUs
 #   harness issue 16: the one harness on a GPU: pool overhead (short), lylm vs vllm serve (1.5B, short grid)
+#   remote issue 17: a remote instance (vllm serve --headless, another process) vs the same engine local,
+#           both on GPU 0 (1.5B shape)
 #   eject  issue 16: the ejection distribution of a SIGKILLed engine core (two 1.5B engines on GPU 0)
 #   tests26 issue 14: the OpenAI adapter's engine tests and the differential test against vllm serve,
 #           on the kit's vLLM 0.26 (the snapshot carries tests/ and pytest's wheels in whl/)
@@ -29,7 +31,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|tests26}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|remote|tests26}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -79,6 +81,11 @@ case $CALL in
     python3 "$B/server_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
       --grid 1x4,64x256,256x1024 --rounds 2 --min-rounds 2 --budget-s "$(($(left) - 150))" \
       --out "$OUT/server_vs_vllm_1.5b" --log-dir /tmp/logs-harness
+    ;;
+  remote)
+    timeout "$(($(left) - 10))" python3 "$B/remote_vs_local.py" --device gpu --model-dir "$MODELS/1.5b" \
+      --shape qwen2.5-1.5b --requests 1024 --concurrency 128 --prompt-len 128 --max-tokens 256 --rounds 6 \
+      --out "$OUT/remote_vs_local_1.5b"
     ;;
   eject)
     timeout "$(($(left) - 10))" python3 "$B/ejection.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
