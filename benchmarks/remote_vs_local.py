@@ -107,7 +107,8 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int) -> dic
     one_token = SamplingParams(max_tokens=1, output_kind=RequestOutputKind.DELTA)
     prompts = harness.token_prompts(args.requests, args.prompt_len, 7, harness.vocab_size(args.model_dir))
     runs: dict[str, list[dict[str, Any]]] = {"local": [], "remote": []}
-    async with EnginePool.from_config(local_config) as local, EnginePool.from_config(remote_config) as remote:
+    # One after the other: engines sharing a GPU must not profile its memory at the same time.
+    async with EnginePool.from_config(remote_config) as remote, EnginePool.from_config(local_config) as local:
         pools = {"local": local, "remote": remote}
         for name, pool in pools.items():  # warm both
             await drive(pool, prompts[: args.concurrency], params, args.concurrency)
