@@ -77,10 +77,10 @@ class VLLMEngine(Engine):
         self._client_index = 0
         self._core_lost: str | None = None
         self._parsing: OutputParsing | None = None
-        #: A remote instance's core connections (see _vllm_remote), and whether a start
-        #: is waiting for the core to connect.
+        #: A remote instance's core connections (see _vllm_remote), and the event its
+        #: start's thread sets once it has left vLLM's wait for the core.
         self._disconnects: Disconnects | None = None
-        self._attaching = False
+        self._attach_ended: threading.Event | None = None
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -174,34 +174,47 @@ class VLLMEngine(Engine):
         await self._attach(self.spec.remote)
 
     async def _attach(self, remote: RemoteCore) -> None:
-        timed_out = False
+        # vLLM's wait for the core blocks the build's thread, which no cancellation
+        # reaches: past the timeout, or when the start is cancelled (a pool closing
+        # while a dead remote's restart waits), the wait is ended by a message vLLM
+        # rejects, then the thread is let finish.
+        outcome: dict[str, BaseException] = {}
+        ended = threading.Event()
 
-        async def abort_when_late() -> None:
-            nonlocal timed_out
-            await anyio.sleep(remote.timeout)
-            timed_out = True
-            await self._abort_attach(remote)
+        def build() -> None:
+            try:
+                self._build()
+            except BaseException as exc:
+                outcome["error"] = exc
+            finally:
+                ended.set()
 
-        self._attaching = True
+        self._attach_ended = ended
         try:
-            async with anyio.create_task_group() as deadline:
-                deadline.start_soon(abort_when_late)
-                try:
-                    await anyio.to_thread.run_sync(self._build)
-                finally:
-                    deadline.cancel_scope.cancel()
-        except Exception as exc:
-            if timed_out:
+            with anyio.move_on_after(remote.timeout) as waited:
+                await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
+        finally:
+            if not ended.is_set():
+                with anyio.CancelScope(shield=True):
+                    await self._abort_attach(remote)
+        if "error" in outcome:
+            if waited.cancelled_caught:
                 raise TimeoutError(
                     f"no engine core connected to {remote.describe()} within {remote.timeout:g} s; start it on "
                     f"its host with: vllm serve MODEL --headless --data-parallel-address {remote.address} "
                     f"--data-parallel-rpc-port {remote.port} (and the instance's engine args)"
-                ) from exc
-            raise
-        finally:
-            self._attaching = False
+                ) from outcome["error"]
+            raise outcome["error"]
         # On the event loop's thread, where the health poll reads it.
         self._disconnects = Disconnects(self._llm)
+
+    async def _abort_attach(self, remote: RemoteCore) -> None:
+        # Until the start's thread has left vLLM's handshake: a message sent before
+        # the handshake socket is bound (vLLM reads the model's config first) is lost.
+        ended = self._attach_ended
+        while ended is not None and not ended.is_set():
+            await anyio.to_thread.run_sync(abort_attach, remote)
+            await anyio.to_thread.run_sync(ended.wait, 0.2)
 
     def _build(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -237,13 +250,6 @@ class VLLMEngine(Engine):
         # watchdog stops it instead of leaving it holding its GPU memory.
         REAPER.watch(processes)
         self._keep(llm, processes)
-
-    async def _abort_attach(self, remote: RemoteCore) -> None:
-        # Until the start's thread has left vLLM's handshake: a message sent before
-        # the handshake socket is bound (vLLM reads the model's config first) is lost.
-        while self._attaching:
-            await anyio.to_thread.run_sync(abort_attach, remote)
-            await anyio.sleep(0.2)
 
     def _keep(self, llm: Any, processes: list[Any]) -> None:
         # The start is done: keep what it built, unless a shutdown came meanwhile.

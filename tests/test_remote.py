@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 import pytest
 
 from lylm import ConfigError, EnginePool, EngineStartError, PoolConfig, RequestRecord, RestartPolicy
@@ -27,6 +28,13 @@ from _helpers import until
 from _server import free_port
 
 MODEL = "tiny"
+
+def _listening(port: int) -> bool:
+    return any(
+        c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        for c in psutil.Process().net_connections(kind="tcp")
+    )
+
 
 def _instance(model: str, **remote: Any) -> dict[str, Any]:
     item: dict[str, Any] = {"engine_args": {"model": model, **TINY_MODEL_ENGINE_ARGS}}
@@ -213,6 +221,18 @@ async def test_a_remote_core_serves_beside_a_local_one_dies_under_load_and_attac
             while remote.completed == served:
                 async for _ in pool.generate(MODEL, [5, 6, 7], params):
                     pass
+
+        # Dead again, and its restart waiting for a core that does not come (timeout 120 s):
+        # closing the pool ends that wait instead of leaving it to run out.
+        core.kill()
+        await until(lambda: remote.state == "restarting", timeout=10)
+        await until(lambda: _listening(core.port), timeout=30)  # the new front end is in vLLM's handshake
+        closing = time.monotonic()
+        with anyio.fail_after(30):
+            await pool.aclose()
+    closed = time.monotonic() - closing
+    # ... and the wait is over, not left behind in a thread: nothing listens for the core.
+    await until(lambda: not _listening(core.port), timeout=10)
     print(f"\nremote core: ejected {ejected:.3f} s after SIGKILL; {len(errors)} streamed requests failed; "
-          f"attached again {attached:.1f} s after its restart")
+          f"attached again {attached:.1f} s after its restart; pool closed {closed:.1f} s into a restart's wait")
     assert ejected < 2.0
