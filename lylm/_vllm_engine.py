@@ -14,7 +14,7 @@ from typing import Any
 
 import anyio
 
-from ._config import EngineSpec, RemoteCore
+from ._config import EngineSpec
 from ._engine import Engine, EngineStep, RenderedPrompt
 from ._exceptions import (
     ConfigError,
@@ -29,7 +29,7 @@ from ._render import is_pooling
 from ._reaper import REAPER, kill_tree, process_tree, reap
 from ._vllm_cores import EngineCores
 from ._vllm_internals import build_with_environment, fail_held_requests, manager_of, pids_of
-from ._vllm_remote import Disconnects, abort_attach, remote_engine_args
+from ._vllm_remote import Attach, Disconnects, remote_engine_args
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
 
@@ -77,10 +77,9 @@ class VLLMEngine(Engine):
         self._client_index = 0
         self._core_lost: str | None = None
         self._parsing: OutputParsing | None = None
-        #: A remote instance's core connections (see _vllm_remote), and the event its
-        #: start's thread sets once it has left vLLM's wait for the core.
+        #: A remote instance's core connections, and its start's wait for the core (_vllm_remote).
         self._disconnects: Disconnects | None = None
-        self._attach_ended: threading.Event | None = None
+        self._attach: Attach | None = None
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -171,50 +170,10 @@ class VLLMEngine(Engine):
         if self.spec.remote is None:
             await anyio.to_thread.run_sync(self._build)
             return
-        await self._attach(self.spec.remote)
-
-    async def _attach(self, remote: RemoteCore) -> None:
-        # vLLM's wait for the core blocks the build's thread, which no cancellation
-        # reaches: past the timeout, or when the start is cancelled (a pool closing
-        # while a dead remote's restart waits), the wait is ended by a message vLLM
-        # rejects, then the thread is let finish.
-        outcome: dict[str, BaseException] = {}
-        ended = threading.Event()
-
-        def build() -> None:
-            try:
-                self._build()
-            except BaseException as exc:
-                outcome["error"] = exc
-            finally:
-                ended.set()
-
-        self._attach_ended = ended
-        try:
-            with anyio.move_on_after(remote.timeout) as waited:
-                await anyio.to_thread.run_sync(build, abandon_on_cancel=True)
-        finally:
-            if not ended.is_set():
-                with anyio.CancelScope(shield=True):
-                    await self._abort_attach(remote)
-        if "error" in outcome:
-            if waited.cancelled_caught:
-                raise TimeoutError(
-                    f"no engine core connected to {remote.describe()} within {remote.timeout:g} s; start it on "
-                    f"its host with: vllm serve MODEL --headless --data-parallel-address {remote.address} "
-                    f"--data-parallel-rpc-port {remote.port} (and the instance's engine args)"
-                ) from outcome["error"]
-            raise outcome["error"]
+        self._attach = Attach(self.spec.remote)
+        await self._attach.run(self._build)
         # On the event loop's thread, where the health poll reads it.
         self._disconnects = Disconnects(self._llm)
-
-    async def _abort_attach(self, remote: RemoteCore) -> None:
-        # Until the start's thread has left vLLM's handshake: a message sent before
-        # the handshake socket is bound (vLLM reads the model's config first) is lost.
-        ended = self._attach_ended
-        while ended is not None and not ended.is_set():
-            await anyio.to_thread.run_sync(abort_attach, remote)
-            await anyio.to_thread.run_sync(ended.wait, 0.2)
 
     def _build(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -495,8 +454,8 @@ class VLLMEngine(Engine):
             llm, self._llm = self._llm, None
             starting, self._starting = self._starting, []
             self._closed = True
-        if self.spec.remote is not None:  # a start waiting for the core: end the wait
-            await self._abort_attach(self.spec.remote)
+        if self._attach is not None:  # a start waiting for the core: end the wait
+            await self._attach.abort()
         if self._disconnects is not None:
             self._disconnects.close()
             self._disconnects = None

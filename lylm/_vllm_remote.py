@@ -19,7 +19,11 @@ leaves to its user, done here:
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from typing import Any
+
+import anyio
 
 from ._config import RemoteCore
 
@@ -99,3 +103,54 @@ class Disconnects:
         for monitor in self._owned:
             monitor.close(linger=0)
         self._owned = []
+
+
+class Attach:
+    """One start's wait for a remote core to connect (``build`` blocks in vLLM's handshake,
+    in a thread no cancellation reaches). Past ``remote.timeout``, or when the start is
+    cancelled (a pool closing while a dead remote's restart waits), the wait is ended
+    with :func:`abort_attach` and the thread let finish; :meth:`abort` does the same for
+    a shutdown meanwhile."""
+
+    def __init__(self, remote: RemoteCore) -> None:
+        self.remote = remote
+        #: Set once the build's thread has left vLLM's wait.
+        self.ended = threading.Event()
+
+    async def run(self, build: Callable[[], None]) -> None:
+        """Run ``build`` in a thread; raise TimeoutError naming the command to run when no
+        core connected in time, or what ``build`` raised."""
+        outcome: dict[str, BaseException] = {}
+
+        def guarded() -> None:
+            try:
+                build()
+            except BaseException as exc:
+                outcome["error"] = exc
+            finally:
+                self.ended.set()
+
+        try:
+            with anyio.move_on_after(self.remote.timeout) as waited:
+                await anyio.to_thread.run_sync(guarded, abandon_on_cancel=True)
+        finally:
+            if not self.ended.is_set():
+                with anyio.CancelScope(shield=True):
+                    await self.abort()
+        if "error" in outcome:
+            remote = self.remote
+            if waited.cancelled_caught:
+                raise TimeoutError(
+                    f"no engine core connected to {remote.describe()} within {remote.timeout:g} s; start it on "
+                    f"its host with: vllm serve MODEL --headless --data-parallel-address {remote.address} "
+                    f"--data-parallel-rpc-port {remote.port} (and the instance's engine args)"
+                ) from outcome["error"]
+            raise outcome["error"]
+
+    async def abort(self) -> None:
+        """End the wait, if the build is still in it. Repeated until the thread has left it:
+        a message sent before the handshake socket is bound (vLLM reads the model's config
+        first) is lost."""
+        while not self.ended.is_set():
+            await anyio.to_thread.run_sync(abort_attach, self.remote)
+            await anyio.to_thread.run_sync(self.ended.wait, 0.2)
