@@ -12,7 +12,7 @@ import json
 import math
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import attrs
 
@@ -26,7 +26,7 @@ _COMMON_KEYS = ("balancer", "engine_args", "limits", "workers")
 _MODEL_KEYS = ("instances", "balancer", "limits")
 _LIMIT_KEYS = ("max_in_flight_requests", "max_in_flight_tokens")
 _INSTANCE_KEYS = ("devices", "engine_args", "remote")
-_REMOTE_KEYS = ("address", "port", "timeout")
+_REMOTE_KEYS = ("address", "port", "timeout", "heartbeat")
 #: Addresses that bind every interface: an engine core's sockets carry no authentication.
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "*", "")
 _DEVICE_KEYS = ("gpu_ids", "weight")
@@ -45,11 +45,22 @@ class RemoteCore:
     the core's host reaches: vLLM's ``--data-parallel-address`` and
     ``--data-parallel-rpc-port``) and the core, started on its own host with
     ``vllm serve MODEL --headless --data-parallel-address ADDRESS --data-parallel-rpc-port
-    PORT``, connects to it. ``timeout``: seconds to wait for it to connect, per attempt."""
+    PORT``, connects to it.
+
+    ``timeout``: seconds to wait, per attempt, for the core to connect; once connected,
+    its start (weights, profiling, compiling) takes as long as it takes. ``heartbeat``:
+    seconds the core may leave a ping unanswered before it counts as lost (pings go every
+    third of it, answered by the core's ZeroMQ I/O thread even during a long engine
+    step); a lost core is noticed within about 4/3 of it plus the pool's health
+    interval (1.8 s by default)."""
+
+    timeout_default: ClassVar[float] = 60.0
+    heartbeat_default: ClassVar[float] = 1.2
 
     address: str
     port: int
-    timeout: float = 60.0
+    timeout: float = timeout_default
+    heartbeat: float = heartbeat_default
 
     def describe(self) -> str:
         """``address:port`` as a URL host part (IPv6 in brackets)."""
@@ -364,10 +375,15 @@ def _remote(value: Any, path: str) -> RemoteCore:
         )
     if not _is_int(port) or not 1 <= port <= 65535:
         _fail(f"{path}.port", f"must be a port number, 1 to 65535 (got {_show(port)})")
-    timeout = remote.get("timeout", 60.0)
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not math.isfinite(timeout) or timeout <= 0:
-        _fail(f"{path}.timeout", f"must be a positive number of seconds (got {_show(timeout)})")
-    return RemoteCore(address=address.strip(), port=port, timeout=float(timeout))
+    seconds: dict[str, float] = {}
+    for key, default in (("timeout", RemoteCore.timeout_default), ("heartbeat", RemoteCore.heartbeat_default)):
+        value = remote.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            _fail(f"{path}.{key}", f"must be a positive number of seconds (got {_show(value)})")
+        seconds[key] = float(value)
+    if seconds["heartbeat"] < 0.1:
+        _fail(f"{path}.heartbeat", f"must be at least 0.1 s (got {_show(remote['heartbeat'])})")
+    return RemoteCore(address=address.strip(), port=port, **seconds)
 
 
 def _limits(value: Any, path: str) -> dict[str, int]:

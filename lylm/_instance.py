@@ -16,7 +16,9 @@ Outcome = Literal["completed", "failed", "aborted"]
 State = Literal["starting", "healthy", "draining", "dead", "restarting", "stopped"]
 """Where an instance is in its life.
 
-``starting``: its engine is being started (added at runtime); ``healthy``: it
+``starting``: its engine is being started (added at runtime, or a remote
+instance whose core did not attach while the pool started: it goes ``dead``
+and is waited for); ``healthy``: it
 serves; ``draining``: it takes no new requests and stops once those in flight end;
 ``dead``: its engine failed (a restart may follow, after a backoff);
 ``restarting``: a new engine is being started in its place; ``stopped``: it was
@@ -25,7 +27,7 @@ offered to balancers.
 
 Changes go through :class:`Instance` methods alone, which allow only these moves::
 
-    starting   -> healthy | draining | stopped
+    starting   -> healthy | draining | dead | stopped
     healthy    -> draining | dead | stopped
     draining   -> dead | stopped
     dead       -> restarting | stopped
@@ -35,7 +37,7 @@ Changes go through :class:`Instance` methods alone, which allow only these moves
 STATES: tuple[State, ...] = ("starting", "healthy", "draining", "dead", "restarting", "stopped")
 
 _MOVES: dict[State, tuple[State, ...]] = {
-    "starting": ("healthy", "draining", "stopped"),
+    "starting": ("healthy", "draining", "dead", "stopped"),
     "healthy": ("draining", "dead", "stopped"),
     "draining": ("dead", "stopped"),
     "dead": ("restarting", "stopped"),
@@ -151,10 +153,18 @@ class Instance:
     def mark_dead(self, reason: str) -> bool:
         """Its engine failed (``reason`` is kept as ``last_error``).
 
-        False if it was not serving (already dead, or stopped): only the first
-        report of one failure acts.
+        False if it was not serving (starting, already dead, or stopped): only the
+        first report of one failure acts.
         """
-        if not self._move("dead"):
+        if self._state == "starting" or not self._move("dead"):
+            return False
+        self.last_error = reason
+        return True
+
+    def mark_not_started(self, reason: str) -> bool:
+        """Its engine did not start (a remote instance whose core did not connect while the
+        pool started): dead, to be started again. False if it was not starting."""
+        if self._state != "starting" or not self._move("dead"):
             return False
         self.last_error = reason
         return True

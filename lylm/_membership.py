@@ -15,7 +15,7 @@ import anyio
 from ._config import EngineSpec, PoolConfig, instance_spec
 from ._engine import Engine
 from ._instance import Instance
-from ._startup import Starter
+from ._startup import Absent, Starter
 
 
 class Membership:
@@ -28,10 +28,18 @@ class Membership:
         self._groups: dict[str, list[Instance]] = {m.name: [] for m in config.models}
         self._next_index: dict[str, int] = {m.name: len(m.instances) for m in config.models}
 
-    def adopt(self, specs: Sequence[EngineSpec], engines: Sequence[Engine]) -> None:
-        """Add the configured instances, their engines started."""
+    def adopt(self, specs: Sequence[EngineSpec], engines: Sequence[Engine | Absent]) -> list[tuple[Instance, str]]:
+        """Add the configured instances, their engines started. Returns those whose remote
+        core did not connect (listed as ``starting``), with why, for the supervisor."""
+        absent: list[tuple[Instance, str]] = []
         for spec, engine in zip(specs, engines):
-            self._groups[spec.model].append(Instance(spec, engine))
+            if isinstance(engine, Absent):
+                instance = Instance(spec, engine.engine, state="starting")
+                absent.append((instance, str(engine.error)))
+            else:
+                instance = Instance(spec, engine)
+            self._groups[spec.model].append(instance)
+        return absent
 
     def all(self) -> tuple[Instance, ...]:
         """Every instance of every model."""

@@ -176,6 +176,11 @@ class EnginePool:
         (which instance, how long) goes to the ``lylm`` logger. Raises
         :class:`EngineStartError` naming the instance that failed; a failed start
         leaves no engine process behind.
+
+        A remote instance whose engine core does not connect within its
+        ``remote.timeout`` does not fail the start: the pool starts without it
+        (the instance is listed ``dead``, with the reason) and, under a restart
+        policy, keeps waiting for the core; it joins balancing once it connects.
         """
         async with self._lock:
             if self._state == "running":
@@ -183,9 +188,11 @@ class EnginePool:
             if self._state == "closed":
                 raise LylmError("the pool is closed; build a new one")
             specs = [spec for model in self._config.models for spec in model.instances]
-            self._members.adopt(specs, await self._starter.start_all(specs))
+            absent = self._members.adopt(specs, await self._starter.start_all(specs))
             self._state = "running"
             self._supervisor.start()
+            for instance, reason in absent:
+                self._supervisor.wait_for_core(instance, reason)
 
     async def aclose(self) -> None:
         """Shut every engine down; requests still in flight fail. Safe to call more than once.

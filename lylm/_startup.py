@@ -5,6 +5,10 @@ start, :meth:`EnginePool.add_instance` and the supervisor's restarts. It holds
 the per-GPU start locks (:class:`StartLocks`) around each start, so engines that
 share a GPU never profile its memory at the same time, whichever path started
 them.
+
+A remote instance whose engine core does not connect in time (:func:`core_absent`)
+does not fail the pool's start: the rest starts, and the instance is handed back as
+:class:`Absent`, for the supervisor to keep waiting for.
 """
 
 from __future__ import annotations
@@ -40,6 +44,25 @@ class StartProgress:
         """``models["m"][1] on GPU 2: starting, 41 s`` or ``...: waiting for models["m"][0], 41 s``."""
         what = f"waiting for {', '.join(self.waiting_for)}" if self.waiting_for else "starting"
         return f"{self.instance}{_where(self.gpu_ids)}: {what}, {self.elapsed:.0f} s"
+
+
+@attrs.frozen
+class Absent:
+    """A remote instance whose engine core did not connect while the pool started."""
+
+    engine: Engine  # the start's engine, shut down
+    error: EngineStartError
+
+
+def core_absent(spec: EngineSpec, exc: BaseException) -> bool:
+    """True when ``exc`` says that a remote instance's core did not connect in time, or
+    connected and went away before it was ready (its host's business, not a fault of
+    the pool's own)."""
+    return (
+        spec.remote is not None
+        and isinstance(exc, EngineStartError)
+        and isinstance(exc.__cause__, (TimeoutError, ConnectionError))
+    )
 
 
 def _where(gpu_ids: tuple[int, ...]) -> str:
@@ -98,21 +121,30 @@ class Starter:
             del self._active[spec.name]
         return engine
 
-    async def start_all(self, specs: Sequence[EngineSpec]) -> list[Engine]:
+    async def start_all(self, specs: Sequence[EngineSpec]) -> list[Engine | Absent]:
         """Start an engine for each spec, side by side where their GPUs are disjoint.
 
-        Returns the engines in ``specs`` order. If any start fails, the others are
-        stopped (a start already under way is let finish, then shut down) and the
-        first failure in ``specs`` order is raised.
+        Returns the engines in ``specs`` order; a remote instance whose core did not
+        connect within its timeout is returned as :class:`Absent` (the rest still
+        start). If any other start fails, the others are stopped (a start already
+        under way is let finish, then shut down) and the first failure in ``specs``
+        order is raised.
         """
-        engines: dict[int, Engine] = {}
+        engines: dict[int, Engine | Absent] = {}
         errors: dict[int, Exception] = {}
         began = self._clock()
 
         async def one(index: int, spec: EngineSpec, scope: anyio.CancelScope) -> None:
+            # A remote's engine is made here, to be kept if its core does not connect;
+            # others are made under their GPUs' start locks.
+            engine = self._factory(spec) if spec.remote is not None else None
             try:
-                engines[index] = await self.start_engine(spec)
+                engines[index] = await self.start_engine(spec, engine)
             except Exception as exc:
+                if engine is not None and isinstance(exc, EngineStartError) and core_absent(spec, exc):
+                    logger.warning("%s: the pool starts without it: %s", spec.name, exc)
+                    engines[index] = Absent(engine, exc)
+                    return
                 errors[index] = exc
                 scope.cancel()
 
@@ -127,11 +159,19 @@ class Starter:
             if errors or len(engines) < len(specs):
                 with anyio.CancelScope(shield=True):
                     for index in sorted(engines, reverse=True):
-                        await engines[index].shutdown()
+                        started = engines[index]
+                        if not isinstance(started, Absent):
+                            await started.shutdown()
         if errors:
             raise errors[min(errors)]
         if len(specs) > 1:
-            logger.info("%d engines ready in %.1f s", len(specs), self._clock() - began)
+            absent = sum(isinstance(e, Absent) for e in engines.values())
+            logger.info(
+                "%d engines ready in %.1f s%s",
+                len(specs) - absent,
+                self._clock() - began,
+                f" ({absent} remote not connected)" if absent else "",
+            )
         return [engines[i] for i in range(len(specs))]
 
     async def _log_progress(self, total: int, began: float) -> None:

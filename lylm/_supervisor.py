@@ -7,6 +7,8 @@ die. A failed instance goes ``dead``: balancers no longer see it, its engine is
 shut down (which fails the requests it still holds, so none hangs), and, under a
 :class:`RestartPolicy`, a new engine is started in its place after an
 exponential backoff, until it serves again (``healthy``) or the attempts run out.
+A remote instance's restart that times out waiting for its core is not counted as
+a failed attempt: the pool waits for a remote core as long as it runs.
 
 Background work runs as asyncio tasks rather than in a task group, so that a
 pool started in one task (an app's lifespan, a test fixture) may be closed in
@@ -29,6 +31,7 @@ import attrs
 from ._config import EngineSpec
 from ._engine import Engine
 from ._instance import Instance
+from ._startup import core_absent
 
 logger = logging.getLogger("lylm")
 
@@ -150,6 +153,17 @@ class Supervisor:
         )
         self._spawn(self._recover(instance, instance.engine, restart), f"lylm-recover {instance.name}")
 
+    def wait_for_core(self, instance: Instance, reason: str) -> None:
+        """A remote instance whose core did not connect while the pool started: listed
+        dead, and (under a restart policy) waited for like a dead engine's restart."""
+        if not instance.mark_not_started(reason):
+            return
+        self._died_at[id(instance)] = time.monotonic()
+        restart = self._policy is not None
+        if restart:
+            logger.warning("%s: waiting for its engine core to connect", instance.name)
+        self._spawn(self._recover(instance, instance.engine, restart), f"lylm-recover {instance.name}")
+
     async def _recover(self, instance: Instance, failed: Engine, restart: bool) -> None:
         # Shutting the dead engine down fails the requests it still holds (and
         # reaps its processes) instead of leaving them to wait for it. The engine
@@ -173,6 +187,11 @@ class Supervisor:
             except Exception as exc:
                 if not instance.restart_failed(f"restart failed: {exc}"):
                     return
+                if core_absent(instance.spec, exc):
+                    # A remote core not (yet) back: its host's business, not a failed
+                    # start; the pool keeps waiting, one remote.timeout at a time.
+                    logger.warning("%s: still waiting: %s", instance.name, exc)
+                    continue
                 attempt += 1
                 logger.warning("%s: restart attempt %d failed: %s", instance.name, attempt, exc)
                 continue

@@ -28,7 +28,7 @@ from ._placement import visible_devices
 from ._render import is_pooling
 from ._reaper import REAPER, kill_tree, process_tree, reap
 from ._vllm_cores import EngineCores
-from ._vllm_internals import build_with_environment, fail_held_requests, manager_of, pids_of
+from ._vllm_internals import build_with_environment, build_with_heartbeats, fail_held_requests, manager_of, pids_of
 from ._vllm_remote import Attach, Disconnects, remote_engine_args
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
@@ -188,9 +188,9 @@ class VLLMEngine(Engine):
             self._parsing = self._build_parsing()
             return
         if self.spec.remote is not None:  # no local process to spawn, pin or watch
-            self._keep(AsyncLLM.from_engine_args(
+            self._keep(build_with_heartbeats(lambda: AsyncLLM.from_engine_args(
                 AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
-            ), [])
+            ), self.spec.remote.heartbeat), [])
             return
 
         def build() -> Any:
@@ -269,7 +269,10 @@ class VLLMEngine(Engine):
         if self._cores is not None and not self._cores.alive():
             self._core_lost = f"engine core (pid {', '.join(map(str, self._cores.process_ids()))}) is gone"
         elif self._disconnects is not None and self.spec.remote is not None and self._disconnects.seen():
-            self._core_lost = f"remote engine core at {self.spec.remote.describe()} disconnected"
+            self._core_lost = (
+                f"remote engine core at {self.spec.remote.describe()} disconnected "
+                f"(closed, or no heartbeat answered in {self.spec.remote.heartbeat:g} s)"
+            )
 
     def failure_reason(self) -> str | None:
         """Which engine process exited and how, once vLLM has flagged the engine as errored."""

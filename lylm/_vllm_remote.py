@@ -12,8 +12,14 @@ leaves to its user, done here:
   streams waiting and the engine reported healthy. :class:`Disconnects` watches the
   front end's sockets for ZeroMQ's disconnect event (the core's host closes the TCP
   connections when the process dies: seen within ~40 ms on loopback);
-* bounding the wait for a core that never connects: vLLM's handshake waits without
-  limit when no local process can fail. :func:`abort_attach` ends it;
+* bounding the wait for a core that never connects, or that connects and goes away
+  before it is ready: vLLM's handshake waits without limit when no local process can
+  fail. :class:`Attach` watches the handshake's connection and ends the wait with
+  :func:`abort_attach`;
+* noticing a host that is gone without closing its connections (power, network):
+  heartbeats on the front end's sockets (set while vLLM builds them,
+  :func:`~lylm._vllm_internals.build_with_heartbeats`) close a silent connection, and
+  :class:`Disconnects` sees that too;
 * the engine args that make the front end wait for a remote core (:func:`remote_engine_args`).
 """
 
@@ -105,12 +111,33 @@ class Disconnects:
         self._owned = []
 
 
+#: Seconds a build may still take after the core's handshake connection closed: READY
+#: closes it too, and the front end then finishes building (threads, its own set-up).
+_AFTER_HANDSHAKE = 10.0
+_POLL = 0.25
+
+
+def handshake_connected(remote: RemoteCore) -> bool:
+    """Whether a core is connected to this process's handshake socket at ``remote``.
+
+    vLLM's core keeps that connection from its hello until it is ready (weights,
+    profiling, compiling in between): a connection there is a core starting up."""
+    import psutil  # a dependency of vLLM
+
+    return any(
+        c.status == psutil.CONN_ESTABLISHED and c.laddr and c.laddr.port == remote.port
+        for c in psutil.Process().net_connections(kind="tcp")
+    )
+
+
 class Attach:
-    """One start's wait for a remote core to connect (``build`` blocks in vLLM's handshake,
-    in a thread no cancellation reaches). Past ``remote.timeout``, or when the start is
-    cancelled (a pool closing while a dead remote's restart waits), the wait is ended
-    with :func:`abort_attach` and the thread let finish; :meth:`abort` does the same for
-    a shutdown meanwhile."""
+    """One start's wait for a remote core (``build`` blocks in vLLM's handshake, in a
+    thread no cancellation reaches). The wait is ended with :func:`abort_attach` (and
+    the thread let finish) when no core connected within ``remote.timeout``, when the
+    core that connected went away before it was ready, or when the start is cancelled
+    (a pool closing while a dead remote's restart waits); :meth:`abort` does the same
+    for a shutdown meanwhile. A core that connected may take as long as its start
+    takes: the timeout bounds the wait for a core to appear, not its loading."""
 
     def __init__(self, remote: RemoteCore) -> None:
         self.remote = remote
@@ -119,7 +146,8 @@ class Attach:
 
     async def run(self, build: Callable[[], None]) -> None:
         """Run ``build`` in a thread; raise TimeoutError naming the command to run when no
-        core connected in time, or what ``build`` raised."""
+        core connected in time, ConnectionError when it left before it was ready, or
+        what ``build`` raised."""
         outcome: dict[str, BaseException] = {}
 
         def guarded() -> None:
@@ -130,22 +158,51 @@ class Attach:
             finally:
                 self.ended.set()
 
+        why: str | None = None
         try:
-            with anyio.move_on_after(self.remote.timeout) as waited:
-                await anyio.to_thread.run_sync(guarded, abandon_on_cancel=True)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._thread, guarded)
+                why = await self._watch()  # returns once the build has ended
         finally:
             if not self.ended.is_set():
                 with anyio.CancelScope(shield=True):
                     await self.abort()
+        remote = self.remote
         if "error" in outcome:
-            remote = self.remote
-            if waited.cancelled_caught:
+            if why == "timeout":
                 raise TimeoutError(
                     f"no engine core connected to {remote.describe()} within {remote.timeout:g} s; start it on "
                     f"its host with: vllm serve MODEL --headless --data-parallel-address {remote.address} "
                     f"--data-parallel-rpc-port {remote.port} (and the instance's engine args)"
                 ) from outcome["error"]
+            if why == "left":
+                raise ConnectionError(
+                    f"the engine core that connected to {remote.describe()} went away before it was ready"
+                ) from outcome["error"]
             raise outcome["error"]
+
+    async def _thread(self, guarded: Callable[[], None]) -> None:
+        await anyio.to_thread.run_sync(guarded, abandon_on_cancel=True)
+
+    async def _watch(self) -> str | None:
+        """Until the build ends: None; or why to end its wait (``timeout``, ``left``)."""
+        deadline = anyio.current_time() + self.remote.timeout
+        connected = False
+        left_at: float | None = None
+        while not self.ended.is_set():
+            now = anyio.current_time()
+            if await anyio.to_thread.run_sync(handshake_connected, self.remote):
+                connected, left_at = True, None
+            elif connected:
+                left_at = now if left_at is None else left_at
+                if now - left_at > _AFTER_HANDSHAKE:
+                    await self.abort()
+                    return "left"
+            elif now > deadline:
+                await self.abort()
+                return "timeout"
+            await anyio.to_thread.run_sync(self.ended.wait, _POLL)
+        return None
 
     async def abort(self) -> None:
         """End the wait, if the build is still in it. Repeated until the thread has left it:

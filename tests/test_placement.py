@@ -359,6 +359,10 @@ def test_instance_state_moves_only_along_its_lifecycle() -> None:
     assert inst.mark_draining() and inst.state == "draining"
     inst.mark_stopped()
     assert not inst.mark_restarting() and not inst.replace_engine(FakeEngine()) and inst.state == "stopped"
+    # A start that did not happen (a remote core that did not connect): dead, then restarted.
+    absent = Instance(spec, FakeEngine(), state="starting")
+    assert absent.mark_not_started("no core") and (absent.state, absent.last_error) == ("dead", "no core")
+    assert not absent.mark_not_started("again") and absent.mark_restarting()
     with pytest.raises(AttributeError):
         inst.state = "healthy"  # type: ignore[misc]
 

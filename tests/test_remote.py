@@ -55,6 +55,8 @@ def _instance(model: str, **remote: Any) -> dict[str, Any]:
         ({"address": "10.0.0.2", "port": "13345"}, "remote.port", "1 to 65535"),
         ({"port": 13345}, "remote.address", "required"),
         ({"address": "10.0.0.2", "port": 13345, "timeout": 0}, "remote.timeout", "positive"),
+        ({"address": "10.0.0.2", "port": 13345, "heartbeat": "1"}, "remote.heartbeat", "positive"),
+        ({"address": "10.0.0.2", "port": 13345, "heartbeat": 0.05}, "remote.heartbeat", "at least 0.1 s"),
         ({"address": "10.0.0.2", "port": 13345, "host": "x"}, "remote.host", "unknown key"),
     ],
 )
@@ -84,7 +86,8 @@ def test_a_remote_instance_survives_the_round_trip_through_specs() -> None:
     config = PoolConfig.from_dict({"models": {MODEL: [_instance("m"), _instance("m", address="10.0.0.2", port=13345)]}})
     local, remote = config.models[0].instances
     assert local.remote is None
-    assert remote.remote is not None and remote.remote.describe() == "10.0.0.2:13345" and remote.remote.timeout == 60
+    assert remote.remote is not None and remote.remote.describe() == "10.0.0.2:13345"
+    assert (remote.remote.timeout, remote.remote.heartbeat) == (60, 1.2)
     assert PoolConfig.from_specs([local, remote]).models == config.models
 
 
@@ -95,6 +98,56 @@ def test_a_server_with_workers_refuses_remote_instances_before_anything_starts()
     with pytest.raises(ConfigError, match="workers 1") as caught:
         serve(config, workers=2)
     assert caught.value.path == f'models["{MODEL}"][0].remote'
+
+
+# -- a remote core missing at the pool's start (fake engines) ---------------------
+
+
+@pytest.mark.anyio
+async def test_the_pool_starts_without_a_remote_core_that_is_missing_and_takes_it_in_when_it_connects() -> None:
+    from lylm import EngineSpec
+    from lylm.testing import FakeEngine, FakeSamplingParams
+
+    core_up = False
+    attempts = 0
+
+    class Remote(FakeEngine):
+        async def start(self) -> None:  # what VLLMEngine raises when no core connected in time
+            nonlocal attempts
+            attempts += 1
+            if not core_up:
+                raise TimeoutError("no engine core connected to 10.0.0.2:13345 within 60 s; start it ...")
+            await super().start()
+
+    def make(spec: EngineSpec) -> FakeEngine:
+        return Remote() if spec.remote is not None else FakeEngine()
+
+    config = {"models": {MODEL: [_instance("m"), _instance("m", address="10.0.0.2", port=13345)]}}
+    # max_attempts=1: waiting for a remote core does not use up the restart attempts.
+    restart = RestartPolicy(initial_backoff=0.01, max_backoff=0.01, max_attempts=1, jitter=0)
+    async with EnginePool.from_config(config, engine_factory=make, restart=restart, health_interval=0.01) as pool:
+        local, remote = pool.instances(MODEL)
+        assert local.state == "healthy"
+        assert remote.state in ("dead", "restarting") and not remote.healthy
+        assert "no engine core connected to 10.0.0.2:13345" in (remote.last_error or "")
+        assert remote.stats().remote == "10.0.0.2:13345"
+        # The local instance serves meanwhile.
+        outputs = [o async for o in pool.generate(MODEL, "hi", FakeSamplingParams(max_tokens=2))]
+        assert outputs and local.completed == 1
+        await until(lambda: attempts >= 5, timeout=10)  # still waiting, past max_attempts
+        assert remote.state in ("dead", "restarting")
+        core_up = True
+        await until(lambda: remote.state == "healthy", timeout=10)
+        assert remote.restarts == 1
+    # Any other failure of a remote's start still fails the pool's start, as for a local one.
+
+    class Broken(FakeEngine):
+        async def start(self) -> None:
+            raise RuntimeError("the core connected and failed: wrong model")
+
+    with pytest.raises(EngineStartError, match="wrong model"):
+        async with EnginePool.from_config(config, engine_factory=lambda s: Broken() if s.remote else FakeEngine()):
+            pass
 
 
 # -- real engines --------------------------------------------------------------
@@ -130,6 +183,11 @@ class HeadlessCore:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
 
+    def stop(self) -> None:
+        """SIGSTOP: alive, connections open, nothing answered."""
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
 
 @pytest.fixture
 def core(model_dir: Path, tmp_path: Path) -> Iterator[HeadlessCore]:
@@ -140,71 +198,106 @@ def core(model_dir: Path, tmp_path: Path) -> Iterator[HeadlessCore]:
 
 @pytest.mark.engines
 @pytest.mark.anyio
-async def test_a_remote_core_that_never_connects_fails_the_start_within_its_timeout(model_dir: Path) -> None:
-    config = {"models": {MODEL: [_instance(str(model_dir), address="127.0.0.1", port=free_port(), timeout=2)]}}
+async def test_a_remote_core_that_never_connects_leaves_the_pool_to_start_without_it(model_dir: Path) -> None:
+    port = free_port()
+    config = {"models": {MODEL: [_instance(str(model_dir), address="127.0.0.1", port=port, timeout=2)]}}
     began = time.monotonic()
     with anyio.fail_after(60):
-        with pytest.raises(EngineStartError, match="no engine core connected to 127.0.0.1:.* within 2 s; start it"):
-            async with EnginePool.from_config(config):
+        async with EnginePool.from_config(config, restart=RestartPolicy(initial_backoff=0.1, jitter=0)) as pool:
+            started = time.monotonic() - began
+            (remote,) = pool.instances(MODEL)
+            assert remote.state in ("dead", "restarting")
+            assert f"no engine core connected to 127.0.0.1:{port} within 2 s; start it" in (remote.last_error or "")
+            # ... and keeps waiting for it (a new front end listens for the core again).
+            await until(lambda: remote.state == "restarting" and _listening(port), timeout=30)
+            closing = time.monotonic()
+    closed = time.monotonic() - closing
+    await until(lambda: not _listening(port), timeout=10)
+    print(f"\npool started {started:.1f} s after it began, without its remote (timeout 2 s); closed in {closed:.1f} s")
+
+
+async def _under_load(pool: EnginePool, remote: Any, errors: list[str], stop: anyio.Event) -> None:
+    """8 streams until ``stop``; returns once tokens flow on the remote (mid-stream)."""
+    from vllm import SamplingParams
+
+    long = SamplingParams(max_tokens=200, ignore_eos=True)
+
+    async def one() -> None:
+        while not stop.is_set():
+            try:
+                async for _ in pool.generate(MODEL, [9, 10, 11], long):
+                    pass
+            except Exception as exc:
+                errors.append(type(exc).__name__)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(8):
+            tg.start_soon(one)
+        await stop.wait()
+
+
+async def _lose_under_load(pool: EnginePool, remote: Any, lose: Any) -> tuple[float, list[str]]:
+    """Lose the remote core (``lose()``) with 8 streams running, tokens flowing on it; wait
+    for its ejection and for every request it held to end. Returns (ejection s, errors)."""
+    errors: list[str] = []
+    stop = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_under_load, pool, remote, errors, stop)
+        streamed = remote.generated_tokens
+        await until(lambda: remote.in_flight_requests > 0 and remote.generated_tokens > streamed + 200, timeout=30)
+        lose()
+        lost = time.monotonic()
+        await until(lambda: remote.state != "healthy", timeout=10)
+        ejected = time.monotonic() - lost
+        stop.set()
+        # None hangs: every request the lost core held ends (retried or failed).
+        await until(lambda: remote.in_flight_requests == 0, timeout=20)
+    return ejected, errors
+
+
+async def _serves(pool: EnginePool, instance: Any) -> None:
+    from vllm import SamplingParams
+
+    served = instance.completed
+    with anyio.fail_after(60):  # weighted random: it gets one within a few dozen requests
+        while instance.completed == served:
+            async for _ in pool.generate(MODEL, [5, 6, 7], SamplingParams(max_tokens=8, ignore_eos=True)):
                 pass
-    print(f"\nstart failed {time.monotonic() - began:.1f} s after it began (timeout 2 s)")
 
 
 @pytest.mark.engines
 @pytest.mark.anyio
-async def test_a_remote_core_serves_beside_a_local_one_dies_under_load_and_attaches_again(
+async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_and_attaches_again(
     model_dir: Path, core: HeadlessCore
 ) -> None:
-    from vllm import SamplingParams
-
     from lylm.openai._app import health_report
     from lylm.openai._metrics import PoolMetrics
 
+    # The pool starts before the core does (each wait for it: 5 s): the local engine serves
+    # meanwhile, and the core joins when its host starts it.
     config = {"models": {MODEL: [_instance(str(model_dir)),
-                                 _instance(str(model_dir), address="127.0.0.1", port=core.port, timeout=120)]}}
-    core.start()
+                                 _instance(str(model_dir), address="127.0.0.1", port=core.port, timeout=5)]}}
     records: list[RequestRecord] = []
     restart = RestartPolicy(initial_backoff=0.1, jitter=0)
     async with EnginePool.from_config(config, restart=restart, health_interval=0.1) as pool:
         local, remote = pool.instances(MODEL)
+        assert local.state == "healthy" and remote.state in ("dead", "restarting")
         pool.add_observer(records.append)
+        await _serves(pool, local)
+        core.start()
+        began = time.monotonic()
+        await until(lambda: remote.state == "healthy", timeout=180)
+        joined = time.monotonic() - began
         # /health and /metrics tell the remote instance from the local one.
         _, health = health_report(pool)
         assert [e["remote"] for e in health["models"][MODEL]["engines"]] == [None, f"127.0.0.1:{core.port}"]
         text = PoolMetrics(pool).render().decode()
         assert f'lylm_engine_info{{attaches_at="",core="local",engine="0",model="{MODEL}"}} 1.0' in text
         assert f'lylm_engine_info{{attaches_at="127.0.0.1:{core.port}",core="remote",engine="1",model="{MODEL}"}} 1.0' in text
-        params = SamplingParams(max_tokens=8, ignore_eos=True)
-        with anyio.fail_after(60):  # weighted random: both serve within a few dozen requests
-            while not (local.completed and remote.completed):
-                async for _ in pool.generate(MODEL, [5, 6, 7], params):
-                    pass
+        await _serves(pool, remote)
 
-        stop = anyio.Event()
-        errors: list[str] = []
-
-        async def load() -> None:
-            long = SamplingParams(max_tokens=200, ignore_eos=True)
-            while not stop.is_set():
-                try:
-                    async for _ in pool.generate(MODEL, [9, 10, 11], long):
-                        pass
-                except Exception as exc:
-                    errors.append(type(exc).__name__)
-
-        async with anyio.create_task_group() as tg:
-            for _ in range(8):
-                tg.start_soon(load)
-            # Mid-stream: tokens flowing on the remote (requests that had streamed will fail).
-            streamed = remote.generated_tokens
-            await until(lambda: remote.in_flight_requests > 0 and remote.generated_tokens > streamed + 200, timeout=30)
-            core.kill()
-            killed = time.monotonic()
-            await until(lambda: remote.state != "healthy", timeout=10)
-            ejected = time.monotonic() - killed
-            stop.set()
-            # None hangs: every request the dead core held ends (retried or failed).
-            await until(lambda: remote.in_flight_requests == 0, timeout=20)
+        # Killed under load: the host closes its connections.
+        killed, errors = await _lose_under_load(pool, remote, core.kill)
         assert "disconnected" in (remote.last_error or ""), remote.last_error
         on_local = [r for r in records if r.instance is local]
         assert on_local and all(r.outcome == "completed" for r in on_local), {r.outcome for r in on_local}
@@ -216,23 +309,27 @@ async def test_a_remote_core_serves_beside_a_local_one_dies_under_load_and_attac
         began = time.monotonic()
         await until(lambda: remote.state == "healthy", timeout=180)
         attached = time.monotonic() - began
-        served = remote.completed
-        with anyio.fail_after(60):
-            while remote.completed == served:
-                async for _ in pool.generate(MODEL, [5, 6, 7], params):
-                    pass
+        await _serves(pool, remote)
 
-        # Dead again, and its restart waiting for a core that does not come (timeout 120 s):
-        # closing the pool ends that wait instead of leaving it to run out.
+        # Stopped under load: the connections stay open and nothing answers (a host gone
+        # without a word, as far as the pool can tell): the heartbeats notice it.
+        records.clear()
+        vanished, errors = await _lose_under_load(pool, remote, core.stop)
+        assert "heartbeat" in (remote.last_error or ""), remote.last_error
+        assert all(e == "EngineDeadError" for e in errors), errors
+        assert all(r.outcome == "completed" for r in records if r.instance is local)
         core.kill()
-        await until(lambda: remote.state == "restarting", timeout=10)
-        await until(lambda: _listening(core.port), timeout=30)  # the new front end is in vLLM's handshake
+
+        # Dead again, its restart waiting for a core that does not come: closing the pool
+        # ends that wait instead of leaving it to run out.
+        await until(lambda: remote.state == "restarting" and _listening(core.port), timeout=30)
         closing = time.monotonic()
         with anyio.fail_after(30):
             await pool.aclose()
     closed = time.monotonic() - closing
     # ... and the wait is over, not left behind in a thread: nothing listens for the core.
     await until(lambda: not _listening(core.port), timeout=10)
-    print(f"\nremote core: ejected {ejected:.3f} s after SIGKILL; {len(errors)} streamed requests failed; "
-          f"attached again {attached:.1f} s after its restart; pool closed {closed:.1f} s into a restart's wait")
-    assert ejected < 2.0
+    print(f"\nremote core: joined the running pool {joined:.1f} s after its start; ejected {killed:.3f} s after "
+          f"SIGKILL, {vanished:.3f} s after SIGSTOP (heartbeat 1.2 s); attached again {attached:.1f} s after its "
+          f"restart; pool closed {closed:.1f} s into a restart's wait")
+    assert killed < 2.0 and vanished < 2.0
