@@ -43,9 +43,8 @@ class RemoteCore:
     """Where a remote instance's engine core attaches: vLLM's headless mode, addressed as
     vLLM addresses it. The pool listens on ``address:port`` (an address of this host that
     the core's host reaches: vLLM's ``--data-parallel-address`` and
-    ``--data-parallel-rpc-port``) and the core, started on its own host with
-    ``vllm serve MODEL --headless --data-parallel-address ADDRESS --data-parallel-rpc-port
-    PORT``, connects to it.
+    ``--data-parallel-rpc-port``) and the core, started on its own host with ``lylm core
+    --pool ADDRESS:PORT MODEL ...`` (vLLM's headless core, kept attachable), connects to it.
 
     ``timeout``: seconds to wait, per attempt, for the core to connect; once connected,
     its start (weights, profiling, compiling) takes as long as it takes. ``heartbeat``:

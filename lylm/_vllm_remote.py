@@ -172,8 +172,8 @@ class Attach:
             if why == "timeout":
                 raise TimeoutError(
                     f"no engine core connected to {remote.describe()} within {remote.timeout:g} s; start it on "
-                    f"its host with: vllm serve MODEL --headless --data-parallel-address {remote.address} "
-                    f"--data-parallel-rpc-port {remote.port} (and the instance's engine args)"
+                    f"its host with: lylm core --pool {remote.describe()} MODEL (and the instance's engine args "
+                    f"as vllm serve's flags; README, 'Remote instances')"
                 ) from outcome["error"]
             if why == "left":
                 raise ConnectionError(

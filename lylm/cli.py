@@ -2,6 +2,7 @@
 
     lylm serve --config config.json [--host 127.0.0.1] [--port 8000] [--workers N] ...
     lylm serve                      # the embedded demo: no download, no GPU needed
+    lylm core --pool ADDRESS:PORT MODEL [vllm serve flags]   # a remote instance's engine core
     lylm --version
 
 ``lylm serve`` runs OpenAI's API over a pool (:func:`lylm.openai.serve`), configured
@@ -96,7 +97,67 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_arguments(serve)
     serve.set_defaults(parser=serve)  # for its own error messages
+    core = commands.add_parser(
+        "core",
+        help="run a remote instance's engine core on this host, attached to a pool elsewhere",
+        description=(
+            "Run vLLM's headless engine core for a pool's remote instance (README, 'Remote instances'), "
+            "and start it again when it exits or when the pool it served is gone (vLLM's core does not "
+            "notice, and cannot attach to another). Arguments after MODEL are vllm serve's, as for the "
+            "instance's engine args."
+        ),
+    )
+    add_core_arguments(core)
+    core.set_defaults(parser=core)
     return parser
+
+
+#: vllm serve's flags that `lylm core` sets itself.
+_CORE_OWN_FLAGS = (
+    "--headless", "--data-parallel-size", "--data-parallel-size-local", "--data-parallel-start-rank",
+    "--data-parallel-address", "--data-parallel-rpc-port", "--data-parallel-rank", "-dp", "-dpl", "-dpa", "-dpr",
+)  # fmt: skip
+
+
+def add_core_arguments(parser: argparse.ArgumentParser) -> None:
+    """``lylm core``'s options."""
+    parser.add_argument(
+        "--pool", required=True, metavar="ADDRESS:PORT",
+        help="the instance's remote.address and remote.port in the pool's config ([v6]:port for IPv6)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--grace", type=float, default=3.0, metavar="S",
+        help="seconds without a connection to the pool, once connected, before the core is started again (3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--restart-delay", type=float, default=2.0, metavar="S", help="seconds between a core's end and its restart (2)"
+    )
+    parser.add_argument("model", help="the model, as vllm serve takes it (the instance's engine_args.model)")
+    parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="vllm serve's flags (the instance's engine args)")
+
+
+def parse_core_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Check ``lylm core``'s arguments; sets ``pool_address`` and ``pool_port``."""
+    import ipaddress
+
+    host, _, port = args.pool.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        args.pool_port = int(port)
+        ipaddress.ip_address(host)
+    except ValueError:
+        parser.error(f"--pool: expected ADDRESS:PORT with an IP address, e.g. 10.0.0.2:13345 (got {args.pool!r})")
+    if not 1 <= args.pool_port <= 65535:
+        parser.error(f"--pool: the port must be 1 to 65535 (got {args.pool_port})")
+    if ipaddress.ip_address(host).is_unspecified:
+        parser.error(f"--pool: {host} is no address to connect to: name the pool host's address")
+    args.pool_address = host
+    for name in ("grace", "restart_delay"):
+        if not getattr(args, name) > 0:
+            parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    for flag in args.vllm_args:
+        if flag.split("=", 1)[0] in _CORE_OWN_FLAGS:
+            parser.error(f"{flag}: set by lylm core (from --pool); leave it out")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,4 +287,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command is None:
         parser.print_help(sys.stderr)
         raise SystemExit(2)
+    if args.command == "core":
+        from ._core_host import run_core_host
+
+        parse_core_arguments(args, args.parser)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+        run_core_host(args)
+        return
     run_serve(args, args.parser)

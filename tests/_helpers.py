@@ -66,3 +66,13 @@ async def until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     with anyio.fail_after(timeout):
         while not condition():
             await anyio.sleep(0.005)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """:func:`until` for code off the event loop (threads, processes)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
+        time.sleep(0.01)

@@ -10,8 +10,10 @@ engine's are untouched; started again, the core is attached again.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -158,11 +160,71 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("remote") / "tiny")
 
 
-class HeadlessCore:
-    """``vllm serve MODEL --headless`` pointed at the pool's address: the remote host's part."""
+class Namespace:
+    """A network namespace joined to this one by a veth pair: the "remote host" gets an
+    address of its own, and its link can be cut (packets dropped, no connection closed),
+    as a host that loses power or a network partition looks from the pool."""
 
-    def __init__(self, model: Path, port: int, log: Path) -> None:
-        self.model, self.port, self.log = model, port, log
+    def __init__(self) -> None:
+        pid = os.getpid()
+        n = pid % 250 + 1
+        self.name, self.host_link, self.core_link = f"lylm{pid}", f"lh{pid}", f"lc{pid}"
+        self.pool_address, self.core_address = f"10.231.{n}.1", f"10.231.{n}.2"
+
+    @staticmethod
+    def _ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+    def create(self) -> None:
+        self._ip("netns", "add", self.name)
+        self._ip("link", "add", self.host_link, "type", "veth", "peer", "name", self.core_link)
+        self._ip("link", "set", self.core_link, "netns", self.name)
+        self._ip("addr", "add", f"{self.pool_address}/30", "dev", self.host_link)
+        self._ip("link", "set", self.host_link, "up")
+        for args in (("addr", "add", f"{self.core_address}/30", "dev", self.core_link),
+                     ("link", "set", self.core_link, "up"), ("link", "set", "lo", "up")):
+            self._ip("netns", "exec", self.name, "ip", *args)
+
+    def run(self, command: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.name, *command]
+
+    def cut(self) -> None:
+        """The core's link goes down: what either side sends is dropped, nothing is closed."""
+        self._ip("netns", "exec", self.name, "ip", "link", "set", self.core_link, "down")
+
+    def heal(self) -> None:
+        self._ip("netns", "exec", self.name, "ip", "link", "set", self.core_link, "up")
+
+    def delete(self) -> None:
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True, timeout=30)  # its veth goes too
+        subprocess.run(["ip", "link", "del", self.host_link], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def namespace() -> Iterator[Namespace | None]:
+    """A namespace for the core where this machine lets the tests make one (root, iproute2);
+    otherwise None, and the core runs beside the pool on 127.0.0.1."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        yield None
+        return
+    made = Namespace()
+    try:
+        made.create()
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
+        made.delete()
+        yield None
+        return
+    yield made
+    made.delete()
+
+
+class HeadlessCore:
+    """``vllm serve MODEL --headless`` pointed at the pool's address: the remote host's part,
+    in its own network namespace when there is one."""
+
+    def __init__(self, model: Path, port: int, log: Path, namespace: Namespace | None = None) -> None:
+        self.model, self.port, self.log, self.namespace = model, port, log, namespace
+        self.pool_address = namespace.pool_address if namespace else "127.0.0.1"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -170,13 +232,20 @@ class HeadlessCore:
         command = [
             *vllm_cli(), "serve", str(self.model), "--headless",
             "--data-parallel-size", "1", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "0",
-            "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(self.port),
+            "--data-parallel-address", self.pool_address, "--data-parallel-rpc-port", str(self.port),
             "--load-format", args["load_format"], "--enforce-eager", "--dtype", args["dtype"],
             "--max-model-len", str(args["max_model_len"]), "--max-num-seqs", str(args["max_num_seqs"]),
             "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]),
         ]  # fmt: skip
+        if self.namespace is not None:
+            command = self.namespace.run(command)
+        # With one data-parallel rank, vLLM's core takes the front end's address from
+        # VLLM_DP_MASTER_IP (default 127.0.0.1), not from --data-parallel-address.
+        environment = {**os.environ, "VLLM_DP_MASTER_IP": self.pool_address}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment
+            )
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -190,8 +259,8 @@ class HeadlessCore:
 
 
 @pytest.fixture
-def core(model_dir: Path, tmp_path: Path) -> Iterator[HeadlessCore]:
-    started = HeadlessCore(model_dir, free_port(), tmp_path / "core.log")
+def core(model_dir: Path, tmp_path: Path, namespace: Namespace | None) -> Iterator[HeadlessCore]:
+    started = HeadlessCore(model_dir, free_port(), tmp_path / "core.log", namespace)
     yield started
     started.kill()
 
@@ -276,7 +345,8 @@ async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_a
     # The pool starts before the core does (each wait for it: 5 s): the local engine serves
     # meanwhile, and the core joins when its host starts it.
     config = {"models": {MODEL: [_instance(str(model_dir)),
-                                 _instance(str(model_dir), address="127.0.0.1", port=core.port, timeout=5)]}}
+                                 _instance(str(model_dir), address=core.pool_address, port=core.port, timeout=5)]}}
+    where = f"{core.pool_address}:{core.port}"
     records: list[RequestRecord] = []
     restart = RestartPolicy(initial_backoff=0.1, jitter=0)
     async with EnginePool.from_config(config, restart=restart, health_interval=0.1) as pool:
@@ -290,10 +360,10 @@ async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_a
         joined = time.monotonic() - began
         # /health and /metrics tell the remote instance from the local one.
         _, health = health_report(pool)
-        assert [e["remote"] for e in health["models"][MODEL]["engines"]] == [None, f"127.0.0.1:{core.port}"]
+        assert [e["remote"] for e in health["models"][MODEL]["engines"]] == [None, where]
         text = PoolMetrics(pool).render().decode()
         assert f'lylm_engine_info{{attaches_at="",core="local",engine="0",model="{MODEL}"}} 1.0' in text
-        assert f'lylm_engine_info{{attaches_at="127.0.0.1:{core.port}",core="remote",engine="1",model="{MODEL}"}} 1.0' in text
+        assert f'lylm_engine_info{{attaches_at="{where}",core="remote",engine="1",model="{MODEL}"}} 1.0' in text
         await _serves(pool, remote)
 
         # Killed under load: the host closes its connections.
@@ -311,10 +381,11 @@ async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_a
         attached = time.monotonic() - began
         await _serves(pool, remote)
 
-        # Stopped under load: the connections stay open and nothing answers (a host gone
-        # without a word, as far as the pool can tell): the heartbeats notice it.
+        # Gone without a word under load: its link cut (in its own namespace), or else the
+        # core stopped (SIGSTOP): connections open, nothing answered. The heartbeats notice.
         records.clear()
-        vanished, errors = await _lose_under_load(pool, remote, core.stop)
+        how = "link cut" if core.namespace is not None else "SIGSTOP"
+        vanished, errors = await _lose_under_load(pool, remote, core.namespace.cut if core.namespace else core.stop)
         assert "heartbeat" in (remote.last_error or ""), remote.last_error
         assert all(e == "EngineDeadError" for e in errors), errors
         assert all(r.outcome == "completed" for r in records if r.instance is local)
@@ -329,7 +400,109 @@ async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_a
     closed = time.monotonic() - closing
     # ... and the wait is over, not left behind in a thread: nothing listens for the core.
     await until(lambda: not _listening(core.port), timeout=10)
-    print(f"\nremote core: joined the running pool {joined:.1f} s after its start; ejected {killed:.3f} s after "
-          f"SIGKILL, {vanished:.3f} s after SIGSTOP (heartbeat 1.2 s); attached again {attached:.1f} s after its "
+    print(f"\nremote core at {where}: joined the running pool {joined:.1f} s after its start; ejected {killed:.3f} s after "
+          f"SIGKILL, {vanished:.3f} s after {how} (heartbeat 1.2 s); attached again {attached:.1f} s after its "
           f"restart; pool closed {closed:.1f} s into a restart's wait")
     assert killed < 2.0 and vanished < 2.0
+
+
+class CoreHostProcess:
+    """``lylm core`` (the core's host's supervisor) in its own session, in the namespace
+    when there is one."""
+
+    def __init__(self, model: Path, port: int, log: Path, namespace: Namespace | None) -> None:
+        self.pool_address = namespace.pool_address if namespace else "127.0.0.1"
+        args = TINY_MODEL_ENGINE_ARGS
+        self.command = [
+            sys.executable, "-m", "lylm", "core", "--pool", f"{self.pool_address}:{port}", "--grace", "1",
+            "--restart-delay", "0.5", str(model),
+            "--load-format", args["load_format"], "--enforce-eager", "--dtype", args["dtype"],
+            "--max-model-len", str(args["max_model_len"]), "--max-num-seqs", str(args["max_num_seqs"]),
+            "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]),
+        ]  # fmt: skip
+        if namespace is not None:
+            self.command = namespace.run(self.command)
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def engine_cores(self) -> list[psutil.Process]:
+        assert self.proc is not None
+        return [p for p in psutil.Process(self.proc.pid).children(recursive=True) if "EngineCore" in p.name()]
+
+    def starts(self) -> int:
+        return self.log.read_text(errors="replace").count("engine core started (pid")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # it stops its core first
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+
+
+@pytest.mark.engines
+@pytest.mark.anyio
+async def test_lylm_core_keeps_a_remote_core_attachable_across_pool_restarts_partitions_and_crashes(
+    model_dir: Path, tmp_path: Path, namespace: Namespace | None
+) -> None:
+    port = free_port()
+    host = CoreHostProcess(model_dir, port, tmp_path / "lylm-core.log", namespace)
+    where = f"{host.pool_address}:{port}"
+    config = {"models": {MODEL: [_instance(str(model_dir), address=host.pool_address, port=port, timeout=5)]}}
+    restart = RestartPolicy(initial_backoff=0.1, jitter=0)
+    times: dict[str, float] = {}
+    host.start()
+    try:
+        async with EnginePool.from_config(config, restart=restart, health_interval=0.1) as pool:
+            (remote,) = pool.instances(MODEL)
+            await until(lambda: remote.state == "healthy", timeout=180)
+            await _serves(pool, remote)
+        # The pool is gone: vLLM's core would stay up, unattachable. lylm core starts it
+        # again, and a new pool (a restart of the front end) gets it.
+        closed = time.monotonic()
+        async with EnginePool.from_config(config, restart=restart, health_interval=0.1) as pool:
+            (remote,) = pool.instances(MODEL)
+            await until(lambda: remote.state == "healthy", timeout=180)
+            times["pool restart"] = time.monotonic() - closed
+            await _serves(pool, remote)
+            assert host.starts() == 2
+
+            if namespace is not None:
+                # A partition: the pool gives the core up (heartbeat) and waits for a new
+                # one; the core, still up and connected as far as it knows, is orphaned.
+                # Once the network is back, lylm core sees the pool waiting and starts
+                # the core again, and it attaches.
+                namespace.cut()
+                cut = time.monotonic()
+                await until(lambda: remote.state != "healthy", timeout=10)
+                times["ejected after link cut"] = time.monotonic() - cut
+                await until(lambda: remote.state == "restarting" and _listening(port), timeout=30)
+                namespace.heal()
+                healed = time.monotonic()
+                await until(lambda: remote.state == "healthy", timeout=180)
+                times["partition healed"] = time.monotonic() - healed
+                assert host.starts() == 3
+                await _serves(pool, remote)
+
+            # The engine core crashes: lylm core starts it again.
+            starts, restarts = host.starts(), remote.restarts
+            (engine_core,) = host.engine_cores()
+            engine_core.kill()
+            crashed = time.monotonic()
+            await until(lambda: remote.state != "healthy", timeout=10)
+            await until(lambda: remote.state == "healthy", timeout=180)
+            times["core crash"] = time.monotonic() - crashed
+            assert host.starts() == starts + 1 and remote.restarts == restarts + 1
+            await _serves(pool, remote)
+    finally:
+        host.stop()
+    assert host.proc is not None and host.proc.returncode == 0, host.log.read_text(errors="replace")[-3000:]
+    print(f"\nlylm core at {where}: attached again (s after the event): "
+          + ", ".join(f"{what} {seconds:.1f}" for what, seconds in times.items()))
+

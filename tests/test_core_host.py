@@ -1,0 +1,153 @@
+"""``lylm core``: the core's host's side of a remote instance, without vLLM.
+
+The "engine core" here is a small Python process that connects to a TCP listener
+standing in for the pool's front end; :class:`CoreHost` must start it again when it
+exits, when its connections to the pool are gone, and when the pool listens on the
+instance's port (it waits for a new core) while this one is attached. The real thing
+(vLLM's headless core, a real pool, a network namespace) is in test_remote.py.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from lylm._core_host import CoreHost, connections_to, headless_command, headless_environment, pool_waits
+from lylm.cli import main
+
+from _helpers import wait_until
+
+# Connects to the "front end" at argv[1] and holds the connection until it is closed.
+_CORE = """
+import socket, sys, time
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+while s.recv(1):
+    pass
+time.sleep(60)
+"""
+
+
+class FrontEnd:
+    """A TCP listener that accepts the "core" and can drop its connections."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(conn)
+
+    def drop(self) -> None:
+        for conn in self.accepted:
+            conn.close()
+        self.accepted.clear()
+
+    def close(self) -> None:
+        self.drop()
+        self.listener.close()
+
+
+@pytest.fixture
+def front_end() -> Iterator[FrontEnd]:
+    made = FrontEnd()
+    yield made
+    made.close()
+
+
+def _host(front_end: FrontEnd, handshake_port: int, **options: float) -> tuple[CoreHost, threading.Thread]:
+    host = CoreHost([sys.executable, "-c", _CORE, str(front_end.port)], {}, "127.0.0.1", handshake_port,
+                    poll=0.05, restart_delay=0.05, **options)  # fmt: skip
+    thread = threading.Thread(target=host.run, daemon=True)
+    thread.start()
+    return host, thread
+
+
+def _unused_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_core_whose_pool_closed_the_connections_is_started_again(front_end: FrontEnd) -> None:
+    host, thread = _host(front_end, _unused_port(), grace=0.2, probe=60)
+    try:
+        wait_until(lambda: len(front_end.accepted) == 1 and host.attached, timeout=10)
+        first = host._proc
+        assert first is not None and connections_to(first.pid, "127.0.0.1") == [("127.0.0.1", front_end.port)]
+        front_end.drop()  # the pool went away
+        wait_until(lambda: host.starts >= 2 and len(front_end.accepted) >= 1, timeout=10)
+        assert first.poll() is not None  # the orphan was ended, not left running
+    finally:
+        host.stop()
+        thread.join(10)
+    assert not thread.is_alive() and host._proc is None
+
+
+def test_a_core_attached_while_the_pool_waits_for_a_new_one_is_started_again(front_end: FrontEnd) -> None:
+    port = _unused_port()
+    host, thread = _host(front_end, port, grace=60, probe=0.1)
+    try:
+        wait_until(lambda: len(front_end.accepted) == 1 and host.attached, timeout=10)
+        assert not pool_waits("127.0.0.1", port)
+        # The pool gave this core up (a partition) and listens for a new one.
+        waiting = socket.create_server(("127.0.0.1", port))
+        try:
+            wait_until(lambda: host.starts == 2, timeout=10)
+        finally:
+            waiting.close()
+    finally:
+        host.stop()
+        thread.join(10)
+
+
+def test_a_core_that_exits_is_started_again_and_stop_ends_it(front_end: FrontEnd) -> None:
+    host = CoreHost([sys.executable, "-c", "raise SystemExit(3)"], {}, "127.0.0.1", 1, poll=0.05, restart_delay=0.05)
+    thread = threading.Thread(target=host.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: host.starts >= 3, timeout=20)
+    finally:
+        host.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_the_headless_command_and_environment_address_the_pool() -> None:
+    command = headless_command("/models/m", "10.0.0.2", 13345, ["--max-model-len", "4096"])
+    assert command[command.index("serve") + 1 :] == [
+        "/models/m", "--headless", "--data-parallel-size", "1", "--data-parallel-size-local", "1",
+        "--data-parallel-start-rank", "0", "--data-parallel-address", "10.0.0.2", "--data-parallel-rpc-port",
+        "13345", "--max-model-len", "4096",
+    ]  # fmt: skip
+    # vLLM's core takes the pool's address from here when it runs one rank.
+    assert headless_environment("10.0.0.2", {"PATH": "/bin"}) == {"PATH": "/bin", "VLLM_DP_MASTER_IP": "10.0.0.2"}
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--pool", "10.0.0.2", "m"], "expected ADDRESS:PORT"),
+        (["--pool", "host.example:13345", "m"], "expected ADDRESS:PORT"),
+        (["--pool", "10.0.0.2:0", "m"], "1 to 65535"),
+        (["--pool", "0.0.0.0:13345", "m"], "no address to connect to"),
+        (["--pool", "10.0.0.2:13345", "--grace", "0", "m"], "--grace must be a positive"),
+        (["--pool", "10.0.0.2:13345", "m", "--data-parallel-rpc-port", "1"], "--data-parallel-rpc-port: set by lylm core"),
+        (["--pool", "10.0.0.2:13345", "m", "--headless"], "--headless: set by lylm core"),
+    ],
+)
+def test_lylm_core_refuses_wrong_arguments_naming_them(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["core", *argv])
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err
