@@ -42,6 +42,12 @@ def headless_command(eargs: dict[str, Any], port: int) -> list[str]:
             "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port), *engine_flags]
 
 
+def own_cpu_s() -> float:
+    """CPU seconds (user + system) of this process alone."""
+    t = os.times()
+    return t.user + t.system
+
+
 async def alone(pool: Any, params: Any, times: int) -> float:
     """Median latency of one 1-token request with nothing else running, ms."""
     latencies = []
@@ -76,7 +82,11 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int) -> dic
         for r in range(args.rounds):
             order = ["local", "remote"] if r % 2 == 0 else ["remote", "local"]
             for name in order:
+                cpu = own_cpu_s()
                 result = await drive(lambda ids: pools[name].generate(MODEL, ids, params), prompts, args.concurrency)
+                # This process is the client and both front ends (not the engine cores, which are other
+                # processes): near 100% of one core, it would be the ceiling, not the attachment.
+                result["client_cpu_pct"] = 100 * (own_cpu_s() - cpu) / result["wall_s"]
                 result["first"] = order[0] == name  # measured first in its round (see BENCHMARKS.md 17)
                 runs[name].append(result)
                 print(f"round {r} {name:6s} {result['tok_s']:8.0f} tok/s  TTFT p50 {result['ttft_p50_ms']:.1f} ms",
@@ -104,6 +114,9 @@ def table(result: dict[str, Any]) -> str:
         "",
         f"remote/local: throughput {ratio['throughput']:.3f}, TTFT p50 {ratio['ttft_p50']:.3f}, "
         f"one request alone {ratio['alone']:.3f}",
+        "client process CPU (this process: load generator and both front ends), % of one core per round: "
+        + "; ".join(f"{name} " + ", ".join(f"{x.get('client_cpu_pct', 0):.0f}" for x in result["runs"][name])
+                    for name in ("local", "remote")),
     ]) + "\n"  # fmt: skip
 
 
