@@ -26,7 +26,8 @@ _COMMON_KEYS = ("balancer", "engine_args", "limits", "workers")
 _MODEL_KEYS = ("instances", "balancer", "limits")
 _LIMIT_KEYS = ("max_in_flight_requests", "max_in_flight_tokens")
 _INSTANCE_KEYS = ("devices", "engine_args", "remote")
-_REMOTE_KEYS = ("address", "port", "timeout", "heartbeat")
+_REMOTE_KEYS = ("address", "port", "timeout", "heartbeat", "ray")
+_RAY_KEYS = ("gpus", "cpus", "address")
 #: Addresses that bind every interface: an engine core's sockets carry no authentication.
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "*", "")
 _DEVICE_KEYS = ("gpu_ids", "weight")
@@ -36,6 +37,18 @@ _MODELS_SHAPE = 'must be a list of instances or {"instances": [...], "balancer":
 def _copy_args(value: Mapping[str, Any]) -> dict[str, Any]:
     """Copy engine args so a spec never aliases the caller's (mutable) mapping."""
     return dict(value)
+
+
+@attrs.frozen
+class RayPlacement:
+    """A remote core the pool starts itself, on a Ray node with these resources free: a
+    placement group of one bundle (``gpus`` GPUs, ``cpus`` CPUs). ``address``: the Ray
+    cluster's (``ray.init``'s; None: ``RAY_ADDRESS``, or a Ray already started in this
+    process)."""
+
+    gpus: int = 1
+    cpus: float = 1.0
+    address: str | None = None
 
 
 @attrs.frozen
@@ -60,6 +73,8 @@ class RemoteCore:
     port: int
     timeout: float = timeout_default
     heartbeat: float = heartbeat_default
+    #: Where Ray places the core, when the pool starts it through Ray (None: started on its host).
+    ray: RayPlacement | None = None
 
     def describe(self) -> str:
         """``address:port`` as a URL host part (IPv6 in brackets)."""
@@ -178,7 +193,7 @@ class PoolConfig:
                 "engine_args": spec.engine_args,
             }
             if spec.remote is not None:
-                instance["remote"] = attrs.asdict(spec.remote)
+                instance["remote"] = {k: v for k, v in attrs.asdict(spec.remote).items() if v is not None}
             entry["instances"].append(instance)
         # A balancer for a model without specs shows up as "has no instances".
         for name, model_balancer in (balancers or {}).items():
@@ -382,7 +397,21 @@ def _remote(value: Any, path: str) -> RemoteCore:
         seconds[key] = float(value)
     if seconds["heartbeat"] < 0.1:
         _fail(f"{path}.heartbeat", f"must be at least 0.1 s (got {_show(remote['heartbeat'])})")
-    return RemoteCore(address=address.strip(), port=port, **seconds)
+    ray = _ray(remote["ray"], f"{path}.ray") if "ray" in remote else None
+    return RemoteCore(address=address.strip(), port=port, ray=ray, **seconds)
+
+
+def _ray(value: Any, path: str) -> RayPlacement:
+    ray = _object(value, path)
+    _check_keys(ray, _RAY_KEYS, path)
+    gpus, cpus, address = ray.get("gpus", 1), ray.get("cpus", 1.0), ray.get("address")
+    if not _is_int(gpus) or gpus < 0:
+        _fail(f"{path}.gpus", f"must be a whole number of GPUs, 0 or more (got {_show(gpus)})")
+    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not math.isfinite(cpus) or cpus <= 0:
+        _fail(f"{path}.cpus", f"must be a positive number of CPUs (got {_show(cpus)})")
+    if address is not None and (not isinstance(address, str) or not address.strip()):
+        _fail(f"{path}.address", f"must be a Ray cluster address such as 'auto' or 'ray://head:10001' (got {_show(address)})")
+    return RayPlacement(gpus=gpus, cpus=float(cpus), address=address.strip() if address else None)
 
 
 def _limits(value: Any, path: str) -> dict[str, int]:

@@ -48,6 +48,26 @@ def headless_command(model: str, address: str, port: int, vllm_args: Sequence[st
     ]  # fmt: skip
 
 
+def serve_flags(engine_args: dict[str, Any]) -> list[str]:
+    """An instance's engine args (all but ``model``) as ``vllm serve`` flags: ``max_model_len:
+    4096`` -> ``--max-model-len 4096``, ``True`` -> the bare flag, mappings and lists as JSON.
+    False and None are left out (vLLM's defaults)."""
+    import json
+
+    flags: list[str] = []
+    for key, value in engine_args.items():
+        if key == "model" or value is None or value is False:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif isinstance(value, (dict, list, tuple)):
+            flags += [flag, json.dumps(value)]
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
 def headless_environment(address: str, base: dict[str, str] | None = None) -> dict[str, str]:
     """The environment the core needs to find the pool (see the module's notes)."""
     return {**(os.environ if base is None else base), "VLLM_DP_MASTER_IP": address}
@@ -102,8 +122,8 @@ class CoreHost:
     orphaned.
     ``restart_delay``: seconds between a core's end and the next start. ``probe``:
     seconds between looks at whether the pool waits for a new core while this one is
-    attached. :meth:`run` returns when :meth:`stop` is called (SIGTERM/SIGINT in
-    ``lylm core``).
+    attached. ``die_with_parent``: the core gets SIGKILL if this process dies (in a Ray
+    actor). :meth:`run` returns when :meth:`stop` is called (SIGTERM/SIGINT in ``lylm core``).
     """
 
     def __init__(
@@ -117,6 +137,7 @@ class CoreHost:
         restart_delay: float = 2.0,
         poll: float = 0.5,
         probe: float = 2.0,
+        die_with_parent: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.command = list(command)
@@ -124,6 +145,7 @@ class CoreHost:
         self.address, self.port = address, port
         self.grace, self.restart_delay, self.poll, self.probe = grace, restart_delay, poll, probe
         self._clock = clock
+        self._die_with_parent = die_with_parent
         self._stop = threading.Event()
         self._proc: subprocess.Popen[bytes] | None = None
         #: How many times the core was started (the first start included).
@@ -149,7 +171,12 @@ class CoreHost:
 
     def _run_once(self) -> str:
         """Start the core and watch it; returns why it must be started again."""
-        self._proc = subprocess.Popen(self.command, env=self.environment, start_new_session=True)
+        self._proc = subprocess.Popen(
+            self.command,
+            env=self.environment,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if self._die_with_parent else None,
+        )
         self.starts += 1
         logger.info("engine core started (pid %d), attaching to %s:%d", self._proc.pid, self.address, self.port)
         self.attached = False
@@ -196,6 +223,15 @@ class CoreHost:
                 return
             except subprocess.TimeoutExpired:
                 continue
+
+
+def _die_with_parent() -> None:
+    # In the child, before exec: SIGKILL when the process that started it dies (Linux), so a
+    # core does not outlive a Ray actor killed without a word.
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def run_core_host(args: Any) -> None:

@@ -80,6 +80,8 @@ class VLLMEngine(Engine):
         #: A remote instance's core connections, and its start's wait for the core (_vllm_remote).
         self._disconnects: Disconnects | None = None
         self._attach: Attach | None = None
+        #: A remote core this engine placed through Ray (_ray_placement), stopped with it.
+        self._placed: Any = None
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -170,6 +172,20 @@ class VLLMEngine(Engine):
         if self.spec.remote is None:
             await anyio.to_thread.run_sync(self._build)
             return
+        if self.spec.remote.ray is not None:  # the pool starts the core itself, where Ray places it
+            from ._ray_placement import RayCore
+
+            placed = RayCore(self.spec)
+            with self._state_lock:
+                closed = self._closed
+                if not closed:
+                    self._placed = placed
+            if closed:
+                raise EngineDeadError(f"{self.spec.name} was shut down while it started")
+            await anyio.to_thread.run_sync(placed.start, self.spec.remote.timeout)
+            if self._closed:  # shut down while it was placed: what the placement made goes too
+                await anyio.to_thread.run_sync(placed.stop)
+                raise EngineDeadError(f"{self.spec.name} was shut down while it started")
         self._attach = Attach(self.spec.remote)
         await self._attach.run(self._build)
         # On the event loop's thread, where the health poll reads it.
@@ -472,6 +488,10 @@ class VLLMEngine(Engine):
         if processes:
             await anyio.to_thread.run_sync(reap, processes)
             REAPER.forget(processes)
+        with self._state_lock:
+            placed, self._placed = self._placed, None
+        if placed is not None:
+            await anyio.to_thread.run_sync(placed.stop)
 
     def process_ids(self) -> list[int]:
         """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""

@@ -82,11 +82,11 @@ def _unused_port() -> int:
 def test_a_core_whose_pool_closed_the_connections_is_started_again(front_end: FrontEnd) -> None:
     host, thread = _host(front_end, _unused_port(), grace=0.2, probe=60)
     try:
-        wait_until(lambda: len(front_end.accepted) == 1 and host.attached, timeout=10)
+        wait_until(lambda: len(front_end.accepted) == 1 and host.attached, timeout=30)
         first = host._proc
         assert first is not None and connections_to(first.pid, "127.0.0.1") == [("127.0.0.1", front_end.port)]
         front_end.drop()  # the pool went away
-        wait_until(lambda: host.starts >= 2 and len(front_end.accepted) >= 1, timeout=10)
+        wait_until(lambda: host.starts >= 2 and len(front_end.accepted) >= 1, timeout=30)
         assert first.poll() is not None  # the orphan was ended, not left running
     finally:
         host.stop()
@@ -98,12 +98,12 @@ def test_a_core_attached_while_the_pool_waits_for_a_new_one_is_started_again(fro
     port = _unused_port()
     host, thread = _host(front_end, port, grace=60, probe=0.1)
     try:
-        wait_until(lambda: len(front_end.accepted) == 1 and host.attached, timeout=10)
+        wait_until(lambda: len(front_end.accepted) == 1 and host.attached, timeout=30)
         assert not pool_waits("127.0.0.1", port)
         # The pool gave this core up (a partition) and listens for a new one.
         waiting = socket.create_server(("127.0.0.1", port))
         try:
-            wait_until(lambda: host.starts == 2, timeout=10)
+            wait_until(lambda: host.starts == 2, timeout=30)
         finally:
             waiting.close()
     finally:
@@ -116,7 +116,7 @@ def test_a_core_that_exits_is_started_again_and_stop_ends_it(front_end: FrontEnd
     thread = threading.Thread(target=host.run, daemon=True)
     thread.start()
     try:
-        wait_until(lambda: host.starts >= 3, timeout=20)
+        wait_until(lambda: host.starts >= 3, timeout=30)
     finally:
         host.stop()
         thread.join(10)

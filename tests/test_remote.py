@@ -59,6 +59,12 @@ def _instance(model: str, **remote: Any) -> dict[str, Any]:
         ({"address": "10.0.0.2", "port": 13345, "timeout": 0}, "remote.timeout", "positive"),
         ({"address": "10.0.0.2", "port": 13345, "heartbeat": "1"}, "remote.heartbeat", "positive"),
         ({"address": "10.0.0.2", "port": 13345, "heartbeat": 0.05}, "remote.heartbeat", "at least 0.1 s"),
+        ({"address": "10.0.0.2", "port": 13345, "ray": {"gpus": -1}}, "remote.ray.gpus", "0 or more"),
+        ({"address": "10.0.0.2", "port": 13345, "ray": {"gpus": 1.5}}, "remote.ray.gpus", "whole number"),
+        ({"address": "10.0.0.2", "port": 13345, "ray": {"cpus": 0}}, "remote.ray.cpus", "positive"),
+        ({"address": "10.0.0.2", "port": 13345, "ray": {"address": ""}}, "remote.ray.address", "Ray cluster"),
+        ({"address": "10.0.0.2", "port": 13345, "ray": {"node": "a"}}, "remote.ray.node", "unknown key"),
+        ({"address": "10.0.0.2", "port": 13345, "ray": 1}, "remote.ray", "object"),
         ({"address": "10.0.0.2", "port": 13345, "host": "x"}, "remote.host", "unknown key"),
     ],
 )
@@ -91,6 +97,20 @@ def test_a_remote_instance_survives_the_round_trip_through_specs() -> None:
     assert remote.remote is not None and remote.remote.describe() == "10.0.0.2:13345"
     assert (remote.remote.timeout, remote.remote.heartbeat) == (60, 1.2)
     assert PoolConfig.from_specs([local, remote]).models == config.models
+
+
+def test_a_ray_placement_survives_the_round_trip_and_engine_args_become_serve_flags() -> None:
+    from lylm._core_host import serve_flags
+
+    remote = {"address": "10.0.0.2", "port": 13345, "ray": {"gpus": 2, "address": "auto"}}
+    config = PoolConfig.from_dict({"models": {MODEL: [_instance("m", **remote)]}})
+    (spec,) = config.models[0].instances
+    assert spec.remote is not None and spec.remote.ray is not None
+    assert (spec.remote.ray.gpus, spec.remote.ray.cpus, spec.remote.ray.address) == (2, 1.0, "auto")
+    assert PoolConfig.from_specs([spec]).models == config.models
+    assert serve_flags({"model": "m", "max_model_len": 4096, "enforce_eager": True, "trust_remote_code": False,
+                        "seed": None, "hf_overrides": {"a": 1}}) == [
+        "--max-model-len", "4096", "--enforce-eager", "--hf-overrides", '{"a": 1}']
 
 
 def test_a_server_with_workers_refuses_remote_instances_before_anything_starts() -> None:
@@ -506,3 +526,53 @@ async def test_lylm_core_keeps_a_remote_core_attachable_across_pool_restarts_par
     print(f"\nlylm core at {where}: attached again (s after the event): "
           + ", ".join(f"{what} {seconds:.1f}" for what, seconds in times.items()))
 
+
+
+@pytest.mark.engines
+@pytest.mark.anyio
+async def test_a_remote_core_placed_through_ray_serves_and_is_placed_again_when_it_dies(model_dir: Path) -> None:
+    ray = pytest.importorskip("ray")
+    from ray.util.placement_group import placement_group_table
+
+    port = free_port()
+    args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS}
+    # A local Ray head on this machine; the core asks for no GPU (the CPU build).
+    config = {"models": {MODEL: [{"engine_args": args, "remote": {
+        "address": "127.0.0.1", "port": port, "timeout": 120, "ray": {"gpus": 0, "cpus": 1}}}]}}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    since = time.time()
+
+    def cores() -> list[psutil.Process]:  # this test's engine cores (under Ray's actor)
+        return [p for p in psutil.process_iter(["name", "create_time"])
+                if p.info["name"] == "VLLM::EngineCore" and p.info["create_time"] >= since - 1]
+
+    times: dict[str, float] = {}
+    try:
+        began = time.monotonic()
+        async with EnginePool.from_config(config, restart=RestartPolicy(initial_backoff=0.1, jitter=0),
+                                          health_interval=0.1) as pool:
+            (remote,) = pool.instances(MODEL)
+            assert remote.state == "healthy"
+            times["placed and serving"] = time.monotonic() - began
+            await _serves(pool, remote)
+            groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
+            assert len(groups) == 1 and groups[0]["name"] == f'lylm {remote.name}'
+            # The core dies: the pool places a new one through Ray, and it attaches.
+            (core,) = cores()
+            core.kill()
+            died = time.monotonic()
+            await until(lambda: remote.state != "healthy", timeout=10)
+            times["ejected"] = time.monotonic() - died
+            await until(lambda: remote.state == "healthy", timeout=180)
+            times["placed again and serving"] = time.monotonic() - died
+            assert remote.restarts == 1
+            # ... through Ray: the first placement removed, a second one made.
+            states = sorted(g["state"] for g in placement_group_table().values())
+            assert states == ["CREATED", "REMOVED"], states
+            await _serves(pool, remote)
+        # Closed: no core, no actor, no placement left behind.
+        await until(lambda: not cores(), timeout=60)
+        assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+    finally:
+        ray.shutdown()
+    print("\nRay-placed core: " + ", ".join(f"{what} {seconds:.2f} s" for what, seconds in times.items()))
