@@ -287,7 +287,8 @@ class VLLMEngine(Engine):
         elif self._disconnects is not None and self.spec.remote is not None and self._disconnects.seen():
             self._core_lost = (
                 f"remote engine core at {self.spec.remote.describe()} disconnected "
-                f"(closed, or no heartbeat answered in {self.spec.remote.heartbeat:g} s)"
+                f"(closed, or no heartbeat answered in {self.spec.remote.heartbeat:g} s; "
+                f"{self._disconnects.what})"
             )
 
     def failure_reason(self) -> str | None:

@@ -26,6 +26,7 @@ leaves to its user, done here:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -76,8 +77,11 @@ class Disconnects:
         import zmq
 
         self._zmq = zmq
-        self._monitors: list[Any] = []
+        self._monitors: list[tuple[str, Any]] = []
         self._owned: list[Any] = []
+        self._since = time.monotonic()
+        #: Which socket saw the disconnect, and how long after the watch began (for the reason).
+        self.what: str | None = None
         resources = getattr(getattr(llm, "engine_core", None), "resources", None)
         for name in ("input_socket", "output_socket"):
             socket = getattr(resources, name, None)
@@ -86,20 +90,21 @@ class Disconnects:
             monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # in vLLM's (asyncio) context
             self._owned.append(monitor)
             # Read through a plain view of it: non-blocking reads from the health poll.
-            self._monitors.append(zmq.Socket.shadow(monitor.underlying))
+            self._monitors.append((name.split("_")[0], zmq.Socket.shadow(monitor.underlying)))
 
     def seen(self) -> bool:
         """True once either socket has reported a disconnect."""
         from zmq.utils.monitor import parse_monitor_message
 
         zmq = self._zmq
-        for monitor in self._monitors:
+        for name, monitor in self._monitors:
             while True:
                 try:
                     frames = monitor.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
                 if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
+                    self.what = f"{name} socket, {time.monotonic() - self._since:.1f} s after it attached"
                     return True
         return False
 
