@@ -32,11 +32,11 @@ from _server import free_port
 MODEL = "tiny"
 
 #: The tests' remote.heartbeat. On this 2-core machine, with a local engine, a remote core and
-#: the pool all busy, the default (1.2 s) gave false alarms: the pool's input socket saw a ping
-#: go unanswered for 1.2 s, 2-3 s after a core attached under load, in 3 of about 15 attaches
-#: (none in 9 at 3 s). A heartbeat that fires on a healthy core would make these tests flaky,
-#: so they use 3 s and check that a lost core is noticed within its bound (4/3 of it, plus the
-#: poll). On an H200 host the default noticed a stopped core in 1.63 s (BENCHMARKS.md 18).
+#: the pool all busy, the default (1.2 s) gave false alarms: a ping on the pool's input socket
+#: unanswered for 1.2 s shortly after a core attached under load, in 6 of about 40 attaches
+#: (none in 9 at 3 s; BENCHMARKS.md 18). A heartbeat that fires on a healthy core would make
+#: these tests flaky, so they use 3 s and check that a lost core is noticed within its bound
+#: (4/3 of it, plus the poll). On an H200 host the default noticed a stopped core in 1.63 s.
 HEARTBEAT = 3.0
 NOTICED_WITHIN = HEARTBEAT * 4 / 3 + 0.3
 
