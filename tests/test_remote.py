@@ -32,8 +32,8 @@ from _server import free_port
 MODEL = "tiny"
 
 #: The tests' remote.heartbeat. On this 2-core machine, with a local engine, a remote core and
-#: the pool all busy, the default (1.2 s) gave false alarms: a ping on the pool's input socket
-#: unanswered for 1.2 s shortly after a core attached under load, in 6 of about 40 attaches
+#: the pool all busy, the default (1.2 s) gave false alarms: a ping on the pool's sockets
+#: unanswered for 1.2 s shortly after a core attached under load, in 7 of about 41 attaches
 #: (none in 9 at 3 s; BENCHMARKS.md 18). A heartbeat that fires on a healthy core would make
 #: these tests flaky, so they use 3 s and check that a lost core is noticed within its bound
 #: (4/3 of it, plus the poll). On an H200 host the default noticed a stopped core in 1.63 s.
