@@ -171,17 +171,11 @@ def vllm_serve_command(args: Mapping[str, Any], served_name: str, port: int) -> 
         # lylm's defaults: no periodic stats log, no per-request access log.
         "--disable-log-stats", "--disable-uvicorn-access-log",
     ]
-    for key, value in args.items():
-        flag = "--" + key.replace("_", "-")
-        if value is True:
-            cmd.append(flag)
-        elif value is False or value is None:
-            continue
-        elif isinstance(value, (dict, list)):
-            cmd += [flag, json.dumps(value)]
-        else:
-            cmd += [flag, str(value)]
-    return cmd
+    from lylm._core_host import serve_flags
+
+    if "model" in args:
+        cmd += ["--model", str(args["model"])]
+    return cmd + serve_flags(dict(args))
 
 
 def write_lylm_config(path: Path, served_name: str, instances: list[dict[str, Any]]) -> Path:

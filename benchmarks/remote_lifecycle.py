@@ -40,10 +40,10 @@ MODEL = "m"
 
 def core_command(eargs: dict[str, Any], port: int) -> list[str]:
     """``lylm core`` for the instance's engine args, attaching to 127.0.0.1:``port``."""
-    flags = harness.vllm_serve_command({k: v for k, v in eargs.items() if k != "model"}, MODEL, 0)
-    engine_flags = flags[flags.index("--disable-uvicorn-access-log") + 1:]
+    from lylm._core_host import serve_flags
+
     return [sys.executable, "-m", "lylm", "core", "--pool", f"127.0.0.1:{port}", "--grace", "1",
-            "--restart-delay", "0.5", eargs["model"], *engine_flags]
+            "--restart-delay", "0.5", eargs["model"], *serve_flags(eargs)]
 
 
 def engine_cores(host: subprocess.Popen[bytes]) -> list[psutil.Process]:

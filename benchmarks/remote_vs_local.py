@@ -33,13 +33,9 @@ MODEL = "m"
 
 def headless_command(eargs: dict[str, Any], port: int) -> list[str]:
     """``vllm serve --headless`` with ``eargs`` as flags, attaching to 127.0.0.1:``port``."""
-    from lylm.testing import vllm_cli
+    from lylm._core_host import headless_command, serve_flags
 
-    flags = harness.vllm_serve_command({k: v for k, v in eargs.items() if k != "model"}, MODEL, 0)
-    engine_flags = flags[flags.index("--disable-uvicorn-access-log") + 1:]
-    return [*vllm_cli(), "serve", eargs["model"], "--headless", "--data-parallel-size", "1",
-            "--data-parallel-size-local", "1", "--data-parallel-start-rank", "0",
-            "--data-parallel-address", "127.0.0.1", "--data-parallel-rpc-port", str(port), *engine_flags]
+    return headless_command(eargs["model"], "127.0.0.1", port, serve_flags(eargs))
 
 
 def own_cpu_s() -> float:

@@ -177,11 +177,9 @@ class VLLMEngine(Engine):
 
             placed = RayCore(self.spec)
             with self._state_lock:
-                closed = self._closed
-                if not closed:
-                    self._placed = placed
-            if closed:
-                raise EngineDeadError(f"{self.spec.name} was shut down while it started")
+                if self._closed:
+                    raise EngineDeadError(f"{self.spec.name} was shut down while it started")
+                self._placed = placed
             await anyio.to_thread.run_sync(placed.start, self.spec.remote.timeout)
             if self._closed:  # shut down while it was placed: what the placement made goes too
                 await anyio.to_thread.run_sync(placed.stop)

@@ -24,7 +24,8 @@ import psutil
 import pytest
 
 from lylm import ConfigError, EnginePool, EngineStartError, PoolConfig, RequestRecord, RestartPolicy
-from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model, vllm_cli
+from lylm._core_host import headless_command, headless_environment, serve_flags
+from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
 from _helpers import until
 from _server import free_port
@@ -258,20 +259,13 @@ class HeadlessCore:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
-        args = TINY_MODEL_ENGINE_ARGS
-        command = [
-            *vllm_cli(), "serve", str(self.model), "--headless",
-            "--data-parallel-size", "1", "--data-parallel-size-local", "1", "--data-parallel-start-rank", "0",
-            "--data-parallel-address", self.pool_address, "--data-parallel-rpc-port", str(self.port),
-            "--load-format", args["load_format"], "--enforce-eager", "--dtype", args["dtype"],
-            "--max-model-len", str(args["max_model_len"]), "--max-num-seqs", str(args["max_num_seqs"]),
-            "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]),
-        ]  # fmt: skip
+        # vLLM's own command line (not lylm core), the instance's engine args as its flags.
+        command = headless_command(str(self.model), self.pool_address, self.port, serve_flags(TINY_MODEL_ENGINE_ARGS))
         if self.namespace is not None:
             command = self.namespace.run(command)
         # With one data-parallel rank, vLLM's core takes the front end's address from
         # VLLM_DP_MASTER_IP (default 127.0.0.1), not from --data-parallel-address.
-        environment = {**os.environ, "VLLM_DP_MASTER_IP": self.pool_address}
+        environment = headless_environment(self.pool_address, dict(os.environ))
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=environment
@@ -443,13 +437,9 @@ class CoreHostProcess:
 
     def __init__(self, model: Path, port: int, log: Path, namespace: Namespace | None) -> None:
         self.pool_address = namespace.pool_address if namespace else "127.0.0.1"
-        args = TINY_MODEL_ENGINE_ARGS
         self.command = [
             sys.executable, "-m", "lylm", "core", "--pool", f"{self.pool_address}:{port}", "--grace", "1",
-            "--restart-delay", "0.5", str(model),
-            "--load-format", args["load_format"], "--enforce-eager", "--dtype", args["dtype"],
-            "--max-model-len", str(args["max_model_len"]), "--max-num-seqs", str(args["max_num_seqs"]),
-            "--kv-cache-memory-bytes", str(args["kv_cache_memory_bytes"]),
+            "--restart-delay", "0.5", str(model), *serve_flags(TINY_MODEL_ENGINE_ARGS),
         ]  # fmt: skip
         if namespace is not None:
             self.command = namespace.run(self.command)
