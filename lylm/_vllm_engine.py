@@ -187,7 +187,7 @@ class VLLMEngine(Engine):
         self._attach = Attach(self.spec.remote)
         await self._attach.run(self._build)
         # On the event loop's thread, where the health poll reads it.
-        self._disconnects = Disconnects(self._llm)
+        self._disconnects = Disconnects(self._llm, self.spec.remote)
 
     def _build(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs

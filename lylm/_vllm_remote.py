@@ -25,6 +25,7 @@ leaves to its user, done here:
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -33,6 +34,8 @@ from typing import Any
 import anyio
 
 from ._config import RemoteCore
+
+logger = logging.getLogger("lylm")
 
 #: A data-parallel rank no pool uses: vLLM's handshake fails on a message from it.
 _ABORT_RANK = 65535
@@ -71,29 +74,49 @@ def abort_attach(remote: RemoteCore) -> None:
 class Disconnects:
     """Watches an attached front end's sockets (vLLM's input and output sockets of its
     engine-core client) for a disconnect of the remote core. :meth:`seen` is called
-    from the event loop's thread (the pool's health poll); it never blocks."""
+    from the event loop's thread (the pool's health poll); it never blocks.
 
-    def __init__(self, llm: Any) -> None:
+    Those sockets listen on a TCP port, so anything may connect to them: a port scanner,
+    a health probe, a stray ``nc``. ZeroMQ reports such a connection's end as a
+    disconnect like the core's, so the watch tells them apart: a connection accepted
+    after the watch began whose ZeroMQ handshake failed is not the core, and its end is
+    only counted (:attr:`strays`, and a warning: these ports carry no authentication).
+    Any other disconnect (the core's connections, or a ZeroMQ peer that completed its
+    handshake) is the core leaving.
+    """
+
+    def __init__(self, llm: Any, remote: RemoteCore | None = None) -> None:
         import zmq
 
         self._zmq = zmq
+        self._remote = remote
         self._monitors: list[tuple[str, Any]] = []
         self._owned: list[Any] = []
         self._since = time.monotonic()
+        #: Per socket: file descriptors of connections accepted since the watch began, and
+        #: how many of those have failed their handshake and not yet ended.
+        self._accepted: dict[str, set[int]] = {}
+        self._failed: dict[str, int] = {}
+        #: Connections that were not the core (failed handshakes), ended and ignored.
+        self.strays = 0
         #: Which socket saw the disconnect, and how long after the watch began (for the reason).
         self.what: str | None = None
         resources = getattr(getattr(llm, "engine_core", None), "resources", None)
+        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | _handshake_failures(zmq)
         for name in ("input_socket", "output_socket"):
             socket = getattr(resources, name, None)
             if socket is None:
                 continue
-            monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)  # in vLLM's (asyncio) context
+            monitor = socket.get_monitor_socket(events)  # in vLLM's (asyncio) context
             self._owned.append(monitor)
             # Read through a plain view of it: non-blocking reads from the health poll.
-            self._monitors.append((name.split("_")[0], zmq.Socket.shadow(monitor.underlying)))
+            key = name.split("_")[0]
+            self._monitors.append((key, zmq.Socket.shadow(monitor.underlying)))
+            self._accepted[key] = set()
+            self._failed[key] = 0
 
     def seen(self) -> bool:
-        """True once either socket has reported a disconnect."""
+        """True once either socket has reported a disconnect of the core."""
         from zmq.utils.monitor import parse_monitor_message
 
         zmq = self._zmq
@@ -103,7 +126,25 @@ class Disconnects:
                     frames = monitor.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                if parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED:
+                message = parse_monitor_message(frames)
+                event, value = message["event"], message["value"]
+                if event == zmq.EVENT_ACCEPTED:
+                    self._accepted[name].add(value)
+                elif event & _handshake_failures(zmq):
+                    self._failed[name] += 1
+                elif event == zmq.EVENT_DISCONNECTED:
+                    if value in self._accepted[name] and self._failed[name] > 0:
+                        self._accepted[name].discard(value)
+                        self._failed[name] -= 1
+                        self.strays += 1
+                        logger.warning(
+                            "a connection to the %s socket of the remote engine core at %s was not "
+                            "ZeroMQ (its handshake failed): ignored. These ports carry no "
+                            "authentication: keep them on a private network",
+                            name,
+                            self._remote.describe() if self._remote is not None else "?",
+                        )
+                        continue
                     self.what = f"{name} socket, {time.monotonic() - self._since:.1f} s after it attached"
                     return True
         return False
@@ -114,6 +155,12 @@ class Disconnects:
         for monitor in self._owned:
             monitor.close(linger=0)
         self._owned = []
+
+
+def _handshake_failures(zmq: Any) -> int:
+    return int(
+        zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    )
 
 
 #: Seconds a build may still take after the core's handshake connection closed: READY

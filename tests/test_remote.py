@@ -22,6 +22,7 @@ from typing import Any
 import anyio
 import psutil
 import pytest
+import zmq
 
 from lylm import ConfigError, EnginePool, EngineStartError, PoolConfig, RequestRecord, RestartPolicy
 from lylm._core_host import headless_command, headless_environment, serve_flags
@@ -131,6 +132,56 @@ def test_a_server_with_workers_refuses_remote_instances_before_anything_starts()
     with pytest.raises(ConfigError, match="workers 1") as caught:
         serve(config, workers=2)
     assert caught.value.path == f'models["{MODEL}"][0].remote'
+
+
+# -- the disconnect watch, on real ZeroMQ sockets -----------------------------------
+
+
+def _stray(port: int, payload: bytes = b"") -> None:
+    """A connection that is not ZeroMQ: a port scanner's, a health probe's."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        if payload:
+            s.sendall(payload)
+
+
+def test_the_disconnect_watch_ignores_connections_that_are_not_the_core_and_sees_the_core_leave() -> None:
+    """The front end's sockets listen on TCP ports: a stray connection's end must not eject
+    a healthy core (ZeroMQ reports it as a disconnect too), the core's own end must."""
+    import types
+
+    from lylm._vllm_remote import Disconnects
+    from _helpers import wait_until
+
+    context = zmq.Context()
+    try:
+        front_in, front_out = context.socket(zmq.ROUTER), context.socket(zmq.PULL)
+        ports = [front_in.bind_to_random_port("tcp://127.0.0.1"), front_out.bind_to_random_port("tcp://127.0.0.1")]
+        core_in, core_out = context.socket(zmq.DEALER), context.socket(zmq.PUSH)
+        core_in.connect(f"tcp://127.0.0.1:{ports[0]}")
+        core_in.send(b"ready")
+        assert front_in.poll(10_000) and front_in.recv_multipart()[1] == b"ready"
+        llm = types.SimpleNamespace(engine_core=types.SimpleNamespace(
+            resources=types.SimpleNamespace(input_socket=front_in, output_socket=front_out)))
+        watch = Disconnects(llm)
+        # The core's output connection made after the watch began: a peer like the first.
+        core_out.connect(f"tcp://127.0.0.1:{ports[1]}")
+        core_out.send(b"out")
+        assert front_out.poll(10_000) and front_out.recv() == b"out"
+
+        for port in ports:
+            _stray(port)
+            _stray(port, b"GET / HTTP/1.0\r\n\r\n")
+        wait_until(lambda: watch.seen() or watch.strays == 4)
+        assert watch.strays == 4 and watch.what is None
+
+        core_out.close(linger=0)  # the core goes (its late-made connection counts as the core's)
+        wait_until(watch.seen)
+        assert watch.what is not None and watch.what.startswith("output socket"), watch.what
+        watch.close()
+    finally:
+        context.destroy(linger=0)  # closes every socket, then ends the context
 
 
 # -- a remote core missing at the pool's start (fake engines) ---------------------
@@ -389,6 +440,16 @@ async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_a
         text = PoolMetrics(pool).render().decode()
         assert f'lylm_engine_info{{attaches_at="",core="local",engine="0",model="{MODEL}"}} 1.0' in text
         assert f'lylm_engine_info{{attaches_at="{where}",core="remote",engine="1",model="{MODEL}"}} 1.0' in text
+        await _serves(pool, remote)
+
+        # Anything may connect to the front end's engine-core ports: a connection that is
+        # not ZeroMQ (a port scanner's) ends like a disconnect, but is not the core's.
+        watch = remote.engine._disconnects
+        resources = remote.engine._llm.engine_core.resources
+        for socket in (resources.input_socket, resources.output_socket):
+            _stray(int(socket.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1]))
+        await until(lambda: watch.strays == 2)
+        assert remote.state == "healthy", remote.last_error
         await _serves(pool, remote)
 
         # Killed under load: the host closes its connections.
