@@ -106,7 +106,7 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
     with open(log, "ab") as out:
         began = time.monotonic()
         host = subprocess.Popen(core_command(eargs, port), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True,
+                                process_group=0,
                                 env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"} if harness.DEVICE == "gpu" else None)
     try:
         async with EnginePool.from_config(config, restart=restart, health_interval=0.1) as pool:

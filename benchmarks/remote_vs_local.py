@@ -134,7 +134,7 @@ def main() -> None:
     log = Path(args.out + "_core.log")
     with open(log, "wb") as out:  # the "other host": its own process group, killed at the end
         core = subprocess.Popen(headless_command(eargs, port), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+                                process_group=0, env={**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
                                 if harness.DEVICE == "gpu" else None)
     try:
         result = anyio.run(run, args, eargs, port)

@@ -174,7 +174,12 @@ class CoreHost:
         self._proc = subprocess.Popen(
             self.command,
             env=self.environment,
-            start_new_session=True,
+            # Its own process group (stopped as one, and a terminal's Ctrl-C reaches only this
+            # process, which stops it), in this session: Linux's autogroup scheduler shares CPU
+            # between sessions, and on a host where other sessions keep the CPUs busy a core in
+            # a session of its own was starved (BENCHMARKS.md 18).
+            process_group=0,
+            stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent if self._die_with_parent else None,
         )
         self.starts += 1
@@ -185,6 +190,7 @@ class CoreHost:
         while not self._stop.wait(self.poll):
             code = self._proc.poll()
             if code is not None:
+                self._end_core()  # what it left behind (its workers) goes too
                 return f"the engine core exited with code {code}"
             now = self._clock()
             ports = {port for _, port in connections_to(self._proc.pid, self.address)}
@@ -210,19 +216,23 @@ class CoreHost:
         return "stopped"
 
     def _end_core(self, timeout: float = 30.0) -> None:
+        """Stop the core's process group: SIGTERM, then SIGKILL after ``timeout``; and
+        SIGKILL for what is left of the group once its leader has exited (a worker of a
+        core that was killed outlives it, holding memory, GPU memory on a GPU host)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
+        if proc is None:
             return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 30.0)):
+        if proc.poll() is None:
             try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                return
-            try:
-                proc.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # nothing left
+            return
+        proc.wait(30.0)
 
 
 def _die_with_parent() -> None:

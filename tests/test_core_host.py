@@ -13,6 +13,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -117,6 +118,49 @@ def test_a_core_that_exits_is_started_again_and_stop_ends_it(front_end: FrontEnd
     thread.start()
     try:
         wait_until(lambda: host.starts >= 3, timeout=30)
+    finally:
+        host.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+# Starts a "worker" (as vLLM's core does), writes the pids to argv[1], then dies.
+_CORE_WITH_WORKER = """
+import os, subprocess, sys
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(f"{os.getpid()} {worker.pid}")
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+os._exit(9)
+"""
+
+
+def _running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_core_runs_in_its_own_process_group_of_this_session_and_its_leftovers_end_with_it(tmp_path: Path) -> None:
+    """Its own process group: ended as one. This session: Linux's autogroup shares the CPUs
+    between sessions, and a core in a session of its own was starved on a busy host. A core
+    that dies leaves its workers behind (they hold memory): they are ended before the next start."""
+    import os
+
+    pids = tmp_path / "pids"
+    host = CoreHost([sys.executable, "-c", _CORE_WITH_WORKER, str(pids)], dict(os.environ), "127.0.0.1", 1,
+                    poll=0.05, restart_delay=60)  # fmt: skip
+    thread = threading.Thread(target=host.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(pids.exists, timeout=30)
+        core, worker = map(int, pids.read_text().split())
+        assert os.getpgid(worker) == core and os.getsid(worker) == os.getsid(0)
+        wait_until(lambda: not _running(worker), timeout=30)  # ended though the core had exited
+        assert host.starts == 1  # ... before the next start (60 s away)
     finally:
         host.stop()
         thread.join(10)
