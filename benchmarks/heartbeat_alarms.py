@@ -8,7 +8,8 @@ under ``lylm core`` in another process (127.0.0.1). ``--streams`` streams of gen
 run the whole time. Each round waits for the remote to attach, watches it for
 ``--watch`` seconds (a healthy core must stay in: an ejection here is a false alarm, and
 its reason says which socket went quiet and when), then SIGKILLs the engine core so that
-``lylm core`` starts a new one and the next round watches a fresh attach. Rounds stop at
+``lylm core`` starts a new one and the next round watches a fresh attach ("attached after":
+seconds from the previous round's end, or from the pool's start). Rounds stop at
 ``--attaches`` or ``--budget-s``.
 
 ``--perf`` records the scheduler (``perf sched record``, root) during each watch and keeps
@@ -97,6 +98,7 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
     ]}}
     restart = RestartPolicy(initial_backoff=0.1, jitter=0)
     rounds: list[dict[str, Any]] = []
+    not_attached: list[dict[str, Any]] = []
     outcomes: dict[str, int] = {}
     with open(log, "ab") as out:
         host = subprocess.Popen(core_command(eargs, port), stdout=out, stderr=subprocess.STDOUT,
@@ -126,11 +128,20 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
             async with anyio.create_task_group() as tg:
                 for _ in range(args.streams):
                     tg.start_soon(one)
+                waiting = time.monotonic()
                 while len(rounds) < args.attaches and time.monotonic() - began < args.budget_s:
-                    with anyio.fail_after(600):
+                    # Up to the budget's end (and two minutes more) for the next attach.
+                    with anyio.move_on_after(max(60.0, args.budget_s - (time.monotonic() - began) + 120)):
                         while remote.state != "healthy":
                             await anyio.sleep(0.01)
                     attached = time.monotonic()
+                    if remote.state != "healthy":
+                        unattached = {"round": len(rounds), "attached": False,
+                                      "waited_s": round(attached - waiting, 1)}
+                        print(json.dumps(unattached), flush=True)
+                        not_attached.append(unattached)
+                        break
+                    to_attach = attached - waiting
                     recorder = None
                     data = Path(f"{args.out}_perf_{len(rounds)}.data")
                     if args.perf:
@@ -146,7 +157,8 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
                         await anyio.sleep(0.01)
                     watch = remote.engine._disconnects
                     entry: dict[str, Any] = {"round": len(rounds), "false_alarm": ejected is not None,
-                                             "strays": getattr(watch, "strays", None)}
+                                             "strays": getattr(watch, "strays", None),
+                                             "attach_s": round(to_attach, 1)}
                     if ejected is not None:
                         entry.update(ejected_after_s=round(ejected, 3), reason=remote.last_error)
                     if recorder is not None:
@@ -162,6 +174,7 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
                         with anyio.fail_after(30):
                             while remote.state == "healthy":
                                 await anyio.sleep(0.01)
+                    waiting = time.monotonic()
                 stop.set()
     finally:
         host.send_signal(signal.SIGTERM)
@@ -172,7 +185,8 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
     alarms = [r for r in rounds if r["false_alarm"]]
     return {"heartbeat_s": args.heartbeat, "streams": args.streams, "watch_s": args.watch,
             "core_session": "its own" if args.own_session else "the pool's", "autogroup": autogroup(),
-            "attaches": len(rounds), "false_alarms": len(alarms), "rounds": rounds, "outcomes": outcomes,
+            "attaches": len(rounds), "false_alarms": len(alarms), "rounds": rounds, "not_attached": not_attached,
+            "outcomes": outcomes,
             "host_cpus": os.cpu_count()}
 
 
@@ -189,13 +203,15 @@ def table(result: dict[str, Any]) -> str:
     lines = [f"heartbeat {result['heartbeat_s']:g} s, {result['streams']} streams, each attach watched "
              f"{result['watch_s']:g} s, the core in {result['core_session']} session, autogroup {grouping}: "
              f"**{result['false_alarms']} false alarms in {result['attaches']} attaches**",
-             "", "| round | ejected after | reason | worst scheduling delay of a ZeroMQ I/O thread (ms) |",
-             "|---:|---:|---|---|"]
+             "", "| round | attached after | ejected after | reason | worst scheduling delay of a ZeroMQ I/O thread (ms) |",
+             "|---:|---:|---:|---|---|"]
     for r in result["rounds"]:
         delays = r.get("zmq_io_max_delay_ms") or {}
         worst = ", ".join(f"{role} {ms:.0f}" for role, ms in sorted(delays.items()))
         after = f"{r['ejected_after_s']:.2f} s" if r["false_alarm"] else "-"
-        lines.append(f"| {r['round']} | {after} | {r.get('reason') or ''} | {worst} |")
+        lines.append(f"| {r['round']} | {r['attach_s']:.1f} s | {after} | {r.get('reason') or ''} | {worst} |")
+    for r in result["not_attached"]:
+        lines.append(f"| {r['round']} | not within {r['waited_s']:.0f} s | | | |")
     lines.append(f"\nrequests: {result['outcomes']}")
     return "\n".join(lines)
 
