@@ -98,6 +98,7 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
     ]}}
     restart = RestartPolicy(initial_backoff=0.1, jitter=0)
     rounds: list[dict[str, Any]] = []
+    probes = 0
     not_attached: list[dict[str, Any]] = []
     outcomes: dict[str, int] = {}
     with open(log, "ab") as out:
@@ -149,13 +150,15 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
                                                      str(args.watch)], stdout=subprocess.DEVNULL,
                                                     stderr=subprocess.DEVNULL)
                     roles = thread_roles(host)
+                    if not rounds:  # connections that are not ZeroMQ must not eject it
+                        probes = await anyio.to_thread.run_sync(probe_strays, remote)
                     ejected = None
                     while time.monotonic() - attached < args.watch:
                         if remote.state != "healthy":
                             ejected = time.monotonic() - attached
                             break
                         await anyio.sleep(0.01)
-                    watch = remote.engine._disconnects
+                    watch = remote.engine._remote._disconnects
                     entry: dict[str, Any] = {"round": len(rounds), "false_alarm": ejected is not None,
                                              "strays": getattr(watch, "strays", None),
                                              "attach_s": round(to_attach, 1)}
@@ -183,11 +186,29 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
         except subprocess.TimeoutExpired:
             os.killpg(host.pid, signal.SIGKILL)
     alarms = [r for r in rounds if r["false_alarm"]]
+    stray = {"made": probes, "counted": rounds[0]["strays"] if rounds else None,
+             "ejected": bool(rounds and rounds[0]["false_alarm"])}
     return {"heartbeat_s": args.heartbeat, "streams": args.streams, "watch_s": args.watch,
             "core_session": "its own" if args.own_session else "the pool's", "autogroup": autogroup(),
             "attaches": len(rounds), "false_alarms": len(alarms), "rounds": rounds, "not_attached": not_attached,
-            "outcomes": outcomes,
+            "outcomes": outcomes, "stray_connections_round_0": stray,
             "host_cpus": os.cpu_count()}
+
+
+def probe_strays(remote: Any) -> int:
+    """Connect to the front end's engine-core ports of ``remote`` and close at once (as a port
+    scanner does); returns how many connections were made."""
+    import socket
+
+    import zmq
+
+    resources = remote.engine._llm.engine_core.resources
+    made = 0
+    for sock in (resources.input_socket, resources.output_socket):
+        host, port = sock.getsockopt(zmq.LAST_ENDPOINT).decode().removeprefix("tcp://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5):
+            made += 1
+    return made
 
 
 def autogroup() -> bool | None:
@@ -213,6 +234,8 @@ def table(result: dict[str, Any]) -> str:
     for r in result["not_attached"]:
         lines.append(f"| {r['round']} | not within {r['waited_s']:.0f} s | | | |")
     lines.append(f"\nrequests: {result['outcomes']}")
+    lines.append(f"stray (non-ZeroMQ) connections to the engine-core ports in round 0: "
+                 f"{result['stray_connections_round_0']}")
     return "\n".join(lines)
 
 

@@ -29,7 +29,7 @@ from ._render import is_pooling
 from ._reaper import REAPER, kill_tree, process_tree, reap
 from ._vllm_cores import EngineCores
 from ._vllm_internals import build_with_environment, build_with_heartbeats, fail_held_requests, manager_of, pids_of
-from ._vllm_remote import Attach, Disconnects, remote_engine_args
+from ._vllm_remote import RemoteLink, remote_engine_args
 from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._vllm_stats import stat_logger_factory
 
@@ -77,11 +77,8 @@ class VLLMEngine(Engine):
         self._client_index = 0
         self._core_lost: str | None = None
         self._parsing: OutputParsing | None = None
-        #: A remote instance's core connections, and its start's wait for the core (_vllm_remote).
-        self._disconnects: Disconnects | None = None
-        self._attach: Attach | None = None
-        #: A remote core this engine placed through Ray (_ray_placement), stopped with it.
-        self._placed: Any = None
+        #: A remote instance's hold on its core: placement, attach, disconnect watch.
+        self._remote = RemoteLink(spec) if spec.remote is not None else None
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -169,25 +166,10 @@ class VLLMEngine(Engine):
         ``remote.timeout`` seconds."""
         if self._llm is not None:
             return
-        if self.spec.remote is None:
+        if self._remote is None:
             await anyio.to_thread.run_sync(self._build)
-            return
-        if self.spec.remote.ray is not None:  # the pool starts the core itself, where Ray places it
-            from ._ray_placement import RayCore
-
-            placed = RayCore(self.spec)
-            with self._state_lock:
-                if self._closed:
-                    raise EngineDeadError(f"{self.spec.name} was shut down while it started")
-                self._placed = placed
-            await anyio.to_thread.run_sync(placed.start, self.spec.remote.timeout)
-            if self._closed:  # shut down while it was placed: what the placement made goes too
-                await anyio.to_thread.run_sync(placed.stop)
-                raise EngineDeadError(f"{self.spec.name} was shut down while it started")
-        self._attach = Attach(self.spec.remote)
-        await self._attach.run(self._build)
-        # On the event loop's thread, where the health poll reads it.
-        self._disconnects = Disconnects(self._llm, self.spec.remote)
+        else:
+            await self._remote.start(self._build, lambda: self._llm)
 
     def _build(self) -> None:
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -282,12 +264,8 @@ class VLLMEngine(Engine):
             return
         if self._cores is not None and not self._cores.alive():
             self._core_lost = f"engine core (pid {', '.join(map(str, self._cores.process_ids()))}) is gone"
-        elif self._disconnects is not None and self.spec.remote is not None and self._disconnects.seen():
-            self._core_lost = (
-                f"remote engine core at {self.spec.remote.describe()} disconnected "
-                f"(closed, or no heartbeat answered in {self.spec.remote.heartbeat:g} s; "
-                f"{self._disconnects.what})"
-            )
+        elif self._remote is not None:
+            self._core_lost = self._remote.lost()
 
     def failure_reason(self) -> str | None:
         """Which engine process exited and how, once vLLM has flagged the engine as errored."""
@@ -472,11 +450,8 @@ class VLLMEngine(Engine):
             llm, self._llm = self._llm, None
             starting, self._starting = self._starting, []
             self._closed = True
-        if self._attach is not None:  # a start waiting for the core: end the wait
-            await self._attach.abort()
-        if self._disconnects is not None:
-            self._disconnects.close()
-            self._disconnects = None
+        if self._remote is not None:
+            await self._remote.close()
         if starting:
             await anyio.to_thread.run_sync(kill_tree, starting)
             REAPER.forget(starting)
@@ -487,10 +462,8 @@ class VLLMEngine(Engine):
         if processes:
             await anyio.to_thread.run_sync(reap, processes)
             REAPER.forget(processes)
-        with self._state_lock:
-            placed, self._placed = self._placed, None
-        if placed is not None:
-            await anyio.to_thread.run_sync(placed.stop)
+        if self._remote is not None:
+            await self._remote.release()
 
     def process_ids(self) -> list[int]:
         """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""

@@ -21,6 +21,9 @@ leaves to its user, done here:
   :func:`~lylm._vllm_internals.build_with_heartbeats`) close a silent connection, and
   :class:`Disconnects` sees that too;
 * the engine args that make the front end wait for a remote core (:func:`remote_engine_args`).
+
+:class:`RemoteLink` holds these for one engine (and the Ray placement that started its
+core, when the instance has one).
 """
 
 from __future__ import annotations
@@ -33,7 +36,8 @@ from typing import Any
 
 import anyio
 
-from ._config import RemoteCore
+from ._config import EngineSpec, RemoteCore
+from ._exceptions import EngineDeadError
 
 logger = logging.getLogger("lylm")
 
@@ -263,3 +267,74 @@ class Attach:
         while not self.ended.is_set():
             await anyio.to_thread.run_sync(abort_attach, self.remote)
             await anyio.to_thread.run_sync(self.ended.wait, 0.2)
+
+
+class RemoteLink:
+    """What a remote instance's engine holds of its core beside vLLM's client: the Ray
+    placement that started the core (when the instance has one), the start's wait for the
+    core to attach (:class:`Attach`), and the watch for its disconnect (:class:`Disconnects`).
+    One per :class:`~lylm._vllm_engine.VLLMEngine`; :meth:`close` may come at any time,
+    during :meth:`start` included."""
+
+    def __init__(self, spec: EngineSpec) -> None:
+        if spec.remote is None:
+            raise ValueError(f"{spec.name} is not a remote instance")
+        self.spec = spec
+        self.remote: RemoteCore = spec.remote
+        self._lock = threading.Lock()
+        self._closed = False
+        self._placed: Any = None
+        self._attach: Attach | None = None
+        self._disconnects: Disconnects | None = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineDeadError(f"{self.spec.name} was shut down while it started")
+
+    async def start(self, build: Callable[[], None], llm: Callable[[], Any]) -> None:
+        """Place the core through Ray if the instance says so, run ``build`` (which builds
+        the front end and waits in vLLM's handshake) within the attach's bounds, then watch
+        the connections of the front end ``llm()`` returns. Watched on the event loop's
+        thread, where the health poll reads it."""
+        if self.remote.ray is not None:  # the pool starts the core itself, where Ray places it
+            from ._ray_placement import RayCore
+
+            placed = RayCore(self.spec)
+            with self._lock:
+                self._check_open()
+                self._placed = placed
+            await anyio.to_thread.run_sync(placed.start, self.remote.timeout)
+            if self._closed:  # shut down while it was placed: what the placement made goes too
+                await anyio.to_thread.run_sync(placed.stop)
+                self._check_open()
+        self._check_open()
+        self._attach = Attach(self.remote)
+        await self._attach.run(build)
+        self._disconnects = Disconnects(llm(), self.remote)
+
+    def lost(self) -> str | None:
+        """Why the core is gone, once the watch saw it leave (from the health poll)."""
+        if self._disconnects is None or not self._disconnects.seen():
+            return None
+        return (
+            f"remote engine core at {self.remote.describe()} disconnected "
+            f"(closed, or no heartbeat answered in {self.remote.heartbeat:g} s; "
+            f"{self._disconnects.what})"
+        )
+
+    async def close(self) -> None:
+        """Stop waiting for the core and watching it (before the front end shuts down)."""
+        with self._lock:
+            self._closed = True
+        if self._attach is not None:  # a start waiting for the core: end the wait
+            await self._attach.abort()
+        if self._disconnects is not None:
+            self._disconnects.close()
+            self._disconnects = None
+
+    async def release(self) -> None:
+        """Stop what the placement started (after the front end shut down)."""
+        with self._lock:
+            placed, self._placed = self._placed, None
+        if placed is not None:
+            await anyio.to_thread.run_sync(placed.stop)

@@ -23,6 +23,8 @@
 #           both on GPU 0 (1.5B shape)
 #   lifecycle issue 17: a remote instance under lylm core beside a local one (1.5B, GPU 0): attach, SIGKILL,
 #           SIGSTOP (heartbeats), pool restart; then remote vs local again, heartbeats on
+#   hbalarms issue 17: heartbeat false alarms at the default 1.2 s: attach/kill rounds of a remote core
+#           under lylm core beside a local engine (1.5B, GPU 0), 64 streams; and the stray-connection watch on 0.26
 #   eject  issue 16: the ejection distribution of a SIGKILLed engine core (two 1.5B engines on GPU 0)
 #   tests26 issue 14: the OpenAI adapter's engine tests and the differential test against vllm serve,
 #           on the kit's vLLM 0.26 (the snapshot carries tests/ and pytest's wheels in whl/)
@@ -33,7 +35,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|remote|lifecycle|tests26}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|remote|lifecycle|hbalarms|tests26}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -96,6 +98,12 @@ case $CALL in
     timeout "$(($(left) - 10))" python3 "$B/remote_vs_local.py" --device gpu --model-dir "$MODELS/1.5b" \
       --shape qwen2.5-1.5b --requests 1024 --concurrency 128 --prompt-len 128 --max-tokens 256 --rounds 4 \
       --out "$OUT/remote_vs_local_hb_1.5b"
+    ;;
+  hbalarms)
+    perf=""; command -v perf > /dev/null && perf="--perf"
+    timeout "$(($(left) - 10))" python3 "$B/heartbeat_alarms.py" --device gpu --model-dir "$MODELS/1.5b" \
+      --shape qwen2.5-1.5b --streams 64 --max-tokens 256 --attaches 8 --budget-s "$(($(left) - 120))" $perf \
+      --out "$OUT/heartbeat_alarms_1.5b"
     ;;
   eject)
     timeout "$(($(left) - 10))" python3 "$B/ejection.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
