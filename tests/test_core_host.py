@@ -167,6 +167,23 @@ def test_a_core_runs_in_its_own_process_group_of_this_session_and_its_leftovers_
     assert not thread.is_alive()
 
 
+def test_ending_a_core_that_is_slow_to_die_does_not_end_lylm_core() -> None:
+    """On a starved host a core took more than 30 s to exit even after SIGKILL, and lylm
+    core died of the wait's timeout (then nothing restarted the core)."""
+    import subprocess
+
+    class SlowToDie(subprocess.Popen[bytes]):
+        def wait(self, timeout: float | None = None) -> int:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0)
+
+    proc = SlowToDie([sys.executable, "-c", "import time; time.sleep(60)"], process_group=0)
+    host = CoreHost(["unused"], {}, "127.0.0.1", 1)
+    host._proc = proc
+    host._end_core(timeout=0.1)  # must not raise
+    assert host._proc is None
+    wait_until(lambda: proc.poll() is not None, timeout=30)  # it was killed all the same
+
+
 def test_the_headless_command_and_environment_address_the_pool() -> None:
     command = headless_command("/models/m", "10.0.0.2", 13345, ["--max-model-len", "4096"])
     assert command[command.index("serve") + 1 :] == [
