@@ -31,10 +31,8 @@ import argparse
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,19 +41,9 @@ import anyio
 import psutil
 
 import harness
+from remote_lifecycle import core_command, engine_cores, run_and_save
 
 MODEL = "m"
-
-
-def core_command(eargs: dict[str, Any], port: int) -> list[str]:
-    from lylm._core_host import serve_flags
-
-    return [sys.executable, "-m", "lylm", "core", "--pool", f"127.0.0.1:{port}", "--grace", "1",
-            "--restart-delay", "0.5", eargs["model"], *serve_flags(eargs)]
-
-
-def engine_cores(host: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    return [p for p in psutil.Process(host.pid).children(recursive=True) if "EngineCore" in p.name()]
 
 
 def zmq_delays(data: Path, roles: dict[int, str]) -> dict[str, float]:
@@ -253,20 +241,7 @@ def main() -> None:
     parser.add_argument("--own-session", action="store_true",
                         help="start lylm core in a session of its own (Linux's autogroup then schedules it apart)")
     parser.add_argument("--out", default=None, help="result prefix (default: benchmarks/results/heartbeat_alarms_<shape>)")
-    args = parser.parse_args()
-    harness.resolve_target(args)
-    if args.perf and shutil.which("perf") is None:
-        raise SystemExit("--perf needs perf (linux-tools) on the PATH")
-    args.out = args.out or str(harness.BENCH / "results" / f"heartbeat_alarms_{args.shape}")
-    eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
-    log = Path(args.out + "_lylm_core.log")
-    log.parent.mkdir(parents=True, exist_ok=True)
-    result = anyio.run(run, args, eargs, harness.free_port(), log)
-    md = table(result)
-    print(md)
-    client = {"in_process": True, "streams": args.streams, "max_tokens": args.max_tokens}
-    harness.save_results(args.out, result, md, engine_args=eargs, sampling={"max_tokens": args.max_tokens,
-                         "ignore_eos": True}, client=client)
+    run_and_save(parser, run, table, "heartbeat_alarms")
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,16 +173,15 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    harness.add_target_arguments(parser, shape=True)
-    parser.add_argument("--gpu-mem", type=float, default=0.4, help="gpu: gpu_memory_utilization of each engine")
-    parser.add_argument("--streams", type=int, default=16)
-    parser.add_argument("--max-tokens", type=int, default=256)
-    parser.add_argument("--out", default=None, help="result prefix (default: benchmarks/results/remote_lifecycle_<shape>)")
+def run_and_save(parser: argparse.ArgumentParser, run: Any, table: Any, name: str) -> None:
+    """The scripts of a remote instance under ``lylm core``: parse, fix the target, run
+    ``run(args, engine_args, port, log)`` (``log``: lylm core's, beside the results), print
+    and save ``table(result)``. ``name``: the results' default prefix (then the shape)."""
     args = parser.parse_args()
     harness.resolve_target(args)
-    args.out = args.out or str(harness.BENCH / "results" / f"remote_lifecycle_{args.shape}")
+    if getattr(args, "perf", False) and shutil.which("perf") is None:
+        raise SystemExit("--perf needs perf (linux-tools) on the PATH")
+    args.out = args.out or str(harness.BENCH / "results" / f"{name}_{args.shape}")
     eargs = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
     log = Path(args.out + "_lylm_core.log")
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -191,6 +191,16 @@ def main() -> None:
     client = {"in_process": True, "streams": args.streams, "max_tokens": args.max_tokens}
     harness.save_results(args.out, result, md, engine_args=eargs, sampling={"max_tokens": args.max_tokens,
                          "ignore_eos": True}, client=client)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    harness.add_target_arguments(parser, shape=True)
+    parser.add_argument("--gpu-mem", type=float, default=0.4, help="gpu: gpu_memory_utilization of each engine")
+    parser.add_argument("--streams", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--out", default=None, help="result prefix (default: benchmarks/results/remote_lifecycle_<shape>)")
+    run_and_save(parser, run, table, "remote_lifecycle")
 
 
 if __name__ == "__main__":  # vLLM spawns engine processes: the guard is required
