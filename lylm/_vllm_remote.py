@@ -310,6 +310,7 @@ class RemoteLink:
         self._check_open()
         self._attach = Attach(self.remote)
         await self._attach.run(build)
+        self._check_open()  # closed as the build ended: there is nothing to watch
         self._disconnects = Disconnects(llm(), self.remote)
 
     def lost(self) -> str | None:
