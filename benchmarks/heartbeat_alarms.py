@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -41,7 +40,7 @@ import anyio
 import psutil
 
 import harness
-from remote_lifecycle import core_command, engine_cores, run_and_save
+from remote_lifecycle import core_command, engine_cores, run_and_save, stop_core_host
 
 MODEL = "m"
 
@@ -168,11 +167,7 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
                     waiting = time.monotonic()
                 stop.set()
     finally:
-        host.send_signal(signal.SIGTERM)
-        try:
-            host.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(host.pid, signal.SIGKILL)
+        stop_core_host(host)
     alarms = [r for r in rounds if r["false_alarm"]]
     stray = {"made": probes, "counted": rounds[0]["strays"] if rounds else None,
              "ejected": bool(rounds and rounds[0]["false_alarm"])}

@@ -47,6 +47,15 @@ def core_command(eargs: dict[str, Any], port: int) -> list[str]:
             "--restart-delay", "0.5", eargs["model"], *serve_flags(eargs)]
 
 
+def stop_core_host(host: subprocess.Popen[bytes]) -> None:
+    """Stop ``lylm core`` (it stops its core), or kill its process group after 60 s."""
+    host.send_signal(signal.SIGTERM)
+    try:
+        host.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(host.pid, signal.SIGKILL)
+
+
 def engine_cores(host: subprocess.Popen[bytes]) -> list[psutil.Process]:
     return [p for p in psutil.Process(host.pid).children(recursive=True) if "EngineCore" in p.name()]
 
@@ -148,11 +157,7 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
             print(f"pool restart: serving after {result['pool_restart_s']:.1f} s", flush=True)
         result["lylm_core_starts"] = Path(log).read_text(errors="replace").count("engine core started (pid")
     finally:
-        host.send_signal(signal.SIGTERM)
-        try:
-            host.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(host.pid, signal.SIGKILL)
+        stop_core_host(host)
     result["lylm_core_exit"] = host.returncode
     return result
 

@@ -82,11 +82,13 @@ class Disconnects:
 
     Those sockets listen on a TCP port, so anything may connect to them: a port scanner,
     a health probe, a stray ``nc``. ZeroMQ reports such a connection's end as a
-    disconnect like the core's, so the watch tells them apart: a connection accepted
-    after the watch began whose ZeroMQ handshake failed is not the core, and its end is
-    only counted (:attr:`strays`, and a warning: these ports carry no authentication).
-    Any other disconnect (the core's connections, or a ZeroMQ peer that completed its
-    handshake) is the core leaving.
+    disconnect like the core's, so the watch tells them apart: ZeroMQ reports a failed
+    handshake just before that connection's disconnect (one I/O thread, in that order),
+    and such a disconnect is not the core's; it is only counted (:attr:`strays`, and a
+    warning: these ports carry no authentication). Any other disconnect (the core's
+    connections, or a ZeroMQ peer that completed its handshake) is the core leaving.
+    The connection's accept is no help: ZeroMQ may report it after its end (the listener
+    reports it once it has handed the connection to an I/O thread, which may be another).
     """
 
     def __init__(self, llm: Any, remote: RemoteCore | None = None) -> None:
@@ -97,16 +99,14 @@ class Disconnects:
         self._monitors: list[tuple[str, Any]] = []
         self._owned: list[Any] = []
         self._since = time.monotonic()
-        #: Per socket: file descriptors of connections accepted since the watch began, and
-        #: how many of those have failed their handshake and not yet ended.
-        self._accepted: dict[str, set[int]] = {}
+        #: Per socket: handshake failures whose disconnect has not come yet.
         self._failed: dict[str, int] = {}
         #: Connections that were not the core (failed handshakes), ended and ignored.
         self.strays = 0
         #: Which socket saw the disconnect, and how long after the watch began (for the reason).
         self.what: str | None = None
         resources = getattr(getattr(llm, "engine_core", None), "resources", None)
-        events = zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED | _handshake_failures(zmq)
+        events = zmq.EVENT_DISCONNECTED | _handshake_failures(zmq)
         for name in ("input_socket", "output_socket"):
             socket = getattr(resources, name, None)
             if socket is None:
@@ -116,7 +116,6 @@ class Disconnects:
             # Read through a plain view of it: non-blocking reads from the health poll.
             key = name.split("_")[0]
             self._monitors.append((key, zmq.Socket.shadow(monitor.underlying)))
-            self._accepted[key] = set()
             self._failed[key] = 0
 
     def seen(self) -> bool:
@@ -130,15 +129,11 @@ class Disconnects:
                     frames = monitor.recv_multipart(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                message = parse_monitor_message(frames)
-                event, value = message["event"], message["value"]
-                if event == zmq.EVENT_ACCEPTED:
-                    self._accepted[name].add(value)
-                elif event & _handshake_failures(zmq):
+                event = parse_monitor_message(frames)["event"]
+                if event & _handshake_failures(zmq):
                     self._failed[name] += 1
                 elif event == zmq.EVENT_DISCONNECTED:
-                    if value in self._accepted[name] and self._failed[name] > 0:
-                        self._accepted[name].discard(value)
+                    if self._failed[name] > 0:  # the end of the connection whose handshake failed
                         self._failed[name] -= 1
                         self.strays += 1
                         logger.warning(

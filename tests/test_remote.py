@@ -154,7 +154,7 @@ def test_the_disconnect_watch_ignores_connections_that_are_not_the_core_and_sees
     from lylm._vllm_remote import Disconnects
     from _helpers import wait_until
 
-    context = zmq.Context()
+    context = zmq.Context(io_threads=2)  # as vLLM's client has it
     try:
         front_in, front_out = context.socket(zmq.ROUTER), context.socket(zmq.PULL)
         ports = [front_in.bind_to_random_port("tcp://127.0.0.1"), front_out.bind_to_random_port("tcp://127.0.0.1")]
