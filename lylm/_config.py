@@ -274,6 +274,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _positive(value: Any, path: str, unit: str) -> float:
+    """A finite number above 0 (of ``unit``, for the message), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        _fail(path, f"must be a positive number of {unit} (got {_show(value)})")
+    return float(value)
+
+
 def _balancer(value: Any, path: str) -> str:
     if not isinstance(value, str):
         _fail(path, f"must be a string (got {_show(value)})")
@@ -389,12 +396,10 @@ def _remote(value: Any, path: str) -> RemoteCore:
         )
     if not _is_int(port) or not 1 <= port <= 65535:
         _fail(f"{path}.port", f"must be a port number, 1 to 65535 (got {_show(port)})")
-    seconds: dict[str, float] = {}
-    for key, default in (("timeout", RemoteCore.timeout_default), ("heartbeat", RemoteCore.heartbeat_default)):
-        value = remote.get(key, default)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            _fail(f"{path}.{key}", f"must be a positive number of seconds (got {_show(value)})")
-        seconds[key] = float(value)
+    seconds = {
+        key: _positive(remote.get(key, default), f"{path}.{key}", "seconds")
+        for key, default in (("timeout", RemoteCore.timeout_default), ("heartbeat", RemoteCore.heartbeat_default))
+    }
     if seconds["heartbeat"] < 0.1:
         _fail(f"{path}.heartbeat", f"must be at least 0.1 s (got {_show(remote['heartbeat'])})")
     ray = _ray(remote["ray"], f"{path}.ray") if "ray" in remote else None
@@ -407,11 +412,10 @@ def _ray(value: Any, path: str) -> RayPlacement:
     gpus, cpus, address = ray.get("gpus", 1), ray.get("cpus", 1.0), ray.get("address")
     if not _is_int(gpus) or gpus < 0:
         _fail(f"{path}.gpus", f"must be a whole number of GPUs, 0 or more (got {_show(gpus)})")
-    if isinstance(cpus, bool) or not isinstance(cpus, (int, float)) or not math.isfinite(cpus) or cpus <= 0:
-        _fail(f"{path}.cpus", f"must be a positive number of CPUs (got {_show(cpus)})")
+    cpus = _positive(cpus, f"{path}.cpus", "CPUs")
     if address is not None and (not isinstance(address, str) or not address.strip()):
         _fail(f"{path}.address", f"must be a Ray cluster address such as 'auto' or 'ray://head:10001' (got {_show(address)})")
-    return RayPlacement(gpus=gpus, cpus=float(cpus), address=address.strip() if address else None)
+    return RayPlacement(gpus=gpus, cpus=cpus, address=address.strip() if address else None)
 
 
 def _limits(value: Any, path: str) -> dict[str, int]:
