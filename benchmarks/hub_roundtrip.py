@@ -29,8 +29,8 @@ import anyio
 import harness
 import loadgen
 from lylm import EnginePool, EngineSpec, PoolConfig
-from lylm._hub import Hub, HubClient
-from lylm._worker_pool import WorkerPool
+from lylm.server._hub import Hub, HubClient
+from lylm.server._worker_pool import WorkerPool
 from lylm.testing import FakeEngine, FakeSamplingParams
 
 

@@ -460,7 +460,7 @@ class EnginePool:
     ) -> AsyncGenerator[Any, None]:
         return self._books.serve(instance, request, rendered, sampling_params, self._router.balancer(request.model))
 
-    # -- the books of requests served elsewhere (by front-end workers; see lylm._hub) ----
+    # -- the books of requests served elsewhere (by front-end workers; see lylm.server._hub) ----
 
     def _dispatch_elsewhere(self, request: RequestInfo, exclude: Sequence[str], first: bool) -> Instance:
         """Admit and choose as :meth:`generate` does, and book the request as in flight

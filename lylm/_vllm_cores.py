@@ -181,7 +181,7 @@ class CoreEngine(Engine):
     """An instance's engine core, launched for ``clients`` front-end workers and watched.
 
     The engine of the main process's pool when a server runs several front-end
-    workers (:mod:`lylm._hub`): it starts the engine core (pinned like any
+    workers (:mod:`lylm.server._hub`): it starts the engine core (pinned like any
     :class:`VLLMEngine`), reports its health and stops it; the workers attach to
     it (:meth:`VLLMEngine.attached`) and serve the requests. ``on_started`` runs
     once the core is ready, with the instance name and the cores: the hub uses it

@@ -5,7 +5,7 @@
     lylm core --pool ADDRESS:PORT MODEL [vllm serve flags]   # a remote instance's engine core
     lylm --version
 
-``lylm serve`` runs OpenAI's API over a pool (:func:`lylm.openai.serve`), configured
+``lylm serve`` runs OpenAI's API over a pool (:func:`lylm.server.serve`), configured
 by a JSON file in the seed's format (README, "Configuration"); ``CONFIG_PATH`` works
 in place of ``--config``. Without either it serves the embedded demo: a tiny model
 generated offline on first run, with RANDOM WEIGHTS, on two engines weighted 1:2. It
@@ -163,7 +163,7 @@ def parse_core_arguments(args: argparse.Namespace, parser: argparse.ArgumentPars
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """``lylm serve``'s flags, on any parser.
 
-    The HTTP bounds default to None here: :class:`lylm.openai.HttpLimits` holds the
+    The HTTP bounds default to None here: :class:`lylm.server.HttpLimits` holds the
     defaults (this module imports no HTTP stack until a command runs)."""
     where = parser.add_argument_group("where")
     where.add_argument("--config", default=os.environ.get("CONFIG_PATH"), help="config JSON (or CONFIG_PATH)")
@@ -227,7 +227,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """``lylm serve`` with parsed ``args`` (errors in them are reported through ``parser``)."""
     from . import PoolConfig, PoolOptions, RestartPolicy
-    from .openai import HttpLimits, ServerOptions, default_workers, serve
+    from .server import HttpLimits, ServerOptions, default_workers, serve
 
     if any(not key for key in args.api_key):
         # Never open by accident: LYLM_API_KEYS="" or "a,," means a mistake, not "no keys".

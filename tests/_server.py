@@ -35,7 +35,7 @@ def uvicorn_thread(app: Any, limits: Any = None) -> Iterator[str]:
     port = free_port()
     options: dict[str, Any] = {}
     if limits is not None:
-        from lylm.openai._http import bounded_protocol
+        from lylm.server._http import bounded_protocol
 
         options["http"] = bounded_protocol(limits)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", **options))

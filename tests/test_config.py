@@ -493,7 +493,7 @@ def test_common_workers_is_a_positive_integer_and_gpus_lists_every_pinned_gpu() 
 
 
 def test_the_default_worker_count_is_one_per_gpu_in_use_and_two_for_one_gpu() -> None:
-    from lylm.openai import default_workers
+    from lylm.server import default_workers
 
     def config(gpus: list[list[int]], **common: Any) -> PoolConfig:
         instances = [{"devices": {"gpu_ids": g}, "engine_args": {"model": "/m"}} for g in gpus]

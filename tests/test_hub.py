@@ -25,8 +25,8 @@ from lylm import (
     RestartPolicy,
     ShuttingDownError,
 )
-from lylm._hub import Hub, HubClient, decode_error, encode_error
-from lylm._worker_pool import WorkerPool
+from lylm.server._hub import Hub, HubClient, decode_error, encode_error
+from lylm.server._worker_pool import WorkerPool
 from lylm.testing import FakeEngine, FakeSamplingParams
 
 pytestmark = pytest.mark.anyio

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 from _helpers import fake_specs
 from _server import uvicorn_thread
 from lylm import EnginePool
-from lylm.openai import HttpLimits, create_app
+from lylm.openai import create_app
+from lylm.server import HttpLimits
 from lylm.testing import FakeEngine
 
 json_values = st.recursive(

@@ -8,11 +8,12 @@ import sys
 import lylm
 import lylm.balancers
 import lylm.openai
+import lylm.server
 import lylm.testing
 
 
 def test_all_is_sorted_and_every_name_exists() -> None:
-    for module in (lylm, lylm.balancers, lylm.testing, lylm.openai):
+    for module in (lylm, lylm.balancers, lylm.testing, lylm.openai, lylm.server):
         assert module.__all__ == sorted(module.__all__), module
         for name in module.__all__:
             assert hasattr(module, name), (module, name)

@@ -126,7 +126,7 @@ def test_a_ray_placement_survives_the_round_trip_and_engine_args_become_serve_fl
 
 
 def test_a_server_with_workers_refuses_remote_instances_before_anything_starts() -> None:
-    from lylm.openai import serve
+    from lylm.server import serve
 
     config = PoolConfig.from_dict({"models": {MODEL: [_instance("m", address="10.0.0.2", port=13345)]}})
     with pytest.raises(ConfigError, match="workers 1") as caught:
@@ -414,7 +414,7 @@ async def _serves(pool: EnginePool, instance: Any) -> None:
 async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_and_attaches_again(
     model_dir: Path, core: HeadlessCore
 ) -> None:
-    from lylm.openai._app import health_report
+    from lylm.openai._monitor import health_report
     from lylm.openai._metrics import PoolMetrics
 
     # The pool starts before the core does (each wait for it: 5 s): the local engine serves

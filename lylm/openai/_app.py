@@ -19,13 +19,13 @@ from starlette.routing import BaseRoute, Route
 from .. import __version__
 from .._exceptions import LylmError
 from .._pool import EnginePool
-from .._worker_pool import WorkerPool
 from ._chat import chat_completion
 from ._completions import completion
 from ._errors import OpenAIError
 from ._guard import DEFAULT_BODY_TIMEOUT, ApiKeys, read_json
 from ._json import json_response
 from ._metrics import PoolMetrics
+from ._monitor import LocalMonitor, Monitor
 from ._protocol import parse_chat_request, parse_completion_request
 from ._embeddings import embeddings, parse_embedding_request
 from ._responses import parse_responses_request, responses
@@ -79,35 +79,6 @@ async def _unless_disconnected(request: Request, work: Callable[[], Awaitable[Re
     return result[0] if result else Response(status_code=499)
 
 
-def health_report(pool: EnginePool) -> tuple[int, dict[str, Any]]:
-    """``/health``'s status code and body for ``pool``: every engine's state and load."""
-    models: dict[str, Any] = {}
-    for model in pool.models:
-        engines = [
-            {
-                "engine": instance.index,
-                "name": instance.name,
-                "state": instance.state,
-                "healthy": instance.healthy,
-                "restarts": instance.restarts,
-                "last_error": instance.last_error,
-                "weight": instance.weight,
-                # A remote instance: where its engine core attaches (null: a local engine).
-                "remote": None if instance.spec.remote is None else instance.spec.remote.describe(),
-                "in_flight_requests": instance.in_flight_requests,
-                "in_flight_tokens": instance.in_flight_tokens,
-            }
-            for instance in pool.instances()
-            if instance.model == model
-        ]
-        models[model] = {"healthy": any(e["healthy"] for e in engines), "engines": engines}
-    # Ready while every model has a healthy engine; a draining server is not
-    # ready, so that load balancers stop sending it requests.
-    ok = bool(models) and all(m["healthy"] for m in models.values()) and not pool.draining
-    status = "draining" if pool.draining else "ok" if ok else "unavailable"
-    return (200 if ok else 503), {"status": status, "models": models}
-
-
 def _vllm_version() -> str | None:
     import importlib.metadata
 
@@ -127,6 +98,7 @@ def routes(
     pool: EnginePool,
     *,
     metrics: PoolMetrics | None = None,
+    monitor: Monitor | None = None,
     api_keys: Iterable[str] | None = None,
     keys_for_health: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -137,16 +109,19 @@ def routes(
     The pool's lifecycle stays yours: start it before serving (``async with pool``
     in your app's lifespan). Pass ``metrics`` to share one :class:`PoolMetrics`;
     by default the routes get their own registry, exported at ``/metrics``.
+    ``monitor`` replaces where ``/health`` and ``/metrics`` come from and where
+    responses are counted (default: this process's pool and ``metrics``); a server
+    whose pool spans several processes passes one that sees the whole pool
+    (:mod:`lylm.server` does).
 
     ``api_keys``: if given, every ``/v1`` request needs ``Authorization: Bearer
     <one of them>`` (401 otherwise); ``/health`` and ``/metrics`` too when
     ``keys_for_health``. Bodies over ``max_body_bytes`` get a 413, bodies that take
     longer than ``body_timeout`` seconds to arrive a 408.
     """
-    # A front-end worker's pool (several worker processes): health, metrics and
-    # response counts are the hub's, which sees every worker.
-    hub = pool.hub if isinstance(pool, WorkerPool) else None
-    metrics = metrics if metrics is not None else PoolMetrics(pool)
+    if monitor is not None and metrics is not None:
+        raise ValueError("pass metrics or monitor, not both: a monitor brings its own metrics")
+    monitor = monitor if monitor is not None else LocalMonitor(pool, metrics)
     keys = ApiKeys(api_keys) if api_keys is not None else None
     created = int(time.time())
 
@@ -168,10 +143,7 @@ def routes(
                 # Shutting down: let no connection stay idle for a request that the
                 # closing server could cut off; the client reconnects (elsewhere).
                 response.headers["Connection"] = "close"
-            if hub is not None:
-                hub.count_response(route, response.status_code)
-            else:
-                metrics.http_responses.labels(route, str(response.status_code)).inc()
+            monitor.count_response(route, response.status_code)
             return response
 
         return wrapped
@@ -212,10 +184,7 @@ def routes(
         return await detokenize(pool, await read_json(request, max_body_bytes, body_timeout))
 
     async def health(request: Request) -> Response:
-        if hub is not None and not pool.draining:
-            status, body = await hub.call("health")  # the whole pool, as the hub sees it
-        else:
-            status, body = health_report(pool)
+        status, body = await monitor.health()
         return json_response(body, status=status)
 
     async def version(request: Request) -> Response:
@@ -223,8 +192,7 @@ def routes(
         return json_response({"version": _vllm_version(), "lylm_version": __version__})
 
     async def prometheus(request: Request) -> Response:
-        text = await hub.call("metrics") if hub is not None else metrics.render()
-        return Response(text, media_type=CONTENT_TYPE_LATEST)
+        return Response(await monitor.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     return [
         Route("/v1/models", endpoint("/v1/models", list_models), methods=["GET"]),
@@ -256,6 +224,7 @@ def create_app(
     *,
     manage_pool: bool = True,
     debug: bool = False,
+    monitor: Monitor | None = None,
     api_keys: Iterable[str] | None = None,
     keys_for_health: bool = False,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -266,8 +235,8 @@ def create_app(
     With ``manage_pool`` (the default) the app starts the pool's engines in its
     lifespan startup and shuts them down at exit; otherwise the pool's lifecycle
     is yours. Unknown paths and wrong methods get OpenAI-shaped 404/405 errors.
-    ``api_keys``, ``keys_for_health``, ``max_body_bytes`` and ``body_timeout`` are as in
-    :func:`routes`.
+    ``monitor``, ``api_keys``, ``keys_for_health``, ``max_body_bytes`` and ``body_timeout``
+    are as in :func:`routes`.
     """
 
     @contextlib.asynccontextmanager
@@ -282,6 +251,7 @@ def create_app(
         debug=debug,
         routes=routes(
             pool,
+            monitor=monitor,
             api_keys=api_keys,
             keys_for_health=keys_for_health,
             max_body_bytes=max_body_bytes,

@@ -19,7 +19,7 @@ import argparse
 from typing import Any
 
 from lylm import EngineSpec, PoolConfig
-from lylm.openai import EngineKinds, ServerOptions, serve
+from lylm.server import EngineKinds, ServerOptions, serve
 from lylm.testing import FakeEngine
 
 MODEL = "fake"

@@ -9,7 +9,7 @@ instance's engine core once, for N clients (:class:`lylm._vllm_cores.CoreEngine`
 binds the port, and spawns N workers. Each worker attaches an engine front end to
 every core (vLLM's ``AsyncLLM`` with ``client_index``) and serves the whole HTTP
 API on the shared socket; the kernel spreads connections over them. The main
-process keeps what must be seen whole (the hub, :mod:`lylm._hub`): books,
+process keeps what must be seen whole (the hub, :mod:`lylm.server._hub`): books,
 admission, balancers, health, restarts and metrics. Per request a worker makes one
 round trip to the hub to learn its instance; tokens go from the engine core to the
 worker that serves the request and nowhere else.
@@ -46,13 +46,16 @@ from prometheus_client.registry import Collector
 from .._config import EngineSpec, PoolConfig
 from .._exceptions import ConfigError
 from .._engine import Engine
-from .._hub import Hub, HubClient
+from ._hub import Hub, HubClient
 from .._pool import EnginePool, PoolOptions
 from .._reaper import REAPER, process_tree
-from .._worker_pool import WorkerPool
-from ._app import DEFAULT_MAX_BODY_BYTES, create_app, health_report
+from ._worker_pool import WorkerPool
+from ..openai import create_app
+from ..openai._app import DEFAULT_MAX_BODY_BYTES
+from ..openai._metrics import PoolMetrics
+from ..openai._monitor import Monitor, health_report
 from ._http import HttpLimits, bounded_protocol
-from ._metrics import PoolMetrics
+from ._monitor import HubMonitor
 
 logger = logging.getLogger("lylm.serve")
 
@@ -218,9 +221,10 @@ def serve(
         raise SystemExit(code)
 
 
-def _app(pool: EnginePool, options: ServerOptions) -> Any:
+def _app(pool: EnginePool, options: ServerOptions, monitor: Monitor | None = None) -> Any:
     return create_app(
         pool,
+        monitor=monitor,
         api_keys=options.api_keys or None,
         keys_for_health=options.keys_for_health,
         max_body_bytes=options.max_body_bytes,
@@ -474,5 +478,5 @@ def _worker_main(settings: _WorkerSettings, sock: socket.socket) -> None:
         handles=settings.handles,
         retries=settings.retries,
     )
-    uv = _uvicorn_config(_app(pool, options), options)
+    uv = _uvicorn_config(_app(pool, options, HubMonitor(pool)), options)
     _WorkerServer(uv, pool, options.drain_timeout).run(sockets=[sock])

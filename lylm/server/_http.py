@@ -23,7 +23,7 @@ import attrs
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from ._guard import DEFAULT_BODY_TIMEOUT
+from ..openai._guard import DEFAULT_BODY_TIMEOUT
 
 __all__ = ["HttpLimits", "bounded_protocol"]
 

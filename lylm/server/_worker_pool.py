@@ -3,7 +3,7 @@
 Each of a server's N front-end workers runs one :class:`WorkerPool`. Its engines
 are front ends (vLLM ``AsyncLLM`` clients) attached to engine cores that the main
 process launched; every request renders and streams here, in the worker, but its
-instance is chosen by the hub (:mod:`lylm._hub`), which sees every worker's
+instance is chosen by the hub (:mod:`lylm.server._hub`), which sees every worker's
 requests: admission, balancers, prefix tables and shadows are pool-wide. The
 worker books its own share locally too (that is what its engines' health and
 retries use) and reports each request's end and its token progress to the hub.
@@ -15,15 +15,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._balancer import Balancer
-from ._books import Books
-from ._config import EngineSpec, PoolConfig
-from ._engine import Engine, EngineSignals
-from ._exceptions import LylmError, NoHealthyEngineError
+from .._balancer import Balancer
+from .._books import Books
+from .._config import EngineSpec, PoolConfig
+from .._engine import Engine, EngineSignals
+from .._exceptions import LylmError, NoHealthyEngineError
 from ._hub import HubClient, Progress
-from ._instance import Instance, Outcome
-from ._pool import EnginePool
-from ._request import RequestInfo
+from .._instance import Instance, Outcome
+from .._pool import EnginePool
+from .._request import RequestInfo
 
 AttachEngine = Callable[[EngineSpec, Any], Engine]
 """Builds an engine attached to an engine core, from the instance's spec and the core's handle."""

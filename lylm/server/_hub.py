@@ -38,13 +38,13 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from . import _exceptions
-from ._exceptions import EngineError, LylmError
-from ._request import RequestInfo
+from .. import _exceptions
+from .._exceptions import EngineError, LylmError
+from .._request import RequestInfo
 
 if TYPE_CHECKING:
-    from ._instance import Instance, Outcome
-    from ._pool import EnginePool
+    from .._instance import Instance, Outcome
+    from .._pool import EnginePool
 
 logger = logging.getLogger("lylm")
 
