@@ -27,6 +27,7 @@ from ._exceptions import NoHealthyEngineError as NoHealthyEngineError
 from ._exceptions import OverloadedError as OverloadedError
 from ._exceptions import PromptError as PromptError
 from ._exceptions import ShuttingDownError as ShuttingDownError
+from ._exceptions import HubUnavailableError as HubUnavailableError
 from ._exceptions import UnknownModelError as UnknownModelError
 from ._instance import EngineStats as EngineStats
 from ._instance import Instance as Instance
@@ -59,6 +60,7 @@ __all__ = [
     "EngineStartError",
     "EngineStats",
     "EngineStep",
+    "HubUnavailableError",
     "Instance",
     "InvalidRequestError",
     "LylmError",

@@ -1,9 +1,15 @@
 """The pool's books: what each instance has in flight and has served.
 
-Every request runs through :meth:`Books.serve`, which is the only writer of an
-instance's counters: they go up at dispatch and come down in one ``finally``,
-whatever happens (completion, error, cancellation). Request observers and the
-balancer's ``on_finish`` hook hear of each request's end from here too.
+:class:`Books` is the only writer of an instance's counters. A request's account
+on its instance is one :class:`Tally`: booked at dispatch (:meth:`Books.begin`),
+advanced as the engine works, closed once (:meth:`Books.end`) with one
+:class:`RequestEnd`, whatever happened (completion, error, cancellation). In one
+process :meth:`Books.serve` does all three around the engine's stream, the end in
+one ``finally``. The hub of a server with front-end workers keeps tallies for the
+requests the workers serve and brings them to the state the workers report
+(:meth:`Tally.sync`), so that a lost message delays the books but cannot corrupt
+them. Request observers and the balancer's ``on_finish`` hook hear of each end from
+here too.
 """
 
 from __future__ import annotations
@@ -18,26 +24,33 @@ from ._balancer import Balancer
 from ._engine import RenderedPrompt
 from ._exceptions import EngineDeadError
 from ._instance import Instance, Outcome
-from ._request import RequestInfo, RequestRecord
+from ._request import RequestEnd, RequestInfo, RequestRecord
 
 logger = logging.getLogger("lylm")
 
 
 class Tally:
-    """One request's running account on its instance, step by step: the prompt counted
-    once, with the first step; the token budget booked at dispatch coming down as tokens
-    are done (never below zero: a request may stop short of its budget). Used by
-    :meth:`Books.serve` and by anything that replays the pool's books (the simulator)."""
+    """One request's running account on its instance: the prompt counted once, with the
+    first step; the token budget booked at dispatch coming down as tokens are done (never
+    below zero: a request may stop short of its budget). Written through :class:`Books`
+    alone (the simulator replays the pool's books with it too).
 
-    __slots__ = ("instance", "request", "remaining", "prefilled", "generated")
+    ``ticket`` is the dispatcher's name for this dispatch: 0 in one process; for a
+    front-end worker, the hub's booking.
+    """
 
-    def __init__(self, instance: Instance, request: RequestInfo) -> None:
+    __slots__ = ("instance", "request", "remaining", "prefilled", "generated", "booked", "closed", "ticket")
+
+    def __init__(self, instance: Instance, request: RequestInfo, ticket: int = 0) -> None:
         self.instance = instance
         self.request = request
+        self.ticket = ticket
         #: Tokens of the request's budget still booked in ``instance.in_flight_tokens``.
         self.remaining = request.token_budget
         self.prefilled = False
         self.generated = 0
+        self.booked = False
+        self.closed = False
 
     def step(self, new_tokens: int) -> None:
         """Book one engine step that produced ``new_tokens`` (over all sequences)."""
@@ -52,6 +65,26 @@ class Tally:
         done = min(done, self.remaining)
         self.remaining -= done
         instance.in_flight_tokens -= done
+
+    def sync(self, remaining: int, generated: int) -> None:
+        """Bring the account to the state another process reports for the same request:
+        ``remaining`` budget, ``generated`` tokens. Idempotent, and never moves backwards.
+
+        The prompt counts as prefilled once any of the budget is done: the first step
+        always does the prompt (and vLLM's first output carries a token).
+        """
+        if self.closed:
+            return
+        instance = self.instance
+        remaining = max(0, min(remaining, self.remaining))
+        if not self.prefilled and remaining < self.request.token_budget:
+            self.prefilled = True
+            instance.prompt_tokens += self.request.prompt_tokens
+        if generated > self.generated:
+            instance.generated_tokens += generated - self.generated
+            self.generated = generated
+        instance.in_flight_tokens -= self.remaining - remaining
+        self.remaining = remaining
 
 
 class Books:
@@ -69,80 +102,77 @@ class Books:
 
     async def serve(
         self,
-        instance: Instance,
-        request: RequestInfo,
+        tally: Tally,
         rendered: RenderedPrompt,
         sampling_params: Any,
         balancer: Balancer,
     ) -> AsyncGenerator[Any, None]:
-        """Run ``request`` on ``instance``'s engine, keeping its books; yield the engine's outputs."""
-        self.begin(instance, request)
-        tally = Tally(instance, request)
+        """Run ``tally``'s request on its instance's engine, keeping its books; yield the engine's outputs."""
+        instance, request = tally.instance, tally.request
         outcome: Outcome = "failed"
         started = self._clock()
         first_token: float | None = None
-        steps = instance.engine.generate(request.request_id, rendered, sampling_params)
+        self.begin(tally)
         try:
-            async for step in steps:
-                if first_token is None and step.new_tokens:
-                    first_token = self._clock() - started
-                tally.step(step.new_tokens)
-                yield step.output
-            outcome = "completed"
-        except (GeneratorExit, anyio.get_cancelled_exc_class()):
-            outcome = "aborted"
-            raise
-        except EngineDeadError as exc:
-            self._engine_died(instance, str(exc))
-            raise
+            steps = instance.engine.generate(request.request_id, rendered, sampling_params)
+            try:
+                async for step in steps:
+                    if first_token is None and step.new_tokens:
+                        first_token = self._clock() - started
+                    tally.step(step.new_tokens)
+                    yield step.output
+                outcome = "completed"
+            except (GeneratorExit, anyio.get_cancelled_exc_class()):
+                outcome = "aborted"
+                raise
+            except EngineDeadError as exc:
+                self._engine_died(instance, str(exc))
+                raise
+            finally:
+                if outcome != "completed":
+                    # Closing the engine's stream aborts the request there; shielded so a
+                    # cancelled caller still frees the engine's slot.
+                    with anyio.CancelScope(shield=True):
+                        await steps.aclose()
         finally:
-            if outcome != "completed":
-                # Closing the engine's stream aborts the request there; shielded so a
-                # cancelled caller still frees the engine's slot.
-                with anyio.CancelScope(shield=True):
-                    await steps.aclose()
-            self.end(
-                instance,
-                request,
-                outcome,
-                remaining=tally.remaining,
-                first_token=first_token,
-                latency=self._clock() - started,
-                generated=tally.generated,
-                balancer=balancer,
-            )
+            end = RequestEnd(outcome, tally.remaining, tally.generated, first_token, self._clock() - started)
+            self.end(tally, end, balancer)
 
-    def begin(self, instance: Instance, request: RequestInfo) -> None:
-        """Book ``request`` as dispatched to ``instance``: in flight, with its whole token budget."""
+    def begin(self, tally: Tally) -> None:
+        """Book ``tally``'s request as dispatched to its instance: in flight, with its whole token budget."""
+        if tally.booked:
+            return
+        tally.booked = True
+        instance = tally.instance
         instance.in_flight_requests += 1
-        instance.in_flight_tokens += request.token_budget
+        instance.in_flight_tokens += tally.remaining
         instance.dispatched += 1
 
-    def end(
-        self,
-        instance: Instance,
-        request: RequestInfo,
-        outcome: Outcome,
-        *,
-        remaining: int,
-        first_token: float | None,
-        latency: float,
-        generated: int,
-        balancer: Balancer,
-    ) -> None:
-        """Book the end of ``request`` (``remaining``: its token budget still booked in flight)
-        and tell the balancer and the observers."""
+    def end(self, tally: Tally, end: RequestEnd, balancer: Balancer) -> None:
+        """Book the end of ``tally``'s request, once (a second end is ignored), and tell the
+        balancer and the observers."""
+        if tally.closed or not tally.booked:
+            return
+        tally.sync(end.remaining, end.generated_tokens)
+        tally.closed = True
+        instance, request = tally.instance, tally.request
         instance.in_flight_requests -= 1
-        instance.in_flight_tokens -= remaining
+        instance.in_flight_tokens -= tally.remaining
+        tally.remaining = 0
+        outcome = end.outcome
         if outcome == "completed":
             instance.completed += 1
         elif outcome == "aborted":
             instance.aborted += 1
+        elif outcome == "bounced":
+            instance.bounced += 1
         else:
             instance.failed += 1
         balancer.on_finish(instance, request, outcome)
         if self.observers:
-            self._tell(RequestRecord(request, instance, outcome, first_token, latency, generated))
+            self._tell(
+                RequestRecord(request, instance, outcome, end.time_to_first_token, end.latency, end.generated_tokens)
+            )
 
     def _tell(self, record: RequestRecord) -> None:
         for observer in self.observers:

@@ -9,6 +9,7 @@ Every error lylm raises on purpose derives from :class:`LylmError`::
     ├── NoHealthyEngineError     every instance of the requested model is unhealthy
     ├── OverloadedError          the model is at its admission limit; retry later
     ├── ShuttingDownError        the pool is draining before shutdown and takes no new requests
+    ├── HubUnavailableError      a front-end worker's hub did not answer in time; retry shortly
     ├── InvalidRequestError      the request cannot be served as asked (also a ValueError)
     │   ├── PromptError          ... its prompt could not be rendered (tokenizer, chat template)
     │   └── ContextLengthError   ... its prompt plus max_tokens exceed the context
@@ -86,6 +87,15 @@ class ShuttingDownError(LylmError):
     """The pool is draining before shutdown: requests in flight finish, new ones are refused."""
 
     def __init__(self, message: str = "the server is shutting down and takes no new requests") -> None:
+        super().__init__(message)
+
+
+class HubUnavailableError(LylmError):
+    """A front-end worker could not reach the server's hub (which chooses every request's
+    instance) in time: the request was not served; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        self.retry_after = retry_after
         super().__init__(message)
 
 

@@ -10,8 +10,11 @@ if TYPE_CHECKING:
     from ._config import EngineSpec
     from ._engine import Engine
 
-Outcome = Literal["completed", "failed", "aborted"]
-"""How a request ended: ran to its end, failed with an error, or was cancelled."""
+Outcome = Literal["completed", "failed", "aborted", "bounced"]
+"""How a request ended: ran to its end, failed with an error, was cancelled, or was
+bounced: chosen for this instance, it never ran there, because the front end that held
+it could not use the instance (a front-end worker still attaching to a restarted
+engine core) and asked for another one."""
 
 State = Literal["starting", "healthy", "draining", "dead", "restarting", "stopped"]
 """Where an instance is in its life.
@@ -74,6 +77,8 @@ class EngineStats:
     prefix_cache_hits: int = 0
     #: Where a remote instance's engine core attaches (``address:port``); None: a local engine.
     remote: str | None = None
+    #: Requests chosen for it that never ran there (see :data:`Outcome`).
+    bounced: int = 0
 
 
 class Instance:
@@ -96,6 +101,7 @@ class Instance:
         "completed",
         "failed",
         "aborted",
+        "bounced",
         "prompt_tokens",
         "generated_tokens",
         "_state",
@@ -117,6 +123,7 @@ class Instance:
         self.completed = 0
         self.failed = 0
         self.aborted = 0
+        self.bounced = 0
         self.prompt_tokens = 0
         self.generated_tokens = 0
         self._state: State = state
@@ -267,4 +274,5 @@ class Instance:
             prefix_cache_queries=self.prefix_cache_queries,
             prefix_cache_hits=self.prefix_cache_hits,
             remote=None if self.spec.remote is None else self.spec.remote.describe(),
+            bounced=self.bounced,
         )

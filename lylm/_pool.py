@@ -23,7 +23,7 @@ import anyio
 
 from ._admission import Admission
 from ._balancer import Balancer
-from ._books import Books
+from ._books import Books, Tally
 from ._config import EngineSpec, PoolConfig
 from ._engine import Engine, RenderedPrompt
 from ._exceptions import (
@@ -33,11 +33,11 @@ from ._exceptions import (
     NoHealthyEngineError,
     ShuttingDownError,
 )
-from ._instance import EngineStats, Instance, Outcome
+from ._instance import EngineStats, Instance
 from ._membership import Membership
 from ._render import Prompt as Prompt
 from ._render import describe_request, render_prompt
-from ._request import RequestInfo, RequestRecord
+from ._request import RequestEnd, RequestInfo, RequestRecord
 from ._routing import Router
 from ._shadow import ShadowReport
 from ._startup import Starter
@@ -413,7 +413,8 @@ class EnginePool:
             request_id=request_id,
             session_key=session_key,
         )
-        instance = await self._choose(group, request, ())
+        request = self._prepare(request)
+        tally = await self._choose(group, request, ())
         tried: list[Instance] = []
         deaths = 0
         while True:
@@ -421,7 +422,7 @@ class EnginePool:
             try:
                 # aclosing: when our caller closes us early, the inner stream (and the
                 # engine's request) must close now, not whenever the GC gets to it.
-                async with aclosing(self._serve(instance, request, rendered, sampling_params)) as outputs:
+                async with aclosing(self._serve(tally, rendered, sampling_params)) as outputs:
                     async for output in outputs:
                         started = True
                         yield output
@@ -439,62 +440,48 @@ class EnginePool:
                 deaths += isinstance(exc, EngineDeadError)
                 if deaths > 1:
                     raise
-                tried.append(instance)
+                tried.append(tally.instance)
                 try:
-                    instance = await self._choose(group, request, tried)
+                    tally = await self._choose(group, request, tried)
                 except NoHealthyEngineError:
                     raise exc from None
-                logger.info("request %s: retrying on %s after: %s", request.request_id, instance.name, exc)
+                logger.info("request %s: retrying on %s after: %s", request.request_id, tally.instance.name, exc)
 
     # -- one request's dispatch: admission and choice, then the books ----------------
-    # (A front-end worker's pool overrides these two to ask the pool-wide hub.)
+    # (A front-end worker's pool overrides these to ask the pool-wide hub.)
 
-    async def _choose(self, group: list[Instance], request: RequestInfo, tried: Sequence[Instance]) -> Instance:
-        """Admit ``request`` (on its first try) and choose its instance, excluding ``tried``."""
+    def _prepare(self, request: RequestInfo) -> RequestInfo:
+        """``request`` as its balancer wants it (:meth:`Balancer.preparer`), where it was rendered."""
+        return self._router.prepare(request)
+
+    async def _choose(self, group: list[Instance], request: RequestInfo, tried: Sequence[Instance]) -> Tally:
+        """Admit ``request`` (on its first try) and choose its instance, excluding ``tried``:
+        the request's account there, booked once it is served."""
         if not tried:
             self._admission.admit(group, request)
-        return self._router.choose(group, request, exclude=tried)
+        return Tally(self._router.choose(group, request, exclude=tried), request)
 
-    def _serve(
-        self, instance: Instance, request: RequestInfo, rendered: RenderedPrompt, sampling_params: Any
-    ) -> AsyncGenerator[Any, None]:
-        return self._books.serve(instance, request, rendered, sampling_params, self._router.balancer(request.model))
+    def _serve(self, tally: Tally, rendered: RenderedPrompt, sampling_params: Any) -> AsyncGenerator[Any, None]:
+        balancer = self._router.balancer(tally.request.model)
+        return self._books.serve(tally, rendered, sampling_params, balancer)
 
     # -- the books of requests served elsewhere (by front-end workers; see lylm.server._hub) ----
 
-    def _dispatch_elsewhere(self, request: RequestInfo, exclude: Sequence[str], first: bool) -> Instance:
+    def _dispatch_elsewhere(self, request: RequestInfo, exclude: Sequence[str], first: bool) -> Tally:
         """Admit and choose as :meth:`generate` does, and book the request as in flight
-        there, for a request that another process serves."""
+        there, for a request that another process serves: its account, kept in step with
+        that process's reports (:meth:`Tally.sync`) and closed by :meth:`_ended_elsewhere`."""
         group = self._group(request.model)
-        tried = [i for i in group if i.name in exclude]
+        tried = [i for i in group if i.name in exclude] if exclude else []
         if first:
             self._admission.admit(group, request)
-        instance = self._router.choose(group, request, exclude=tried)
-        self._books.begin(instance, request)
-        return instance
+        tally = Tally(self._router.choose(group, request, exclude=tried), request)
+        self._books.begin(tally)
+        return tally
 
-    def _ended_elsewhere(
-        self,
-        instance: Instance,
-        request: RequestInfo,
-        outcome: Outcome,
-        *,
-        remaining: int,
-        first_token: float | None,
-        latency: float,
-        generated: int,
-    ) -> None:
-        """Book the end of a request :meth:`_dispatch_elsewhere` booked."""
-        self._books.end(
-            instance,
-            request,
-            outcome,
-            remaining=remaining,
-            first_token=first_token,
-            latency=latency,
-            generated=generated,
-            balancer=self._router.balancer(request.model),
-        )
+    def _ended_elsewhere(self, tally: Tally, end: RequestEnd) -> None:
+        """Book the end of a request :meth:`_dispatch_elsewhere` booked (once)."""
+        self._books.end(tally, end, self._router.balancer(tally.request.model))
 
 
 def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:

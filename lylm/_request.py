@@ -38,6 +38,24 @@ class RequestInfo:
 
 
 @attrs.frozen
+class RequestEnd:
+    """How one dispatched request ended, as its front end tells the books: the one record
+    that carries an end, in one process or from a front-end worker to the hub.
+
+    ``remaining`` is the token budget still booked when it ended (prompt not yet
+    prefilled plus decode budget not used); ``generated_tokens`` the tokens it
+    generated over all sequences. Times are seconds from dispatch;
+    ``time_to_first_token`` is None when it ended before its first output.
+    """
+
+    outcome: Outcome
+    remaining: int
+    generated_tokens: int = 0
+    time_to_first_token: float | None = None
+    latency: float = 0.0
+
+
+@attrs.frozen
 class RequestRecord:
     """How one dispatched request went: handed to the pool's request observers.
 

@@ -45,6 +45,8 @@ class Router:
                 choice, path = model.balancer, f"models[{quoted}].balancer"
             child_rng = random.Random(rng.getrandbits(64))
             self._balancers[model.name] = resolve_balancer(choice, rng=child_rng, path=path)
+        # What each balancer computes from a request where it was rendered (Balancer.preparer).
+        self._preparers = {name: b.preparer() for name, b in self._balancers.items()}
         self._shadows = Shadows()
 
     def balancer(self, model: str) -> Balancer:
@@ -52,6 +54,11 @@ class Router:
         if model not in self._balancers:
             raise UnknownModelError(model, self._models)
         return self._balancers[model]
+
+    def prepare(self, request: RequestInfo) -> RequestInfo:
+        """``request`` as its model's balancer wants it (see :meth:`Balancer.preparer`)."""
+        preparer = self._preparers.get(request.model)
+        return request if preparer is None else preparer(request)
 
     def choose(self, group: Sequence[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()) -> Instance:
         """The instance that serves ``request``: the balancer's pick among the healthy ones."""

@@ -96,6 +96,8 @@ class Supervisor:
         self._interval = interval
         self._watcher: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Called with each instance found failed (after it left balancing), if set.
+        self.on_failed: Callable[[Instance, str], None] | None = None
         #: When each dead instance was noticed (monotonic), for the restart log line.
         self._died_at: dict[int, float] = {}
 
@@ -151,6 +153,11 @@ class Supervisor:
             instance.in_flight_requests,
             "; restarting" if restart else "",
         )
+        if self.on_failed is not None:
+            try:
+                self.on_failed(instance, reason)
+            except Exception:
+                logger.exception("%s: telling of the failure raised", instance.name)
         self._spawn(self._recover(instance, instance.engine, restart), f"lylm-recover {instance.name}")
 
     def wait_for_core(self, instance: Instance, reason: str) -> None:

@@ -26,7 +26,7 @@ from lylm import Balancer
 from lylm._books import Books, Tally
 from lylm._config import EngineSpec
 from lylm._instance import Instance
-from lylm._request import RequestInfo
+from lylm._request import RequestEnd, RequestInfo
 from lylm.balancers import resolve_balancer
 
 from .engine import EngineConfig, SimEngine, SimRequest
@@ -115,8 +115,9 @@ def simulate(
         if not any(chosen is c for c in candidates):
             raise RuntimeError(f"{name}.choose() returned a non-candidate {chosen!r}")
         # The pool's books at dispatch, by the pool's own code.
-        books.begin(chosen, info)
-        req = SimRequest(info, a.time, a.output_tokens, block_hashes(a.token_ids), chosen, tally=Tally(chosen, info))
+        tally = Tally(chosen, info)
+        books.begin(tally)
+        req = SimRequest(info, a.time, a.output_tokens, block_hashes(a.token_ids), chosen, tally=tally)
         requests.append(req)
         _engine(chosen).add(req)
 
@@ -126,10 +127,8 @@ def simulate(
         tally.step(new_tokens)
         if req.finished is not None:
             first = req.first_token if req.first_token is not None else req.finished
-            books.end(
-                tally.instance, req.info, "completed", remaining=tally.remaining, first_token=first - req.arrival,
-                latency=req.finished - req.arrival, generated=tally.generated, balancer=chooser,
-            )  # fmt: skip
+            end = RequestEnd("completed", tally.remaining, tally.generated, first - req.arrival, req.finished - req.arrival)
+            books.end(tally, end, chooser)
 
     load_area = [0.0] * len(instances)  # integral of in-flight requests over time, per engine
     while pos < len(order) or steps:

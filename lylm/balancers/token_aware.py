@@ -20,6 +20,8 @@ class TokenAware(Balancer):
     broken at random.
     """
 
+    reads_token_ids = False
+
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
 

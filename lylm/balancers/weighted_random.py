@@ -17,6 +17,8 @@ class WeightedRandom(Balancer):
     match their capacity; over many requests the split converges to the weights.
     """
 
+    reads_token_ids = False
+
     def __init__(self, *, rng: random.Random | None = None) -> None:
         self._rng = rng if rng is not None else random.Random()
 

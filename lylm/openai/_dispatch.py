@@ -13,6 +13,7 @@ from .._exceptions import (
     ContextLengthError,
     EngineDeadError,
     EngineError,
+    HubUnavailableError,
     InvalidRequestError,
     LylmError,
     NoHealthyEngineError,
@@ -58,6 +59,10 @@ def to_openai_error(exc: BaseException) -> OpenAIError:
         # Engines come back by restarting (seconds to a minute): tell clients when to try again.
         retry = {"Retry-After": str(NO_ENGINE_RETRY_AFTER)}
         return OpenAIError(503, str(exc), type="service_unavailable", code="no_healthy_engine", headers=retry)
+    if isinstance(exc, HubUnavailableError):
+        # The server's hub is busy or stalled; this front end (and the engines) are fine.
+        retry = {"Retry-After": str(max(1, round(exc.retry_after)))}
+        return OpenAIError(503, str(exc), type="service_unavailable", code="hub_unavailable", headers=retry)
     if isinstance(exc, ShuttingDownError):
         # Another replica behind the same load balancer can take it now.
         return OpenAIError(

@@ -68,7 +68,8 @@ class _BooksCollector(Collector):
         for instance in self._pool.instances():
             s = instance.stats()
             labels = [s.model, str(instance.index)]
-            for outcome, count in (("completed", s.completed), ("failed", s.failed), ("aborted", s.aborted)):
+            outcomes = (("completed", s.completed), ("failed", s.failed), ("aborted", s.aborted), ("bounced", s.bounced))
+            for outcome, count in outcomes:
                 requests.add_metric([*labels, outcome], count)
             prompt.add_metric(labels, s.prompt_tokens)
             generated.add_metric(labels, s.generated_tokens)

@@ -5,440 +5,429 @@ engine core (vLLM's own multi-client engine cores, see :mod:`lylm._vllm_cores`),
 the per-token work (detokenization, SSE, socket writes) is spread over N processes.
 What must be seen whole stays in one place, the hub, in the server's main process:
 the instances' books, admission, the balancers (with their own state, such as
-``prefix_aware``'s prefix table), shadows, health and restarts. Per request, a
-worker asks the hub once which instance serves it (:meth:`HubClient.choose`, one
-round trip) and tells it once how it ended; tokens never pass through the hub.
-Token progress, engine signals and HTTP counts reach it in batches every
-``FLUSH_INTERVAL`` seconds.
+``prefix_aware``'s prefix table), health and restarts. Per request, a worker asks
+the hub once which instance serves it (one round trip) and tells it once how it
+ended; tokens never pass through the hub. The messages are in :mod:`._wire`.
 
-Transport: a ZeroMQ ROUTER socket (the hub) and one DEALER per worker, on an IPC
-path in a private directory; messages are pickled tuples. Both ends are the same
-program of the same user on the same host: nothing listens on a network port.
+**Books that converge.** The hub books a request when it chooses its instance, under
+the worker's number for that choice (a *booking*). The worker ends every booking it
+opened, and every heartbeat carries the set it still holds open; the hub ends any
+other booking of that worker, and every booking of a worker that died. So the books
+return to the truth after any lost, late or never-sent message (a worker cancelled
+while it waited for the answer, a worker killed mid-stream), and a booking ended by
+that rule is counted (:attr:`Hub.reconciled`): it should stay 0.
 
-Messages, worker -> hub::
+**Liveness.** The transport is callback driven (no reader task to die): a ZeroMQ
+ROUTER socket whose file descriptor the event loop watches. Workers report at least
+every ``HEARTBEAT`` seconds and the hub answers each heartbeat; a worker that has not
+been heard from for ``WORKER_TIMEOUT`` seconds is listed as silent.
 
-    ("hello", worker)
-    ("choose", call, request_fields, exclude_names, first)  -> ("ok", call, name) | ("err", call, error)
-    ("call", call, name)                                      -> ("ok", call, value) | ("err", call, error)
-    ("batch", ends, progress, responses)       ends: [(request_id, instance, outcome, remaining, ttft, latency, generated)]
-    ("ready",) ("attached", name, generation)
-
-hub -> worker: replies, and ``("attach", name, generation, handle)`` when an
-engine core was restarted (the worker attaches to the new one and answers
-``attached``).
+**Engine cores replaced.** Each core start has a generation number. The hub sends
+every worker the new core's handle and does not wait: it offers an instance to a
+worker only once that worker has said it attached to the current generation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import pickle
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .. import _exceptions
-from .._exceptions import EngineError, LylmError
-from .._request import RequestInfo
+import anyio
+
+from .._books import Tally
+from .._exceptions import LylmError
+from . import _wire as wire
 
 if TYPE_CHECKING:
-    from .._instance import Instance, Outcome
     from .._pool import EnginePool
 
 logger = logging.getLogger("lylm")
 
-FLUSH_INTERVAL = 0.05
-"""Seconds between a worker's batches of token progress, engine signals and HTTP counts."""
+HEARTBEAT = 0.25
+"""Seconds between a worker's heartbeats (each carries the bookings it holds open)."""
 
-CALL_TIMEOUT = 30.0
-"""Seconds a worker waits for the hub's answer before failing the request."""
+WORKER_TIMEOUT = 2.0
+"""Seconds without a message after which the hub lists a worker as silent."""
 
-Progress = Mapping[str, tuple[int, int, int, Any]]
-"""Per instance name: (tokens done, prompt tokens, generated tokens, signals or None)."""
+_BATCH = 256
+"""Messages handled per event-loop turn before the hub lets other work run."""
 
-
-def encode_error(exc: BaseException) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
-    """An exception as picklable parts, for the other end to rebuild (lylm's own types only)."""
-    return type(exc).__name__, tuple(exc.args), dict(getattr(exc, "__dict__", {}))
+_PICKLE = pickle.HIGHEST_PROTOCOL
 
 
-def decode_error(parts: tuple[str, tuple[Any, ...], dict[str, Any]]) -> LylmError:
-    """The lylm error :func:`encode_error` described (an :class:`EngineError` for any other)."""
-    name, args, attributes = parts
-    cls = getattr(_exceptions, name, None)
-    if not (isinstance(cls, type) and issubclass(cls, LylmError)):
-        return EngineError(f"the hub failed: {name}: {args[0] if args else ''}")
-    error = cls.__new__(cls)
-    Exception.__init__(error, *args)
-    error.__dict__.update(attributes)
-    return error
+class WorkerState:
+    """The hub's view of one front-end worker process (one incarnation of a slot)."""
 
-
-def request_fields(request: RequestInfo) -> tuple[Any, ...]:
-    """``request`` as a picklable tuple (prompt ids packed when they are a list)."""
-    ids = request.prompt_token_ids
-    return (
-        request.model,
-        request.request_id,
-        request.prompt_tokens,
-        request.max_tokens,
-        request.n,
-        ids if isinstance(ids, (bytes, tuple)) else tuple(ids),
-        request.prefix_hashes,
-        request.session_key,
+    __slots__ = (
+        "identity",
+        "slot",
+        "client_index",
+        "pid",
+        "bookings",
+        "attached",
+        "unattached",
+        "last_seen",
+        "ready",
+        "silent",
     )
+
+    def __init__(self, identity: bytes, slot: int, client_index: int, pid: int, now: float) -> None:
+        self.identity = identity
+        self.slot = slot
+        self.client_index = client_index
+        self.pid = pid
+        #: Booking number -> the request's account, for the requests it holds.
+        self.bookings: dict[int, Tally] = {}
+        #: Instance name -> the generation of the engine core it attached to.
+        self.attached: dict[str, int] = {}
+        #: Instances it has not attached to at their current generation: not offered to it.
+        self.unattached: set[str] = set()
+        self.last_seen = now
+        self.ready = False
+        self.silent = False
 
 
 class Hub:
     """The hub side, in the server's main process, over a pool of engine-core launchers.
 
-    ``pool`` is a running :class:`EnginePool` whose engines launch the engine cores
-    and serve nothing themselves; the hub books the workers' requests in it.
-    ``handlers`` answer ``call`` messages by name (the HTTP layer registers
-    ``health`` and ``metrics``).
+    ``pool`` is an :class:`EnginePool` whose engines launch the engine cores and serve
+    nothing themselves; the hub books the workers' requests in it. ``handlers`` answer
+    ``call`` messages by name (the server registers ``health`` and ``metrics``).
     """
 
-    def __init__(self, pool: EnginePool, *, workers: int, address: str) -> None:
+    def __init__(self, pool: EnginePool, *, address: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.pool = pool
-        self.workers = workers
         self.address = address
         self.handlers: dict[str, Callable[[], Any]] = {}
-        #: Requests each worker was given an instance for (first tries), by worker index.
-        self.requests_by_worker = [0] * workers
-        #: HTTP responses counted by the workers, by (route, status).
+        #: Instance name -> (generation, handle) of its current engine core.
+        self.cores: dict[str, tuple[int, Any]] = {}
+        #: Workers by identity (the connected ones; a dead one is removed).
+        self.workers: dict[bytes, WorkerState] = {}
+        #: Requests each worker slot was given an instance for (first tries), since start.
+        self.requests_by_slot: dict[int, int] = {}
+        #: HTTP responses counted by the workers, by (route, status), since the last metrics.
         self.responses: dict[tuple[str, str], int] = {}
-        self._identities: dict[int, bytes] = {}
-        self._ready: set[int] = set()
-        self._ready_event = asyncio.Event()
-        # (worker, request id, instance name): a retried request is booked once per instance.
-        self._pending: dict[tuple[int, str, str], tuple[RequestInfo, Instance]] = {}
-        self._acks: dict[tuple[str, int], set[int]] = {}
-        self._ack_event = asyncio.Event()
+        #: Bookings the hub ended because their worker no longer held them (or died).
+        self.reconciled = 0
+        #: Called with a worker's state once it serves (its first READY).
+        self.on_ready: Callable[[WorkerState], None] | None = None
+        self._clock = clock
         self._socket: Any = None
         self._context: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._scheduled = False
 
     # -- lifecycle ---------------------------------------------------------------
 
     def bind(self) -> None:
         """Listen on the hub's address (call before the workers start)."""
         import zmq
-        import zmq.asyncio
 
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.bind(self.address)
+        self._context = zmq.Context()
+        socket = self._context.socket(zmq.ROUTER)
+        socket.setsockopt(zmq.LINGER, 0)
+        # A message to a worker that is gone raises instead of vanishing unseen.
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        socket.setsockopt(zmq.SNDHWM, 1 << 20)
+        socket.setsockopt(zmq.RCVHWM, 0)
+        socket.bind(self.address)
+        self._socket = socket
+
+    def start(self) -> None:
+        """Answer the workers from the running event loop (no task: a callback on the socket)."""
+        if self._loop is not None:
+            return
+        import zmq
+
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._socket.getsockopt(zmq.FD), self._readable)
+        self._watchdog = self._loop.call_later(HEARTBEAT, self._watch)
+        self._readable()  # messages that came before the loop watched the socket
+
+    def stop(self) -> None:
+        """Stop answering (the socket stays open until :meth:`close`)."""
+        if self._loop is None:
+            return
+        import zmq
+
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        if self._socket is not None:
+            self._loop.remove_reader(self._socket.getsockopt(zmq.FD))
+        self._loop = None
 
     async def serve(self) -> None:
         """Answer the workers until cancelled."""
-        socket = self._socket
-        while True:
-            identity, payload = await socket.recv_multipart()
-            try:
-                message = pickle.loads(payload)
-                reply = self._handle(identity, message)
-            except Exception:
-                logger.exception("hub: a worker's message could not be handled")
-                continue
-            if reply is not None:
-                await socket.send_multipart([identity, pickle.dumps(reply, protocol=pickle.HIGHEST_PROTOCOL)])
+        self.start()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            self.stop()
 
     def close(self) -> None:
+        """Stop and close the socket; idempotent."""
+        self.stop()
         if self._socket is not None:
             self._socket.close(0)
             self._context.term()
             self._socket = None
 
-    async def wait_ready(self) -> None:
-        """Until every worker has started its pool and serves."""
-        await self._ready_event.wait()
+    def ready_count(self) -> int:
+        """How many connected workers serve."""
+        return sum(1 for w in self.workers.values() if w.ready)
 
-    # -- engine cores replaced -----------------------------------------------------
+    # -- engine cores and workers, as the main process sees them ---------------------
 
-    async def attach(self, name: str, generation: int, handle: Any, *, timeout: float = 120.0) -> bool:
-        """Tell every worker to attach to ``name``'s new engine core; wait for all of them.
+    def core_started(self, name: str, handle: Any) -> int:
+        """Instance ``name`` has a new engine core: every worker is told to attach to it, and
+        the instance is offered to each worker only once that worker has. Returns its
+        generation. Does not wait (it is called under the engine's GPU start lock)."""
+        generation = self.cores.get(name, (0, None))[0] + 1
+        self.cores[name] = (generation, handle)
+        message = pickle.dumps((wire.ATTACH, name, generation, handle), protocol=_PICKLE)
+        for worker in list(self.workers.values()):
+            worker.unattached.add(name)
+            self._send(worker.identity, message)
+        return generation
 
-        Returns False if some did not confirm within ``timeout`` seconds (they
-        then fail requests sent to that instance, which retry elsewhere).
-        """
-        if not self._identities:
-            return True
-        key = (name, generation)
-        self._acks[key] = set()
-        message = pickle.dumps(("attach", name, generation, handle), protocol=pickle.HIGHEST_PROTOCOL)
-        for identity in self._identities.values():
-            await self._socket.send_multipart([identity, message])
-        deadline = time.monotonic() + timeout
+    def worker_gone(self, identity: bytes) -> int:
+        """A worker process is gone: end every request it held (failed). Returns how many."""
+        worker = self.workers.pop(identity, None)
+        if worker is None:
+            return 0
+        bookings = list(worker.bookings.values())
+        worker.bookings.clear()
+        for tally in bookings:
+            self._end_lost(tally)
+        return len(bookings)
+
+    def silent_for(self, identity: bytes) -> float:
+        """Seconds since the worker was last heard from, once it serves (0 for one not
+        connected or still starting: importing vLLM and attaching may hold its loop)."""
+        worker = self.workers.get(identity)
+        if worker is None or not worker.ready:
+            return 0.0
+        return max(0.0, self._clock() - worker.last_seen)
+
+    # -- the socket ----------------------------------------------------------------
+
+    def _send(self, identity: bytes, payload: bytes) -> None:
+        import zmq
+
         try:
-            while len(self._acks[key]) < len(self._identities):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    logger.warning(
-                        "%s: %d of %d workers attached to the new engine core within %g s",
-                        name, len(self._acks[key]), len(self._identities), timeout,
-                    )
-                    return False
-                self._ack_event.clear()
-                try:
-                    await asyncio.wait_for(self._ack_event.wait(), left)
-                except asyncio.TimeoutError:
-                    pass
-            return True
-        finally:
-            del self._acks[key]
+            self._socket.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # a worker that is gone (ROUTER_MANDATORY): its loss
+            logger.debug("hub: a message to worker %r was not sent: %s", identity, exc)
+        self._recheck()
+
+    def _recheck(self) -> None:
+        # ZeroMQ's descriptor signals edges, and a send can take the edge of a message
+        # that arrived meanwhile: look again, soon, whenever the socket holds input.
+        import zmq
+
+        if (
+            not self._scheduled
+            and self._loop is not None
+            and self._socket is not None
+            and self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+        ):
+            self._scheduled = True
+            self._loop.call_soon(self._readable)
+
+    def _readable(self) -> None:
+        import zmq
+
+        self._scheduled = False
+        socket = self._socket
+        if socket is None:
+            return
+        for _ in range(_BATCH):
+            if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                return
+            try:
+                identity, payload = socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            try:
+                self._handle(identity, pickle.loads(payload))
+            except Exception:
+                logger.exception("hub: a worker's message could not be handled")
+        self._recheck()  # more waiting: after other work has had its turn
+
+    def _reply(self, identity: bytes, message: tuple[Any, ...]) -> None:
+        self._send(identity, pickle.dumps(message, protocol=_PICKLE))
 
     # -- messages ----------------------------------------------------------------
 
-    def _handle(self, identity: bytes, message: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    def _handle(self, identity: bytes, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        worker = int.from_bytes(identity, "big")
-        if kind == "choose":
-            _, call, fields, exclude, first = message
+        worker = self.workers.get(identity)
+        if worker is None:
+            if kind == wire.HELLO:
+                self._hello(identity, message)
+            # Otherwise a worker declared gone: what it sent before it died is moot.
+            return
+        worker.last_seen = self._clock()
+        if kind == wire.HELLO:  # the same process again (it reconnected): the same answer
+            self._hello(identity, message)
+            return
+        if worker.silent:
+            worker.silent = False
+            logger.warning("hub: worker %d (pid %d) answers again", worker.slot, worker.pid)
+        if kind == wire.CHOOSE:
+            _, booking, fields, exclude, first = message
             try:
-                return ("ok", call, self._choose(worker, fields, exclude, first))
+                name = self._choose(worker, booking, fields, exclude, first)
             except LylmError as exc:
-                return ("err", call, encode_error(exc))
-        if kind == "batch":
-            _, ends, progress, responses = message
-            self._progress(progress)
-            for end in ends:
-                self._end(worker, *end)
-            for key, count in responses.items():
-                self.responses[key] = self.responses.get(key, 0) + count
-            return None
-        if kind == "call":
+                self._reply(identity, (wire.REFUSED, booking, wire.encode_error(exc)))
+            else:
+                self._reply(identity, (wire.CHOSEN, booking, name))
+        elif kind == wire.REPORT:
+            self._report(worker, message)
+        elif kind == wire.CALL:
             _, call, name = message
-            handler = self.handlers.get(name)
-            if handler is None:
-                return ("err", call, encode_error(LylmError(f"the hub has no {name!r}")))
-            try:
-                return ("ok", call, handler())
-            except Exception as exc:
-                logger.exception("hub: %s failed", name)
-                return ("err", call, encode_error(exc if isinstance(exc, LylmError) else LylmError(str(exc))))
-        if kind == "hello":
-            self._identities[worker] = identity
-            return None
-        if kind == "ready":
-            self._ready.add(worker)
-            if len(self._ready) >= self.workers:
-                self._ready_event.set()
-            return None
-        if kind == "attached":
-            _, name, generation = message
-            acks = self._acks.get((name, generation))
-            if acks is not None:
-                acks.add(worker)
-                self._ack_event.set()
-            return None
-        logger.warning("hub: unknown message %r from worker %d", kind, worker)
-        return None
+            self._reply(identity, self._call(call, name))
+        elif kind == wire.ATTACHED:
+            _, name, generation, error = message
+            self._attached(worker, name, generation, error)
+        elif kind == wire.DIED:
+            _, name, generation, reason = message
+            self._died(worker, name, generation, reason)
+        elif kind == wire.READY:
+            if not worker.ready:
+                worker.ready = True
+                if self.on_ready is not None:
+                    self.on_ready(worker)
+        else:
+            logger.warning("hub: unknown message %r from worker %d", kind, worker.slot)
 
-    def _choose(self, worker: int, fields: tuple[Any, ...], exclude: Sequence[str], first: bool) -> str:
-        request = RequestInfo(*fields)
-        instance = self.pool._dispatch_elsewhere(request, exclude, first)
-        self._pending[(worker, request.request_id, instance.name)] = (request, instance)
-        if first and 0 <= worker < self.workers:
-            self.requests_by_worker[worker] += 1
-        return instance.name
+    def _hello(self, identity: bytes, message: tuple[Any, ...]) -> None:
+        _, slot, client_index, pid = message
+        if identity not in self.workers:
+            worker = WorkerState(identity, slot, client_index, pid, self._clock())
+            worker.unattached.update(self.cores)
+            self.workers[identity] = worker
+        needs = {model: self._needs(model) for model in self.pool.models}
+        self._reply(identity, (wire.WELCOME, dict(self.cores), needs))
 
-    def _end(
-        self,
-        worker: int,
-        request_id: str,
-        name: str,
-        outcome: Outcome,
-        remaining: int,
-        first_token: float | None,
-        latency: float,
-        generated: int,
-    ) -> None:
-        pending = self._pending.pop((worker, request_id, name), None)
-        if pending is None:
+    def _needs(self, model: str) -> tuple[bool, Any]:
+        # What the worker sends for the model's balancer: token ids only if it reads them,
+        # and what it computes from them first (prefix hashes), where they were rendered.
+        balancer = self.pool.balancer(model)
+        return bool(balancer.reads_token_ids), balancer.preparer()
+
+    def _choose(self, worker: WorkerState, booking: int, fields: Sequence[Any], exclude: Sequence[str], first: bool) -> str:
+        request = wire.request_from_fields(fields)
+        if worker.unattached:
+            exclude = (*exclude, *worker.unattached)
+        tally = self.pool._dispatch_elsewhere(request, exclude, first)
+        tally.ticket = booking
+        worker.bookings[booking] = tally
+        if first:
+            self.requests_by_slot[worker.slot] = self.requests_by_slot.get(worker.slot, 0) + 1
+        return tally.instance.name
+
+    def _report(self, worker: WorkerState, message: tuple[Any, ...]) -> None:
+        _, ends, progress, live, responses, signals = message
+        bookings = worker.bookings
+        for fields in ends:
+            booking, end = wire.end_from_fields(fields)
+            tally = bookings.pop(booking, None)
+            if tally is not None:
+                self.pool._ended_elsewhere(tally, end)
+        for booking, remaining, generated in progress:
+            tally = bookings.get(booking)
+            if tally is not None:
+                tally.sync(remaining, generated)
+        if signals:
+            self._signals(signals)
+        for key, count in responses.items():
+            self.responses[key] = self.responses.get(key, 0) + count
+        if live is not None:
+            self._reconcile(worker, live)
+            self._reply(worker.identity, (wire.BEAT,))
+
+    def _reconcile(self, worker: WorkerState, live: Iterable[int]) -> None:
+        bookings = worker.bookings
+        held = set(live)
+        if len(held) == len(bookings) and held.issuperset(bookings):
             return
-        request, instance = pending
-        self.pool._ended_elsewhere(
-            instance,
-            request,
-            outcome,
-            remaining=remaining,
-            first_token=first_token,
-            latency=latency,
-            generated=generated,
-        )
+        for booking in [b for b in bookings if b not in held]:
+            tally = bookings.pop(booking)
+            logger.warning(
+                "hub: worker %d no longer holds request %s on %s: ended here",
+                worker.slot, tally.request.request_id, tally.instance.name,
+            )
+            self._end_lost(tally)
 
-    def _progress(self, progress: Progress) -> None:
-        if not progress:
-            return
+    def _end_lost(self, tally: Tally) -> None:
+        from .._request import RequestEnd
+
+        self.reconciled += 1
+        self.pool._ended_elsewhere(tally, RequestEnd("failed", tally.remaining, tally.generated))
+
+    def _signals(self, signals: dict[str, tuple[Any, ...]]) -> None:
         by_name = {i.name: i for i in self.pool.instances()}
-        for name, (done, prompt, generated, signals) in progress.items():
+        for name, (running, waiting, kv, queries, hits) in signals.items():
             instance = by_name.get(name)
             if instance is None:
                 continue
-            instance.in_flight_tokens -= done
-            instance.prompt_tokens += prompt
-            instance.generated_tokens += generated
-            if signals is not None:
-                running, waiting, kv, queries, hits = signals
-                target = instance.engine.signals
-                target.running, target.waiting, target.kv_cache_usage = running, waiting, kv
-                target.prefix_cache_queries += queries
-                target.prefix_cache_hits += hits
+            target = instance.engine.signals
+            target.running, target.waiting, target.kv_cache_usage = running, waiting, kv
+            target.prefix_cache_queries += queries
+            target.prefix_cache_hits += hits
 
-
-def _expire(future: asyncio.Future[Any]) -> None:
-    if not future.done():
-        future.set_exception(EngineError(f"the hub did not answer within {CALL_TIMEOUT:g} s"))
-
-
-class HubClient:
-    """A worker's side of the hub: one DEALER socket, one reader task, one sender task."""
-
-    def __init__(self, address: str, worker: int) -> None:
-        self.address = address
-        self.worker = worker
-        #: Called for ``attach`` messages: (instance name, engine-core handle); returns when attached.
-        self.on_attach: Callable[[str, Any], Awaitable[None]] | None = None
-        #: Returns the worker's per-instance progress since the last call (see :data:`Progress`).
-        self.progress: Callable[[], Progress] = dict
-        self._calls: dict[int, asyncio.Future[Any]] = {}
-        self._ids = itertools.count()
-        self._ends: list[tuple[Any, ...]] = []
-        self._responses: dict[tuple[str, str], int] = {}
-        self._wake = asyncio.Event()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._socket: Any = None
-        self._context: Any = None
-
-    async def connect(self) -> None:
-        """Connect to the hub and start the reader and the sender (on the running loop)."""
-        if self._socket is not None:
-            return
-        import zmq
-        import zmq.asyncio
-
-        self._context = zmq.asyncio.Context()
-        self._socket = self._context.socket(zmq.DEALER)
-        self._socket.setsockopt(zmq.IDENTITY, self.worker.to_bytes(4, "big"))
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.connect(self.address)
-        await self._send(("hello", self.worker))
-        loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._read(), name="lylm-hub-reader"),
-            loop.create_task(self._flush(), name="lylm-hub-sender"),
-            loop.create_task(self._tick(), name="lylm-hub-ticker"),
-        ]
-
-    async def close(self) -> None:
-        """Send what is left, stop the tasks and close the socket."""
-        if self._socket is None:
-            return
+    def _call(self, call: int, name: str) -> tuple[Any, ...]:
+        handler = self.handlers.get(name)
+        if handler is None:
+            return (wire.FAILED, call, wire.encode_error(LylmError(f"the hub has no {name!r}")))
         try:
-            await asyncio.wait_for(self._send_batch(), 1.0)
+            return (wire.ANSWER, call, handler())
+        except Exception as exc:
+            logger.exception("hub: %s failed", name)
+            return (wire.FAILED, call, wire.encode_error(exc if isinstance(exc, LylmError) else LylmError(str(exc))))
+
+    def _attached(self, worker: WorkerState, name: str, generation: int, error: str | None) -> None:
+        if error is not None:
+            logger.error(
+                "hub: worker %d could not attach to %s's engine core (generation %d): %s; "
+                "the instance is not offered to it", worker.slot, name, generation, error,
+            )
+            return
+        worker.attached[name] = generation
+        if self.cores.get(name, (0, None))[0] == generation:
+            worker.unattached.discard(name)
+
+    def _died(self, worker: WorkerState, name: str, generation: int, reason: str) -> None:
+        # A worker saw the engine core die (vLLM told its front end): act on it now, as a
+        # single process would, rather than when this process's own watch notices.
+        if self.cores.get(name, (0, None))[0] != generation:
+            return  # an old core: its death was handled when it was replaced
+        for instance in self.pool.instances():
+            if instance.name == name and instance.state == "healthy":
+                self.pool._supervisor.engine_failed(instance, f"{reason} (seen by worker {worker.slot})")
+
+    def _watch(self) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        self._watchdog = loop.call_later(HEARTBEAT, self._watch)
+        try:
+            # What is queued in the socket first: after a stall of this process, the
+            # workers' heartbeats are waiting there and they are not silent.
+            self._readable()
+            now = self._clock()
+            for worker in self.workers.values():
+                if worker.ready and not worker.silent and now - worker.last_seen > WORKER_TIMEOUT:
+                    worker.silent = True
+                    logger.warning(
+                        "hub: worker %d (pid %d) has not been heard from for %.1f s",
+                        worker.slot, worker.pid, now - worker.last_seen,
+                    )
         except Exception:
-            pass
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._socket.close(0)
-        self._context.term()
-        self._socket = None
-        for future in self._calls.values():
-            if not future.done():
-                future.set_exception(EngineError("the worker is closing"))
-
-    async def _send(self, message: tuple[Any, ...]) -> None:
-        await self._socket.send(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
-
-    async def _request(self, message: tuple[Any, ...], call: int) -> Any:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._calls[call] = future
-        # A timer, not asyncio.wait_for: that costs a task per call, on every request.
-        timer = loop.call_later(CALL_TIMEOUT, _expire, future)
-        try:
-            await self._send(message)
-            return await future
-        finally:
-            timer.cancel()
-            self._calls.pop(call, None)
-
-    async def choose(self, request: RequestInfo, exclude: Sequence[str], first: bool) -> str:
-        """The name of the instance the hub chose for ``request`` (admitting it when ``first``)."""
-        call = next(self._ids)
-        return str(await self._request(("choose", call, request_fields(request), tuple(exclude), first), call))
-
-    async def call(self, name: str) -> Any:
-        """The value of the hub's handler ``name`` (``health``, ``metrics``)."""
-        call = next(self._ids)
-        return await self._request(("call", call, name), call)
-
-    async def ready(self) -> None:
-        """Tell the hub this worker serves."""
-        await self._send(("ready",))
-
-    def ended(
-        self,
-        request_id: str,
-        instance: str,
-        outcome: Outcome,
-        remaining: int,
-        first_token: float | None,
-        latency: float,
-        generated: int,
-    ) -> None:
-        """Queue the end of a request for the hub (sent within a loop turn, batched)."""
-        self._ends.append((request_id, instance, outcome, remaining, first_token, latency, generated))
-        self._wake.set()
-
-    def count_response(self, route: str, status: int) -> None:
-        """Count one HTTP response for the hub's metrics (sent with the next batch)."""
-        key = (route, str(status))
-        self._responses[key] = self._responses.get(key, 0) + 1
-
-    async def _send_batch(self) -> None:
-        ends, self._ends = self._ends, []
-        responses, self._responses = self._responses, {}
-        progress = self.progress()
-        if ends or responses or progress:
-            await self._send(("batch", ends, progress, responses))
-
-    async def _flush(self) -> None:
-        # A request's end goes out at once, with the token progress up to it, so the
-        # hub's books never lag behind an ended request; progress of requests still
-        # streaming goes out every FLUSH_INTERVAL (the ticker wakes this loop).
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            await self._send_batch()
-
-    async def _tick(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL)
-            self._wake.set()
-
-    async def _read(self) -> None:
-        while True:
-            message = pickle.loads(await self._socket.recv())
-            kind = message[0]
-            if kind in ("ok", "err"):
-                future = self._calls.get(message[1])
-                if future is not None and not future.done():
-                    if kind == "ok":
-                        future.set_result(message[2])
-                    else:
-                        future.set_exception(decode_error(message[2]))
-            elif kind == "attach":
-                _, name, generation, handle = message
-                asyncio.get_running_loop().create_task(self._attach(name, generation, handle))
-
-    async def _attach(self, name: str, generation: int, handle: Any) -> None:
-        try:
-            if self.on_attach is not None:
-                await self.on_attach(name, handle)
-        except Exception:
-            logger.exception("worker %d: attaching %s to its new engine core failed", self.worker, name)
-            return
-        await self._send(("attached", name, generation))
+            logger.exception("hub: the watchdog failed")

@@ -16,9 +16,9 @@ worker that serves the request and nowhere else.
 
 Signals: SIGINT/SIGTERM drain (new requests get 503 while those in flight finish,
 at most ``drain_timeout`` seconds), then everything stops; a second signal skips the
-wait. A worker that exits on its own stops the server (its client slot on every
-engine core cannot be taken again). Should the main process be killed outright, the
-watchdog (:mod:`lylm._reaper`) stops the workers and the engine cores.
+wait. With workers, a worker that dies is replaced (:mod:`._workers`); should the main
+process be killed outright, the watchdog (:mod:`lylm._reaper`) stops the workers and the
+engine cores. The main process with workers is :mod:`._multiprocess`.
 """
 
 from __future__ import annotations
@@ -26,13 +26,9 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-import multiprocessing
 import os
 import signal
-import socket
-import tempfile
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable
 from functools import partial
 from types import FrameType
 from typing import Any
@@ -40,22 +36,15 @@ from typing import Any
 import anyio
 import attrs
 import uvicorn
-from prometheus_client.core import CounterMetricFamily, Metric
-from prometheus_client.registry import Collector
 
 from .._config import EngineSpec, PoolConfig
-from .._exceptions import ConfigError
 from .._engine import Engine
-from ._hub import Hub, HubClient
+from .._exceptions import ConfigError
 from .._pool import EnginePool, PoolOptions
-from .._reaper import REAPER, process_tree
-from ._worker_pool import WorkerPool
 from ..openai import create_app
 from ..openai._app import DEFAULT_MAX_BODY_BYTES
-from ..openai._metrics import PoolMetrics
-from ..openai._monitor import Monitor, health_report
+from ..openai._monitor import Monitor
 from ._http import HttpLimits, bounded_protocol
-from ._monitor import HubMonitor
 
 logger = logging.getLogger("lylm.serve")
 
@@ -63,6 +52,16 @@ logger = logging.getLogger("lylm.serve")
 LINGER = 1.0
 #: Seconds given to requests ended at the drain deadline to send their last bytes.
 ENDING_TIMEOUT = 5.0
+
+
+def _positive_seconds(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf"):
+        raise ValueError(f"{attribute.name} must be a positive number of seconds (got {value!r})")
+
+
+def _replacements(instance: object, attribute: "attrs.Attribute[Any]", value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"{attribute.name} must be a non-negative integer or None (got {value!r})")
 
 
 @attrs.frozen
@@ -78,6 +77,12 @@ class ServerOptions:
     log_level: str = "info"
     #: Bounds on reading requests: head size, header count, head and body time (431/408).
     limits: HttpLimits = HttpLimits()
+    #: With workers: seconds a worker may go without answering the hub (a stalled event
+    #: loop, a SIGSTOP) before it is killed and replaced.
+    worker_timeout: float = attrs.field(default=10.0, validator=_positive_seconds)
+    #: With workers: how many dead workers may be replaced over the engine cores' life
+    #: (each replacement takes a spare client slot on every core); None: one per worker.
+    replacements: int | None = attrs.field(default=None, validator=_replacements)
 
 
 def launch_vllm_core(spec: EngineSpec, clients: int, on_started: Any) -> Engine:
@@ -212,7 +217,9 @@ def serve(
                 # Workers attach to engine cores the main process launched here; a remote
                 # core attaches to one front end. Refused before anything starts.
                 raise ConfigError(f"{spec.name}.remote", "remote instances are served by one process (workers 1) for now")
-    code = anyio.run(partial(_main_process, config, workers, options, pool_options, engines or EngineKinds()))
+    from ._multiprocess import main_process
+
+    code = anyio.run(partial(main_process, config, workers, options, pool_options, engines or EngineKinds()))
     if code < 0:
         # Stopped by a signal: end by it, as uvicorn (and any Unix program) does.
         signal.signal(-code, signal.SIG_DFL)
@@ -242,241 +249,3 @@ def _uvicorn_config(app: Any, options: ServerOptions, **where: Any) -> uvicorn.C
         timeout_graceful_shutdown=5,
         **where,
     )
-
-
-# -- the main process of a server with workers ----------------------------------------
-
-
-class _WorkerCollector(Collector):
-    def __init__(self, hub: Hub) -> None:
-        self._hub = hub
-
-    def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(
-            "lylm_worker_requests", "Requests each front-end worker dispatched.", labels=["worker"]
-        )
-        for index, count in enumerate(self._hub.requests_by_worker):
-            family.add_metric([str(index)], count)
-        yield family
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """The server's socket, bound (claiming the port) but not yet listening: the workers listen."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
-@attrs.frozen
-class _WorkerSettings:
-    index: int
-    config: PoolConfig
-    hub_address: str
-    handles: Mapping[str, Any]
-    attach: Callable[[EngineSpec, Any, int], Engine]
-    options: ServerOptions
-    retries: int
-
-
-async def _main_process(
-    config: PoolConfig,
-    workers: int,
-    options: ServerOptions,
-    pool_options: PoolOptions,
-    engines: EngineKinds,
-) -> int:
-    sock = _bind(options.host, options.port)
-    directory = tempfile.mkdtemp(prefix="lylm-hub-")  # 0700: only this user reaches the hub
-    generations: dict[str, int] = {}
-    hub: Hub | None = None
-
-    async def core_started(name: str, handle: Any) -> None:
-        # A restarted core: every worker attaches to it before it serves again.
-        generations[name] = generations.get(name, 0) + 1
-        if hub is not None:
-            await hub.attach(name, generations[name], handle)
-
-    pool_options["engine_factory"] = lambda spec: engines.launch(spec, workers, core_started)
-    pool = EnginePool(config, **pool_options)
-    hub = Hub(pool, workers=workers, address=f"ipc://{directory}/hub")
-    metrics = PoolMetrics(pool)
-    metrics.registry.register(_WorkerCollector(hub))
-
-    def render_metrics() -> bytes:
-        responses, hub.responses = hub.responses, {}
-        for (route, status), count in responses.items():
-            metrics.http_responses.labels(route, status).inc(count)
-        return metrics.render()
-
-    hub.handlers["health"] = lambda: health_report(pool)
-    hub.handlers["metrics"] = render_metrics
-    hub.bind()
-    processes: list[Any] = []
-    watched: list[Any] = []
-    code = 0
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(hub.serve)
-            stop = anyio.Event()
-            received: list[int] = []
-            tg.start_soon(_signals, stop, received, processes)
-            instances = sum(len(m.instances) for m in config.models)
-            logger.info("starting %d engine core(s) for %d front-end workers", instances, workers)
-            with anyio.CancelScope() as startup:
-                tg.start_soon(_cancel_when, stop, startup)  # a signal while engines start: stop
-                await pool.start()
-            if startup.cancelled_caught or stop.is_set():
-                tg.cancel_scope.cancel()
-                return -received[0] if received else 0
-            handles = {i.name: getattr(i.engine, "handle", None) for i in pool.instances()}
-            retries = int(pool_options.get("retries", 2))
-            context = multiprocessing.get_context("spawn")
-            for index in range(workers):
-                settings = _WorkerSettings(index, config, hub.address, handles, engines.attach, options, retries)
-                process = context.Process(target=_worker_main, args=(settings, sock), name=f"lylm-worker-{index}")
-                process.start()
-                processes.append(process)
-            # Should this process be killed outright, the watchdog stops the workers too.
-            watched = process_tree([p.pid for p in processes])
-            REAPER.watch(watched)
-            died = anyio.Event()
-            tg.start_soon(_watch_workers, processes, died)
-            tg.start_soon(_announce, hub, options, workers)
-            await _first(died, stop)
-            if died.is_set():
-                code = 1
-            else:
-                # Drain: the hub takes no new requests; each worker drains its own.
-                logger.info("draining %d workers (at most %g s)", workers, options.drain_timeout)
-                await pool.drain(0)
-                for process in processes:
-                    _signal(process, signal.SIGTERM)
-                code = -received[0]
-            await _join(processes, options.drain_timeout + ENDING_TIMEOUT + LINGER + 10)
-            tg.cancel_scope.cancel()
-    finally:
-        with anyio.CancelScope(shield=True):
-            for process in processes:
-                if process.exitcode is None:
-                    process.kill()
-            await pool.aclose()
-            hub.close()
-            REAPER.forget(watched)
-            sock.close()
-            try:
-                os.unlink(f"{directory}/hub")
-            except OSError:
-                pass
-            os.rmdir(directory)
-    return code
-
-
-async def _cancel_when(event: anyio.Event, scope: anyio.CancelScope) -> None:
-    await event.wait()
-    scope.cancel()
-
-
-async def _announce(hub: Hub, options: ServerOptions, workers: int) -> None:
-    await hub.wait_ready()
-    logger.info("serving on http://%s:%d with %d front-end workers", options.host, options.port, workers)
-
-
-async def _first(*events: anyio.Event) -> None:
-    async with anyio.create_task_group() as tg:
-        for event in events:
-
-            async def wait(event: anyio.Event = event) -> None:
-                await event.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(wait)
-
-
-async def _signals(stop: anyio.Event, received: list[int], processes: list[Any]) -> None:
-    with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for number in signals:
-            received.append(int(number))
-            if not stop.is_set():
-                stop.set()
-                continue
-            # A second signal: the workers stop now (their own second signal).
-            logger.warning("second signal: stopping now")
-            for process in processes:
-                _signal(process, signal.SIGTERM)
-
-
-async def _watch_workers(processes: list[Any], died: anyio.Event) -> None:
-    while not died.is_set():
-        for process in processes:
-            if process.exitcode is not None:
-                logger.error(
-                    "front-end worker %s (pid %s) exited with code %s: stopping the server",
-                    process.name, process.pid, process.exitcode,
-                )
-                died.set()
-                for other in processes:
-                    _signal(other, signal.SIGTERM)
-                return
-        await anyio.sleep(0.2)
-
-
-def _signal(process: Any, sig: int) -> None:
-    if process.exitcode is None and process.pid is not None:
-        try:
-            os.kill(process.pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-async def _join(processes: list[Any], timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while any(p.exitcode is None for p in processes) and time.monotonic() < deadline:
-        await anyio.sleep(0.05)
-    for process in processes:
-        if process.exitcode is None:
-            logger.warning("worker %s did not stop within %g s: killing it", process.name, timeout)
-            process.kill()
-
-
-# -- one front-end worker ------------------------------------------------------------
-
-
-class _WorkerServer(DrainingServer):
-    def __init__(self, config: uvicorn.Config, pool: WorkerPool, drain_timeout: float) -> None:
-        super().__init__(config, pool, drain_timeout)
-        self.worker_pool = pool
-
-    async def startup(self, sockets: Any = None) -> None:
-        await self.worker_pool.hub.connect()
-        await super().startup(sockets=sockets)
-        await self.worker_pool.hub.ready()
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        await super().shutdown(sockets=sockets)
-        await self.worker_pool.hub.close()
-
-
-def _worker_main(settings: _WorkerSettings, sock: socket.socket) -> None:
-    # Its own process group: a terminal's Ctrl-C reaches the main process alone,
-    # which drains every worker with one SIGTERM each.
-    os.setpgid(0, 0)
-    options = settings.options
-    logging.basicConfig(
-        level=options.log_level.upper(), format=f"%(levelname)s %(name)s[w{settings.index}]: %(message)s"
-    )
-    hub = HubClient(settings.hub_address, settings.index)
-    pool = WorkerPool(
-        settings.config,
-        hub=hub,
-        attach=lambda spec, handle: settings.attach(spec, handle, settings.index),
-        handles=settings.handles,
-        retries=settings.retries,
-    )
-    uv = _uvicorn_config(_app(pool, options, HubMonitor(pool)), options)
-    _WorkerServer(uv, pool, options.drain_timeout).run(sockets=[sock])
