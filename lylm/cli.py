@@ -222,6 +222,20 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=30.0,
         help="seconds to let requests finish on SIGTERM/SIGINT (default: %(default)s)",
     )
+    failures.add_argument(
+        "--worker-timeout",
+        type=float,
+        default=10.0,
+        help="with workers: seconds a worker may go without answering the hub before it is killed and "
+        "replaced (default: %(default)s)",
+    )
+    failures.add_argument(
+        "--worker-replacements",
+        type=int,
+        default=None,
+        help="with workers: how many dead workers may be replaced while the engine cores run; each takes a "
+        "spare client slot on every core (default: as many as there are workers)",
+    )
 
 
 def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
@@ -266,16 +280,21 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.api_key:
         # The count only: keys are never logged.
         logger.info("API keys required: %d key(s) configured", len(args.api_key))
-    options = ServerOptions(
-        host=args.host,
-        port=args.port,
-        api_keys=tuple(args.api_key),
-        keys_for_health=args.keys_for_health,
-        max_body_bytes=args.max_body_bytes,
-        drain_timeout=args.drain_timeout,
-        log_level=args.log_level,
-        limits=limits,
-    )
+    try:
+        options = ServerOptions(
+            host=args.host,
+            port=args.port,
+            api_keys=tuple(args.api_key),
+            keys_for_health=args.keys_for_health,
+            max_body_bytes=args.max_body_bytes,
+            drain_timeout=args.drain_timeout,
+            log_level=args.log_level,
+            limits=limits,
+            worker_timeout=args.worker_timeout,
+            replacements=args.worker_replacements,
+        )
+    except ValueError as exc:
+        parser.error(str(exc).replace("worker_timeout", "--worker-timeout").replace("replacements", "--worker-replacements"))
     workers = args.workers if args.workers is not None else default_workers(config)
     serve(config, workers=workers, options=options, pool_options=pool_options)
 

@@ -1,6 +1,8 @@
 """lylm serve --workers 2 over 2 real CPU engines: API keys and admission limits that
 hold in every worker and for the whole server, and a server killed outright (SIGKILL)
-that leaves no process behind."""
+that leaves no process behind. Over FakeEngines (the same server, started in seconds):
+workers killed or stalled are replaced, and streams open at the drain deadline end
+cleanly."""
 
 from __future__ import annotations
 
@@ -125,34 +127,124 @@ def test_sigkill_of_the_server_leaves_no_worker_and_no_engine(server: ServerProc
     assert alive() == []
 
 
-def test_a_worker_that_dies_stops_the_whole_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+def _workers_of(proc: ServerProcess) -> list[psutil.Process]:
+    descendants = psutil.Process(proc.proc.pid).children(recursive=True)
+    return [
+        p for p in descendants
+        if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())
+    ]
+
+
+def _gone(processes: list[psutil.Process]) -> list[int]:
+    found = []
+    for p in processes:
+        with contextlib.suppress(psutil.Error):
+            if p.status() != psutil.STATUS_ZOMBIE:
+                found.append(p.pid)
+    return found
+
+
+def _until(condition: object, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():  # type: ignore[operator]
+        assert time.monotonic() < deadline, f"still waiting after {timeout} s"
+        time.sleep(0.1)
+
+
+def _total(url: str, name: str) -> float:
+    return sum(metric(url, name).values()) or float(
+        next((line.split()[-1] for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith(name + " ")), 0)
+    )
+
+
+def test_a_worker_killed_under_load_is_replaced_and_the_server_keeps_serving(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
     # FakeEngines (lylm.testing.fake_server): the same server machinery, started in seconds.
     log = tmp_path_factory.mktemp("logs") / "fake_server.log"
-    proc = ServerProcess(log=log, module="lylm.testing.fake_server", workers=2)
+    proc = ServerProcess("--token-delay", "0.02", log=log, module="lylm.testing.fake_server", workers=2)
+    statuses: list[object] = []
     try:
         proc.wait_ready(timeout=120)
-        r = httpx.post(f"{proc.url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 4}, timeout=30)
-        assert r.status_code == 200
-        descendants = psutil.Process(proc.proc.pid).children(recursive=True)
-        workers = [p for p in descendants if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
-        assert len(workers) == 2, [" ".join(p.cmdline()) for p in descendants]
+        _until(lambda: _total(proc.url, "lylm_workers_serving") == 2, 60)
+        workers = _workers_of(proc)
+        assert len(workers) == 2, workers
+
+        def stream(i: int) -> None:
+            body = {"model": "fake", "prompt": f"s{i}", "max_tokens": 150, "stream": True}
+            try:
+                with httpx.stream("POST", f"{proc.url}/v1/completions", json=body, timeout=60) as r:
+                    lines = [line for line in r.iter_lines() if line]
+                statuses.append(lines[-1] if lines else "empty")
+            except httpx.TransportError as exc:  # the killed worker's connections drop
+                statuses.append(type(exc).__name__)
+
+        threads = [threading.Thread(target=stream, args=(i,)) for i in range(12)]
+        for t in threads:
+            t.start()
+        _until(lambda: _total(proc.url, "lylm_in_flight_requests") == 12, 30)
         workers[0].kill()
-        # Its client slots on the engine cores cannot be taken again: the server stops, with an error.
+        # Served meanwhile, on the other worker and then on the replacement too.
+        served = []
+        deadline = time.monotonic() + 60
+        while _total(proc.url, "lylm_worker_replacements_total") < 1 or _total(proc.url, "lylm_workers_serving") < 2:
+            assert time.monotonic() < deadline, proc.tail(40)
+            r = httpx.post(f"{proc.url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}, timeout=30)
+            served.append(r.status_code)
+        assert served and set(served) == {200}
+        for t in threads:
+            t.join(60)
+        lost = [s for s in statuses if s != "data: [DONE]"]
+        assert 0 < len(lost) < 12, statuses  # those on the killed worker, and only those
+        # The dead worker's requests were ended by the hub; nothing is left in flight.
+        _until(lambda: _total(proc.url, "lylm_in_flight_requests") == 0, 10)
+        assert _total(proc.url, "lylm_hub_reconciled_bookings_total") == len(lost)
+        new = [w for w in _workers_of(proc) if w.pid != workers[0].pid and w.pid != workers[1].pid]
+        assert len(new) == 1 and "replaced" in proc.tail(200)
+    finally:
+        proc.stop()
+
+
+def test_without_a_spare_slot_the_server_serves_on_the_others_then_stops(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    log = tmp_path_factory.mktemp("logs") / "fake_server.log"
+    proc = ServerProcess("--worker-replacements", "0", log=log, module="lylm.testing.fake_server", workers=2)
+    try:
+        proc.wait_ready(timeout=120)
+        _until(lambda: _total(proc.url, "lylm_workers_serving") == 2, 60)
+        workers = _workers_of(proc)
+        workers[0].kill()
+        _until(lambda: _total(proc.url, "lylm_workers_serving") == 1, 30)
+        for _ in range(5):
+            r = httpx.post(f"{proc.url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 200
+        assert "no spare client slot left" in proc.tail(100)
+        workers[1].kill()
+        # None left serving: the server stops, with an error, and leaves nothing behind.
         assert proc.proc.wait(60) == 1
-        assert "exited with code -9: stopping the server" in proc.tail(200)
+        assert "no front-end worker is left serving" in proc.tail(100)
+        _until(lambda: not _gone(workers), 20)
+    finally:
+        proc.stop()
 
-        def left() -> list[int]:
-            found = []
-            for p in descendants:
-                with contextlib.suppress(psutil.Error):
-                    if p.status() != psutil.STATUS_ZOMBIE:
-                        found.append(p.pid)
-            return found
 
-        deadline = time.monotonic() + 20
-        while left() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert left() == []
+def test_a_worker_that_stops_answering_is_killed_and_replaced(tmp_path_factory: pytest.TempPathFactory) -> None:
+    log = tmp_path_factory.mktemp("logs") / "fake_server.log"
+    proc = ServerProcess("--worker-timeout", "2", log=log, module="lylm.testing.fake_server", workers=2)
+    try:
+        proc.wait_ready(timeout=120)
+        _until(lambda: _total(proc.url, "lylm_workers_serving") == 2, 60)
+        stopped = _workers_of(proc)[0]
+        stopped.suspend()  # SIGSTOP: alive, but its event loop answers nothing
+        started = time.monotonic()
+        _until(lambda: _total(proc.url, "lylm_worker_replacements_total") == 1, 60)
+        assert time.monotonic() - started >= 2.0
+        _until(lambda: _total(proc.url, "lylm_workers_serving") == 2, 60)
+        assert not _gone([stopped])  # killed, not left stopped
+        r = httpx.post(f"{proc.url}/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200
+        assert "without answering the hub" in proc.tail(100)
     finally:
         proc.stop()
 

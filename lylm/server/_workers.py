@@ -9,8 +9,9 @@ none is left serving, the server stops.
 
 A worker that exits (a crash, the OOM killer, SIGKILL) is noticed within ``POLL``
 seconds: the hub ends the requests it held, and a new process takes its slot. A worker
-that stops answering the hub for ``silence_timeout`` seconds (a stalled event loop, a
-SIGSTOP) is killed, then replaced the same way.
+that stops answering the hub for ``silence_timeout`` seconds once it serves (a stalled
+event loop, a SIGSTOP), or does not serve within ``START_TIMEOUT`` seconds of its start,
+is killed, then replaced the same way.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ logger = logging.getLogger("lylm.serve")
 
 POLL = 0.1
 """Seconds between looks at the workers' processes."""
+
+START_TIMEOUT = 180.0
+"""Seconds a worker may take from its start to serving (importing vLLM and attaching to
+every engine core take seconds to tens of seconds on a busy host) before it is killed
+and replaced."""
 
 StartWorker = Callable[[int, int, bytes], Any]
 """Starts the worker process for (slot, client index, hub identity); returns it, started."""
@@ -89,6 +95,10 @@ class Workers:
         """How many workers serve now."""
         return self._hub.ready_count()
 
+    def _serves(self, held: _Slot) -> bool:
+        worker = self._hub.workers.get(held.identity)
+        return worker is not None and worker.ready
+
     def pids(self) -> list[int]:
         return [s.process.pid for s in self.slots.values() if s.process.pid is not None]
 
@@ -109,6 +119,11 @@ class Workers:
                 code = held.process.exitcode
                 if code is not None:
                     self._died(slot, held, held.killed or f"exited with code {code}")
+                elif held.killed is None and not self._serves(held) and time.monotonic() - held.started > START_TIMEOUT:
+                    logger.error("worker %d (pid %d) did not start serving within %g s: killing it",
+                                 slot, held.process.pid, START_TIMEOUT)
+                    held.killed = f"was killed after {START_TIMEOUT:g} s without starting to serve"
+                    _kill(held.process, signal.SIGKILL)
                 elif held.killed is None and self._hub.silent_for(held.identity) > self.silence_timeout:
                     silent = self._hub.silent_for(held.identity)
                     logger.error("worker %d (pid %d) has not answered the hub for %.1f s: killing it",
@@ -148,7 +163,12 @@ class Workers:
     async def join(self, timeout: float) -> None:
         """Wait for every worker to exit; kill those still running after ``timeout`` s."""
         deadline = time.monotonic() + timeout
-        while any(h.process.exitcode is None for h in self.slots.values()) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            for held in self.slots.values():
+                if held.process.exitcode is not None:
+                    self._hub.worker_gone(held.identity)  # what it held ended, if anything
+            if all(h.process.exitcode is not None for h in self.slots.values()):
+                break
             await anyio.sleep(0.05)
         self.kill()
 

@@ -1,6 +1,7 @@
 """lylm's HTTP front end over FakeEngines: the whole server without a model or a GPU.
 
     python -m lylm.testing.fake_server [--port 8000] [--engines 2] [--workers N] [--token-delay S]
+        [--drain-timeout S] [--worker-timeout S] [--worker-replacements K] [--max-in-flight K]
 
 Serves model ``fake`` through the real server (``lylm.openai.serve``: workers, drain,
 limits, metrics), each engine a :class:`FakeEngine` answering every prompt with the
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from lylm import EngineSpec, PoolConfig
+from lylm import EngineSpec, PoolConfig, PoolOptions
 from lylm.server import EngineKinds, ServerOptions, serve
 from lylm.testing import FakeEngine
 
@@ -58,17 +59,29 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token (default: none)")
     parser.add_argument("--workers", type=int, default=1, help="front-end worker processes")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
+    parser.add_argument("--worker-timeout", type=float, default=10.0, help="seconds a silent worker lives")
+    parser.add_argument("--worker-replacements", type=int, default=None, help="dead workers that may be replaced")
+    parser.add_argument("--max-in-flight", type=int, default=None, help="per model: requests beyond it get 429")
     args = parser.parse_args()
     specs = [
         EngineSpec(model=MODEL, engine_args={"model": "fake", "token_delay": args.token_delay}, index=i)
         for i in range(args.engines)
     ]
     config = PoolConfig.from_specs(specs)
-    options = ServerOptions(host=args.host, port=args.port, log_level="warning", drain_timeout=args.drain_timeout)
+    options = ServerOptions(
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        drain_timeout=args.drain_timeout,
+        worker_timeout=args.worker_timeout,
+        replacements=args.worker_replacements,
+    )
+    limits: PoolOptions = {"max_in_flight_requests": args.max_in_flight} if args.max_in_flight else {}
     if args.workers == 1:
-        serve(config, options=options, pool_options={"engine_factory": fake_engine})
+        serve(config, options=options, pool_options={"engine_factory": fake_engine, **limits})
     else:
-        serve(config, workers=args.workers, options=options, engines=EngineKinds(launch=launch_fake, attach=attach_fake))
+        engines = EngineKinds(launch=launch_fake, attach=attach_fake)
+        serve(config, workers=args.workers, options=options, pool_options=limits, engines=engines)
 
 
 if __name__ == "__main__":
