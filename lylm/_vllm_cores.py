@@ -49,10 +49,13 @@ class EngineCores:
         #: The engine-core pids, kept in copies too: any process on the host can look.
         self._pids = [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
         self._watched: list[Any] = []
+        #: The core's processes and theirs (vLLM's workers), by pid, kept in copies too.
+        self._tree: list[tuple[int, float]] = []
         if manager is not None:
             # Should the launching process be killed outright, the watchdog stops the core.
             self._watched = process_tree(self._pids)
             REAPER.watch(self._watched)
+            self._tree = _identities(self._watched)
 
     def __getstate__(self) -> dict[str, Any]:
         # What a front end in another process needs; the processes stay with their owner.
@@ -132,23 +135,19 @@ class EngineCores:
         return list(self._pids)
 
     def alive(self) -> bool:
-        """True while every engine-core process runs (false once shut down by its owner).
+        """True while every process of the engine core runs: the core and its workers (a
+        worker killed alone ends the engine too: its core shuts down seconds later; this
+        sees it at once). False once shut down by its owner.
 
-        The launching process asks its process handles; a copy in another process
-        asks the operating system about the pids (a few system calls: poll it, do
-        not call it per request).
+        A few system calls per process: poll it, do not call it per request.
         """
         if self._manager is not None:
             processes = getattr(self._manager, "processes", ())
-            return bool(processes) and all(p.exitcode is None for p in processes)
-        if not self._pids:
+            if not processes or any(p.exitcode is not None for p in processes):
+                return False
+        elif not self._pids:
             return False
-        import psutil  # a dependency of vLLM
-
-        try:
-            return all(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in self._pids)
-        except psutil.Error:
-            return False
+        return _all_running(self._tree or [(pid, 0.0) for pid in self._pids])
 
     def client(self, index: int, *, stat_loggers: list[Any] | None = None) -> Any:
         """A new ``AsyncLLM`` front end attached to this core as client ``index``."""
@@ -281,3 +280,29 @@ class CoreEngine(Engine):
             REAPER.forget(starting)
         if cores is not None:
             await anyio.to_thread.run_sync(cores.shutdown)
+
+
+def _identities(processes: Sequence[Any]) -> list[tuple[int, float]]:
+    """(pid, creation time) of each psutil process: a pid reused later is not taken for it."""
+    import psutil
+
+    found = []
+    for process in processes:
+        try:
+            found.append((process.pid, process.create_time()))
+        except psutil.Error:
+            continue
+    return found
+
+
+def _all_running(processes: Sequence[tuple[int, float]]) -> bool:
+    import psutil  # a dependency of vLLM
+
+    try:
+        for pid, created in processes:
+            process = psutil.Process(pid)
+            if process.status() == psutil.STATUS_ZOMBIE or (created and process.create_time() != created):
+                return False
+    except psutil.Error:
+        return False
+    return True

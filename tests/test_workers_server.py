@@ -104,6 +104,23 @@ def test_the_admission_limit_is_the_whole_servers(server: ServerProcess) -> None
     assert r.status_code == 200
 
 
+def test_a_killed_worker_is_replaced_on_a_spare_client_slot_of_the_real_engine_cores(server: ServerProcess) -> None:
+    # vLLM greets a client index once per core: the replacement attaches as client 2.
+    _until(lambda: _total(server.url, "lylm_workers_serving") == 2, 60)
+    killed = _workers_of(server)[0]
+    killed.kill()
+    _until(lambda: _total(server.url, "lylm_worker_replacements_total") == 1, 60)
+    _until(lambda: _total(server.url, "lylm_workers_serving") == 2, 180)
+    assert "(client 2) serves" in server.tail(400)
+    body = {"model": MODEL, "prompt": "after", "max_tokens": 4}
+    # New connections, so that both workers (the replacement too) take some.
+    for _ in range(8):
+        r = httpx.post(f"{server.url}/v1/completions", json=body, headers=KEY, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    requests = metric(server.url, "lylm_worker_requests_total")
+    assert len(requests) == 2 and all(v > 0 for v in requests.values()), requests
+
+
 def test_sigkill_of_the_server_leaves_no_worker_and_no_engine(server: ServerProcess) -> None:
     # Last here: it kills the shared server.
     descendants = psutil.Process(server.proc.pid).children(recursive=True)
