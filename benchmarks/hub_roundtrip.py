@@ -29,7 +29,8 @@ import anyio
 import harness
 import loadgen
 from lylm import EnginePool, EngineSpec, PoolConfig
-from lylm.server._hub import Hub, HubClient
+from lylm.server._hub import Hub
+from lylm.server._hub_client import HubClient
 from lylm.server._worker_pool import WorkerPool
 from lylm.testing import FakeEngine, FakeSamplingParams
 
@@ -48,8 +49,10 @@ def run_hub(address: str, ready: Any, stop: Any) -> None:
     async def main() -> None:
         pool = EnginePool(config(), engine_factory=make_engine)
         await pool.start()
-        hub = Hub(pool, workers=1, address=address)
+        hub = Hub(pool, address=address)
         hub.bind()
+        for instance in pool.instances():
+            hub.core_started(instance.name, None)
         async with anyio.create_task_group() as tg:
             tg.start_soon(hub.serve)
             ready.set()
@@ -72,9 +75,9 @@ async def timed(pool: EnginePool, n: int) -> float:
 
 async def measure(args: argparse.Namespace, address: str, progress: harness.Progress) -> dict[str, list[float]]:
     local = EnginePool(config(), engine_factory=make_engine)
-    client = HubClient(address, 0)
-    worker = WorkerPool(config(), hub=client, attach=lambda spec, handle: FakeEngine(), handles={'models["m"][0]': None})
+    client = HubClient(address, slot=0)
     await client.connect()
+    worker = WorkerPool(config(), hub=client, attach=lambda spec, handle: FakeEngine())
     out: dict[str, list[float]] = {"local": [], "worker": []}
     async with local, worker:
         await timed(local, 200)

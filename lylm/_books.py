@@ -153,7 +153,8 @@ class Books:
         balancer and the observers."""
         if tally.closed or not tally.booked:
             return
-        tally.sync(end.remaining, end.generated_tokens)
+        if end.remaining != tally.remaining or end.generated_tokens != tally.generated:
+            tally.sync(end.remaining, end.generated_tokens)  # an end told by another process
         tally.closed = True
         instance, request = tally.instance, tally.request
         instance.in_flight_requests -= 1

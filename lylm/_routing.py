@@ -62,7 +62,10 @@ class Router:
 
     def choose(self, group: Sequence[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()) -> Instance:
         """The instance that serves ``request``: the balancer's pick among the healthy ones."""
-        candidates = [i for i in group if i.healthy and not any(i is x for x in exclude)]
+        if exclude:
+            candidates = [i for i in group if i.healthy and not any(i is x for x in exclude)]
+        else:
+            candidates = [i for i in group if i.healthy]
         if not candidates:
             raise NoHealthyEngineError(request.model)
         balancer = self._balancers[request.model]

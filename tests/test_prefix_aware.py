@@ -44,6 +44,42 @@ def test_block_hashes_are_chained_and_cover_full_blocks_only() -> None:
     assert block_hashes(a[:15], 16, 100) == []
 
 
+def _match_block_by_block(table: PrefixTable, hashes: list[int], candidates: int) -> list[tuple[int, int]]:
+    # The definition: walk the blocks, noting where engines drop out.
+    groups, alive, depth = [], candidates, 0
+    for h in hashes:
+        mask = table._lru.get(h, 0) & alive
+        if not mask:
+            break
+        if mask != alive and depth:
+            groups.append((depth, alive & ~mask))
+        alive, depth = mask, depth + 1
+    if depth:
+        groups.append((depth, alive))
+    return groups[::-1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_bisected_match_and_refresh_only_record_agree_with_the_block_by_block_ones(seed: int) -> None:
+    # Chains that share heads, recorded on 4 engines, a table small enough to evict all
+    # the time: match by bisection finds what a walk finds, and recording the held head
+    # as a refresh leaves the table exactly as recording it whole does.
+    rng = random.Random(seed)
+    heads = [prompt(rng, 16 * rng.randrange(1, 6)) for _ in range(5)]
+    fast, slow = PrefixTable(60), PrefixTable(60)
+    for _ in range(400):
+        chain = block_hashes(rng.choice(heads) + prompt(rng, 16 * rng.randrange(0, 6)), 16, 100)
+        offered = rng.randrange(1, 16)
+        expected = _match_block_by_block(slow, chain, offered)
+        assert fast.match(chain, offered) == expected
+        bit = 1 << rng.randrange(4)
+        held = next((d for d, mask in expected if mask & bit), 0)
+        fast.record(chain, bit, held)
+        slow.record(chain, bit)
+        assert list(fast._lru.items()) == list(slow._lru.items())
+        assert fast.blocks == slow.blocks
+
+
 def test_table_match_reports_each_engines_longest_prefix() -> None:
     t = PrefixTable(100)
     chain = block_hashes(list(range(80)), 16, 100)  # 5 blocks

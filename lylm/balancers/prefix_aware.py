@@ -121,6 +121,7 @@ class PrefixAware(Balancer):
         cbits = self._bits(candidates)
         offered = reduce(or_, cbits)
         chosen = -1
+        groups: list[tuple[int, int]] = []
         guarded = False  # an affine engine was skipped by the guard
         if key is not None:
             bit = self._sessions.get(key, 0) & offered
@@ -156,7 +157,8 @@ class PrefixAware(Balancer):
 
         bit = cbits[chosen]
         if hashes:
-            self.table.record(hashes, bit)
+            held = next((depth for depth, mask in groups if mask & bit), 0) if groups else 0
+            self.table.record(hashes, bit, held)
         if key is not None:
             self._remember_session(key, bit)
         return candidates[chosen]

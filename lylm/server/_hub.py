@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import zmq
 
 from .._books import Tally
 from .._exceptions import LylmError
@@ -57,6 +58,9 @@ _BATCH = 256
 """Messages handled per event-loop turn before the hub lets other work run."""
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
+
+# ZeroMQ's constants as plain ints: its flag enums cost a microsecond per use.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class WorkerState:
@@ -126,7 +130,6 @@ class Hub:
 
     def bind(self) -> None:
         """Listen on the hub's address (call before the workers start)."""
-        import zmq
 
         self._context = zmq.Context()
         socket = self._context.socket(zmq.ROUTER)
@@ -142,8 +145,6 @@ class Hub:
         """Answer the workers from the running event loop (no task: a callback on the socket)."""
         if self._loop is not None:
             return
-        import zmq
-
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._socket.getsockopt(zmq.FD), self._readable)
         self._watchdog = self._loop.call_later(HEARTBEAT, self._watch)
@@ -153,8 +154,6 @@ class Hub:
         """Stop answering (the socket stays open until :meth:`close`)."""
         if self._loop is None:
             return
-        import zmq
-
         if self._watchdog is not None:
             self._watchdog.cancel()
         if self._socket is not None:
@@ -217,10 +216,8 @@ class Hub:
     # -- the socket ----------------------------------------------------------------
 
     def _send(self, identity: bytes, payload: bytes) -> None:
-        import zmq
-
         try:
-            self._socket.send_multipart([identity, payload], flags=zmq.NOBLOCK)
+            self._socket.send_multipart([identity, payload], flags=_NOBLOCK)
         except zmq.ZMQError as exc:  # a worker that is gone (ROUTER_MANDATORY): its loss
             logger.debug("hub: a message to worker %r was not sent: %s", identity, exc)
         self._recheck()
@@ -228,36 +225,31 @@ class Hub:
     def _recheck(self) -> None:
         # ZeroMQ's descriptor signals edges, and a send can take the edge of a message
         # that arrived meanwhile: look again, soon, whenever the socket holds input.
-        import zmq
-
         if (
             not self._scheduled
             and self._loop is not None
             and self._socket is not None
-            and self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+            and self._socket.get(_EVENTS) & _POLLIN
         ):
             self._scheduled = True
             self._loop.call_soon(self._readable)
 
     def _readable(self) -> None:
-        import zmq
-
         self._scheduled = False
         socket = self._socket
         if socket is None:
             return
+        recv = socket.recv_multipart
         for _ in range(_BATCH):
-            if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
             try:
-                identity, payload = socket.recv_multipart(zmq.NOBLOCK)
+                identity, payload = recv(_NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
                 self._handle(identity, pickle.loads(payload))
             except Exception:
                 logger.exception("hub: a worker's message could not be handled")
-        self._recheck()  # more waiting: after other work has had its turn
+        self._recheck()  # more waiting (a full batch, or an edge a send took): after other work
 
     def _reply(self, identity: bytes, message: tuple[Any, ...]) -> None:
         self._send(identity, pickle.dumps(message, protocol=_PICKLE))
@@ -431,3 +423,4 @@ class Hub:
                     )
         except Exception:
             logger.exception("hub: the watchdog failed")
+

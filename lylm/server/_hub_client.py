@@ -30,6 +30,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+import zmq
+
 from .._exceptions import EngineError, HubUnavailableError, LylmError
 from .._request import RequestEnd, RequestInfo
 from . import _wire as wire
@@ -51,6 +53,9 @@ CALL_TIMEOUT = 10.0
 """Seconds a worker waits for one answer of a hub that does answer heartbeats."""
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
+
+# ZeroMQ's constants as plain ints: its flag enums cost a microsecond per use.
+_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 Signals = Callable[[], Mapping[str, tuple[Any, ...]]]
 """Per instance name, the engine's signals when they changed: (running, waiting, KV use,
@@ -114,8 +119,6 @@ class HubClient:
         """Connect, say hello and wait for the hub's welcome (its engine cores)."""
         if self._socket is not None:
             return
-        import zmq
-
         self._loop = loop = asyncio.get_running_loop()
         self._context = zmq.Context()
         socket = self._context.socket(zmq.DEALER)
@@ -140,8 +143,6 @@ class HubClient:
         """Send the ends still queued, then close; what waits for the hub fails. Idempotent."""
         if self._socket is None:
             return
-        import zmq
-
         if self._timer is not None:
             self._timer.cancel()
         assert self._loop is not None
@@ -245,12 +246,10 @@ class HubClient:
     # -- the socket ----------------------------------------------------------------
 
     def _send(self, message: tuple[Any, ...]) -> None:
-        import zmq
-
         if self._socket is None:
             raise HubUnavailableError("this worker's connection to the hub is closed")
         try:
-            self._socket.send(pickle.dumps(message, protocol=_PICKLE), flags=zmq.NOBLOCK)
+            self._socket.send(pickle.dumps(message, protocol=_PICKLE), flags=_NOBLOCK)
         except zmq.Again:  # past a million queued messages: the hub is long gone
             raise HubUnavailableError("the hub does not take messages") from None
         self._recheck()
@@ -258,36 +257,31 @@ class HubClient:
     def _recheck(self) -> None:
         # ZeroMQ's descriptor signals edges; a send can take the edge of an answer that
         # arrived meanwhile: look again, soon, whenever the socket holds input.
-        import zmq
-
         if (
             not self._read_scheduled
             and self._loop is not None
             and self._socket is not None
-            and self._socket.getsockopt(zmq.EVENTS) & zmq.POLLIN
+            and self._socket.get(_EVENTS) & _POLLIN
         ):
             self._read_scheduled = True
             self._loop.call_soon(self._readable)
 
     def _readable(self) -> None:
-        import zmq
-
         self._read_scheduled = False
         socket = self._socket
         if socket is None:
             return
+        recv = socket.recv
         for _ in range(256):
-            if not socket.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                return
             try:
-                payload = socket.recv(zmq.NOBLOCK)
+                payload = recv(_NOBLOCK)
             except zmq.Again:
-                return
+                break
             try:
                 self._handle(pickle.loads(payload))
             except Exception:
                 logger.exception("worker %d: a message from the hub could not be handled", self.slot)
-        self._recheck()
+        self._recheck()  # more waiting (a full batch, or an edge a send took): after other work
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         self._unanswered_since = None
