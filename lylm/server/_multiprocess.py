@@ -14,6 +14,7 @@ watchdog (:mod:`lylm._reaper`) stops the workers and the engine cores.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 import multiprocessing
@@ -34,6 +35,7 @@ from .._engine import Engine
 from .._pool import EnginePool, PoolOptions
 from ..openai._metrics import PoolMetrics
 from ..openai._monitor import health_report
+from ._accept import NOT_ACCEPTING, BalancedAcceptor, Loads
 from ._hub import Hub
 from ._hub_client import HubClient
 from ._monitor import HubMonitor
@@ -93,6 +95,7 @@ class _WorkerSettings:
     attach: Callable[[EngineSpec, Any, int], Engine]
     options: ServerOptions
     pool_options: dict[str, Any]
+    loads: Loads
 
 
 def _worker_pool_options(pool_options: PoolOptions) -> dict[str, Any]:
@@ -164,17 +167,24 @@ async def main_process(
             gc.freeze()
             context = multiprocessing.get_context("spawn")
             worker_options = _worker_pool_options(pool_options)
+            loads = Loads(workers)  # connections per worker: new ones go to the least loaded
 
             def start(slot: int, client_index: int, identity: bytes) -> Any:
+                loads.set(slot, NOT_ACCEPTING)  # until it accepts (a replacement: its predecessor's count)
                 settings = _WorkerSettings(
-                    slot, client_index, identity, config, hub.address, engines.attach, options, worker_options
+                    slot, client_index, identity, config, hub.address, engines.attach, options, worker_options, loads
                 )
                 process = context.Process(target=worker_main, args=(settings, sock), name=f"lylm-worker-{slot}")
                 process.start()
                 return process
 
             processes = Workers(
-                count=workers, clients=clients, start=start, hub=hub, silence_timeout=options.worker_timeout
+                count=workers,
+                clients=clients,
+                start=start,
+                hub=hub,
+                silence_timeout=options.worker_timeout,
+                gone=lambda slot: loads.set(slot, NOT_ACCEPTING),
             )
             supervised.append(processes)
             processes.start_all()
@@ -247,16 +257,42 @@ async def _signals(stop: anyio.Event, received: list[int], supervised: list[Work
 
 
 class _WorkerServer(DrainingServer):
-    def __init__(self, config: Any, pool: WorkerPool, drain_timeout: float) -> None:
+    def __init__(self, config: Any, pool: WorkerPool, drain_timeout: float, loads: Loads, slot: int) -> None:
         super().__init__(config, pool, drain_timeout)
         self.worker_pool = pool
+        self._loads = loads
+        self._slot = slot
+        self._acceptor: BalancedAcceptor | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         await self.worker_pool.hub.connect()  # the hub's welcome: the engine cores to attach to
-        await super().startup(sockets=sockets)  # the lifespan attaches the pool's engines
+        # No asyncio server on the shared socket (it would take every waiting connection):
+        # the acceptor leaves new connections to the least loaded worker.
+        await super().startup(sockets=[])  # the lifespan attaches the pool's engines
+        if not self.started or self.should_exit:
+            return
+        loop = asyncio.get_running_loop()
+        config = self.config
+
+        def protocol() -> Any:
+            return config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state, _loop=loop
+            )
+
+        async def connect(conn: socket.socket) -> None:
+            await loop.connect_accepted_socket(protocol, conn)
+
+        for sock in sockets or ():
+            sock.listen(config.backlog)
+            self._acceptor = BalancedAcceptor(
+                sock, self._loads, self._slot, held=lambda: len(self.server_state.connections), connect=connect
+            )
+            self._acceptor.start()
         self.worker_pool.hub.ready()
 
     async def shutdown(self, sockets: Any = None) -> None:
+        if self._acceptor is not None:
+            await self._acceptor.stop()
         await super().shutdown(sockets=sockets)
         await self.worker_pool.hub.close()
 
@@ -279,4 +315,4 @@ def worker_main(settings: _WorkerSettings, sock: socket.socket) -> None:
     )
     uv = _uvicorn_config(_app(pool, options, HubMonitor(pool)), options)
     # uvicorn's run(): its event loop (uvloop where installed), as a one-process server has.
-    _WorkerServer(uv, pool, options.drain_timeout).run(sockets=[sock])
+    _WorkerServer(uv, pool, options.drain_timeout, settings.loads, settings.slot).run(sockets=[sock])

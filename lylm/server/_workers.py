@@ -60,7 +60,14 @@ class Workers:
     """The worker processes (see the module docstring)."""
 
     def __init__(
-        self, *, count: int, clients: int, start: StartWorker, hub: Hub, silence_timeout: float = 10.0
+        self,
+        *,
+        count: int,
+        clients: int,
+        start: StartWorker,
+        hub: Hub,
+        silence_timeout: float = 10.0,
+        gone: Callable[[int], None] | None = None,
     ) -> None:
         if clients < count:
             raise ValueError(f"clients ({clients}) must be at least the worker count ({count})")
@@ -75,6 +82,8 @@ class Workers:
         self._next_client = count
         self._incarnations = 0
         self._stopping = False
+        #: Called with a slot whose worker is gone (before any replacement starts).
+        self._gone = gone
         hub.on_ready = self._ready
 
     def start_all(self) -> None:
@@ -140,6 +149,8 @@ class Workers:
         ended = self._hub.worker_gone(held.identity)
         REAPER.forget(held.watched)
         del self.slots[slot]
+        if self._gone is not None:
+            self._gone(slot)
         if self._stopping:
             return
         spare = self._next_client < self.clients
