@@ -2,7 +2,7 @@
 (or lylm alone with several instances on that GPU: --instances).
 
     python benchmarks/workers_vs_vllm.py [--device cpu|gpu] [--model-dir DIR] [--shape qwen2.5-1.5b] \
-        [--arms lylm:1,vllm:1,lylm:4,vllm:4] [--instances 1] [--gpu-mem 0.2] [--grid 64x256,256x1024] \
+        [--arms lylm:1,vllm:1,lylm:4,vllm:4] [--instances 1] [--gpu-mem 0.2] [--grid 64x256,256x1024,256x2048@8] \
         [--rounds 2] [--prompt-len 128] [--max-tokens 256] [--procs 6] [--budget-s 480] \
         [--out PREFIX] [--log-dir DIR]
 
@@ -68,7 +68,7 @@ def body(prompt: list[int], max_tokens: int) -> dict[str, Any]:
 
 async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str, int], vocab: int,
                   deadline: harness.Deadline) -> tuple[list[dict[str, Any]], int]:
-    grid = loadgen.parse_grid(args.grid)
+    grid, lengths = cells(args.grid, args.max_tokens)
     names = list(urls)
     samples: dict[tuple[int, int], dict[str, list[dict[str, Any]]]] = {cell: {n: [] for n in names} for cell in grid}
     rounds_done = 0
@@ -85,12 +85,14 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
             t_round = time.monotonic()
             for ci, (conc, total) in enumerate(grid):
                 prompts = harness.token_prompts(total, args.prompt_len, 1000 * conc + r, vocab)
-                payloads = [body(p, args.max_tokens) for p in prompts]
+                payloads = [body(p, lengths[(conc, total)]) for p in prompts]
                 order = names if (r + ci) % 2 == 0 else names[::-1]
                 for name in order:
                     cpu0, t0 = harness.tree_cpu(pids[name]), time.monotonic()
                     s = (await mc.run(urls[name], "completions", payloads, conc)).summary()
                     s["server_cores"] = (harness.tree_cpu(pids[name]) - cpu0) / max(time.monotonic() - t0, 1e-9)
+                    s["requests_per_s"] = s["succeeded"] / s["total_time_s"] if s["total_time_s"] else None
+                    s["max_tokens"] = lengths[(conc, total)]
                     s["round"] = r
                     samples[(conc, total)][name].append(s)
                     print(f"r{r} c={conc:<3} {name:8s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT p50 "
@@ -108,22 +110,65 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
             if not ss:
                 continue
             rows.append({
-                "concurrency": conc, "total": total, "server": name, "rounds": len(ss),
+                "concurrency": conc, "total": total, "max_tokens": lengths[(conc, total)], "server": name,
+                "rounds": len(ss),
                 "tok_s": med([s["system_tokens_per_s"] for s in ss]),
                 "tok_s_all": [s["system_tokens_per_s"] for s in ss],
+                "req_s_all": [s["requests_per_s"] for s in ss],
+                "ttft_p50_all": [s["ttft_p50_ms"] for s in ss],
+                "ttft_p99_all": [s["ttft_p99_ms"] for s in ss],
                 **{k: med([s[k] for s in ss]) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "server_cores",
-                                                        "client_cpu_share_max")},
+                                                        "client_cpu_share_max", "requests_per_s")},
                 "success": min(s["success_rate"] for s in ss),
             })
     return rows, rounds_done
 
 
+def cells(grid: str, max_tokens: int) -> tuple[list[tuple[int, int]], dict[tuple[int, int], int]]:
+    """``--grid`` cells, ``CONCURRENCYxTOTAL`` or ``CONCURRENCYxTOTAL@TOKENS`` (output tokens
+    for that cell; --max-tokens otherwise), and each cell's output tokens."""
+    out: list[tuple[int, int]] = []
+    lengths: dict[tuple[int, int], int] = {}
+    for part in grid.split(","):
+        shape, _, tokens = part.partition("@")
+        (cell,) = loadgen.parse_grid(shape)
+        out.append(cell)
+        lengths[cell] = int(tokens) if tokens else max_tokens
+    return out, lengths
+
+
+def ratios(rows: list[dict[str, Any]], a: str, b: str) -> str:
+    """Per cell, ``a`` over ``b``: tok/s and requests/s (higher is better for a), TTFT p50
+    and p99 (lower is better for a), each as the ratio of medians and per round."""
+    f = harness.fmt
+    lines = [f"| streams x tokens | tok/s {a}/{b} | requests/s | TTFT p50 | TTFT p99 | per round: tok/s; TTFT p50 |",
+             "|---|---|---|---|---|---|"]
+    by = {(r["concurrency"], r["total"], r["server"]): r for r in rows}
+    for r in rows:
+        if r["server"] != a or (r["concurrency"], r["total"], b) not in by:
+            continue
+        o = by[(r["concurrency"], r["total"], b)]
+        per_round = "; ".join(
+            f"{f(harness.ratio(x, y), '.2f')}, {f(harness.ratio(p, q), '.2f')}"
+            for x, y, p, q in zip(r["tok_s_all"], o["tok_s_all"], r["ttft_p50_all"], o["ttft_p50_all"])
+        )
+        lines.append(
+            f"| {r['concurrency']} x {r['max_tokens']} | {f(harness.ratio(r['tok_s'], o['tok_s']), '.2f')} | "
+            f"{f(harness.ratio(r['requests_per_s'], o['requests_per_s']), '.2f')} | "
+            f"{f(harness.ratio(r['ttft_p50_ms'], o['ttft_p50_ms']), '.2f')} | "
+            f"{f(harness.ratio(r['ttft_p99_ms'], o['ttft_p99_ms']), '.2f')} | {per_round} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     f = harness.fmt
-    lines = ["| streams | server | tok/s (median) | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | server cores | client max CPU | ok | rounds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| streams x tokens | server | tok/s (median) | requests/s | TTFT p50 ms | TTFT p99 ms | ITL p50 ms | "
+             "server cores | client max CPU | ok | rounds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['concurrency']} | {r['server']} | {f(r['tok_s'])} | {f(r['ttft_p50_ms'], '.1f')} | "
+        lines.append(f"| {r['concurrency']} x {r['max_tokens']} | {r['server']} | {f(r['tok_s'])} | "
+                     f"{f(r['requests_per_s'], '.1f')} | {f(r['ttft_p50_ms'], '.1f')} | "
                      f"{f(r['ttft_p99_ms'], '.1f')} | {f(r['itl_p50_ms'], '.1f')} | {f(r['server_cores'], '.2f')} | "
                      f"{f(r['client_cpu_share_max'], '.2f')} | {r['success']:.0%} | {r['rounds']} |")
     return "\n".join(lines) + "\n"
@@ -173,8 +218,14 @@ def main() -> None:
     what = "one engine" if args.instances == 1 else f"{args.instances} lylm instances (vllm: one engine)"
     where = "one GPU" if harness.DEVICE == "gpu" else "the CPU"
     md = f"{args.shape}, {what} on {where}, {rounds} rounds, sampling {SAMPLING}\n\n" + table(rows)
+    names = list(commands)
+    for a in names:
+        for b in names:
+            if a.startswith("lylm") and b.startswith("vllm") and a.split("x")[1] == b.split("x")[1]:
+                md += f"\n{a} over {b}:\n\n" + ratios(rows, a, b)
     print(md, flush=True)
-    sampling = {"api": "completions", "prompt": f"{args.prompt_len} random token ids", "max_tokens": args.max_tokens,
+    sampling = {"api": "completions", "prompt": f"{args.prompt_len} random token ids",
+                "max_tokens": "per cell (--grid CxN@T), else " + str(args.max_tokens),
                 "ignore_eos": True, "stream": True, **SAMPLING}
     client = {"kind": "mpload.MultiClient", "processes": args.procs, "grid": args.grid, "rounds": args.rounds,
               "arms": list(commands), "server_cpu": "each cell times the server's process tree (harness.tree_cpu)"}

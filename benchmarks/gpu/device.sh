@@ -28,6 +28,10 @@
 #   eject  issue 16: the ejection distribution of a SIGKILLed engine core (two 1.5B engines on GPU 0)
 #   tests26 issue 14: the OpenAI adapter's engine tests and the differential test against vllm serve,
 #           on the kit's vLLM 0.26 (the snapshot carries tests/ and pytest's wheels in whl/)
+#   hub26  issue 26: the hub's ceiling (8 worker-like drivers, no engine), then a worker SIGKILLed and
+#           the hub SIGSTOPped for 5 s under load (lylm serve --workers 4, 1.5B)
+#   ttft26 issue 26: lylm --workers 4 vs vllm serve --api-server-count 4, one engine, 64 and 256 streams
+#           of 256 tokens and 256 streams of 8 tokens, 3 rounds
 #
 # Every scenario script lives in benchmarks/ and runs here with --device gpu (benchmarks/harness.py).
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
@@ -35,7 +39,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|remote|lifecycle|hbalarms|tests26}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|remote|lifecycle|hbalarms|tests26|hub26|ttft26}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -181,6 +185,17 @@ case $CALL in
   ceiling)  # issue 13: the front end's ceiling with 1/2/4/8 workers over fake engines, on this host's CPUs
     # (no --device: fake engines, no model; the result says "no GPU used")
     python3 "$B/worker_ceiling.py" --procs 6 --budget "$(($(left) - 30))" --out "$OUT/worker_ceiling_gpu_host"
+    ;;
+  hub26)  # issue 26: the hub's ceiling on this host's CPUs, then faults under load on a real engine
+    timeout 200 python3 "$B/hub_ceiling.py" --workers 8 --streams 64 --window 5 --rounds 3 --out "$OUT/hub_ceiling_gpu_host"
+    echo "hub ceiling done after ${SECONDS} s"
+    timeout "$(($(left) - 10))" python3 "$B/worker_faults.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --workers 4 --streams 64 --out "$OUT/worker_faults_1.5b" --log-dir /tmp/logs-hub26
+    ;;
+  ttft26)  # issue 26: lylm --workers 4 vs vllm serve --api-server-count 4, rounds alternating
+    python3 "$B/workers_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --arms lylm:4,vllm:4 \
+      --grid 64x256,256x1024,256x2048@8 --rounds 3 --min-rounds 3 --budget-s "$(($(left) - 40))" \
+      --out "$OUT/workers_vs_vllm_1.5b_i26" --log-dir /tmp/logs-ttft26
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;
 esac
