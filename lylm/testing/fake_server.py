@@ -1,11 +1,14 @@
 """lylm's HTTP front end over FakeEngines: the whole server without a model or a GPU.
 
     python -m lylm.testing.fake_server [--port 8000] [--engines 2] [--workers N] [--token-delay S]
-        [--drain-timeout S] [--worker-timeout S] [--worker-replacements K] [--max-in-flight K]
+        [--drain-timeout S] [--shutdown-delay S] [--worker-timeout S] [--worker-replacements K]
+        [--max-in-flight K]
 
 Serves model ``fake`` through the real server (``lylm.openai.serve``: workers, drain,
 limits, metrics), each engine a :class:`FakeEngine` answering every prompt with the
-same scripted tokens, at once or ``--token-delay`` s apart. For testing clients and
+same scripted tokens, at once or ``--token-delay`` s apart; ``--shutdown-delay`` makes
+each engine take that long to stop, as a real one does (seconds: vLLM waits for its
+processes), so that what the server answers while it stops can be seen. For testing clients and
 the server's own machinery in seconds (lylm's tests do), and for measuring the front
 end alone: with zero-latency tokens the numbers are lylm's own per-token work
 (validation, books, SSE encoding, Starlette, uvicorn). Profile it with
@@ -19,6 +22,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import anyio
+
 from lylm import EngineSpec, PoolConfig, PoolOptions
 from lylm.server import EngineKinds, ServerOptions, serve
 from lylm.testing import FakeEngine
@@ -26,9 +31,28 @@ from lylm.testing import FakeEngine
 MODEL = "fake"
 
 
+class SlowToStopEngine(FakeEngine):
+    """A FakeEngine whose shutdown takes ``shutdown_delay`` s after it stops serving, as a
+    vLLM engine's does while its processes exit."""
+
+    def __init__(self, *, shutdown_delay: float, **options: Any) -> None:
+        super().__init__(**options)
+        self.shutdown_delay = shutdown_delay
+
+    async def shutdown(self) -> None:
+        await super().shutdown()  # unhealthy at once, its requests fail: then the wait
+        await anyio.sleep(self.shutdown_delay)
+
+
 def fake_engine(spec: EngineSpec) -> FakeEngine:
-    """A zero-latency engine (or ``token_delay`` s per token, from the spec's engine args)."""
-    return FakeEngine(max_model_len=1 << 20, token_delay=float(spec.engine_args.get("token_delay", 0.0)))
+    """A zero-latency engine (or ``token_delay`` s per token, and ``shutdown_delay`` s to stop,
+    from the spec's engine args)."""
+    token_delay = float(spec.engine_args.get("token_delay", 0.0))
+    options: dict[str, Any] = {"max_model_len": 1 << 20, "token_delay": token_delay}
+    shutdown_delay = float(spec.engine_args.get("shutdown_delay", 0.0))
+    if shutdown_delay:
+        return SlowToStopEngine(shutdown_delay=shutdown_delay, **options)
+    return FakeEngine(**options)
 
 
 def launch_fake(spec: EngineSpec, workers: int, on_started: Any) -> FakeEngine:
@@ -59,14 +83,13 @@ def main() -> None:
     parser.add_argument("--token-delay", type=float, default=0.0, help="seconds per token (default: none)")
     parser.add_argument("--workers", type=int, default=1, help="front-end worker processes")
     parser.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let requests finish on shutdown")
+    parser.add_argument("--shutdown-delay", type=float, default=0.0, help="seconds each engine takes to stop (default: none)")
     parser.add_argument("--worker-timeout", type=float, default=10.0, help="seconds a silent worker lives")
     parser.add_argument("--worker-replacements", type=int, default=None, help="dead workers that may be replaced")
     parser.add_argument("--max-in-flight", type=int, default=None, help="per model: requests beyond it get 429")
     args = parser.parse_args()
-    specs = [
-        EngineSpec(model=MODEL, engine_args={"model": "fake", "token_delay": args.token_delay}, index=i)
-        for i in range(args.engines)
-    ]
+    engine_args = {"model": "fake", "token_delay": args.token_delay, "shutdown_delay": args.shutdown_delay}
+    specs = [EngineSpec(model=MODEL, engine_args=engine_args, index=i) for i in range(args.engines)]
     config = PoolConfig.from_specs(specs)
     options = ServerOptions(
         host=args.host,
