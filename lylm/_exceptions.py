@@ -8,7 +8,7 @@ Every error lylm raises on purpose derives from :class:`LylmError`::
     ├── EngineStartError         an engine instance failed to start
     ├── NoHealthyEngineError     every instance of the requested model is unhealthy
     ├── OverloadedError          the model is at its admission limit; retry later
-    ├── ShuttingDownError        the pool is draining before shutdown and takes no new requests
+    ├── ShuttingDownError        the pool is draining before shutdown (or closed) and takes no new requests
     ├── HubUnavailableError      a front-end worker's hub did not answer in time; retry shortly
     ├── InvalidRequestError      the request cannot be served as asked (also a ValueError)
     │   ├── PromptError          ... its prompt could not be rendered (tokenizer, chat template)
@@ -84,7 +84,7 @@ class OverloadedError(LylmError):
 
 
 class ShuttingDownError(LylmError):
-    """The pool is draining before shutdown: requests in flight finish, new ones are refused."""
+    """The pool is draining before shutdown, or closed: new requests are refused."""
 
     def __init__(self, message: str = "the server is shutting down and takes no new requests") -> None:
         super().__init__(message)

@@ -197,7 +197,9 @@ class EnginePool:
     async def aclose(self) -> None:
         """Shut every engine down; requests still in flight fail. Safe to call more than once.
 
-        To let requests finish first, ``await pool.drain(timeout)`` before closing.
+        From the call on, new requests raise :class:`ShuttingDownError` (see
+        :attr:`draining`). To let requests finish first, ``await pool.drain(timeout)``
+        before closing.
         """
         async with self._lock:
             if self._state == "closed":
@@ -223,8 +225,13 @@ class EnginePool:
 
     @property
     def draining(self) -> bool:
-        """True once :meth:`drain` was called: the pool takes no new requests."""
-        return self._state == "draining"
+        """True once the pool is shutting down: from :meth:`drain` or :meth:`aclose` on, closed
+        included. It takes no new requests: they raise :class:`ShuttingDownError`.
+
+        A closed pool counts: after a drain deadline its engines take seconds to stop,
+        and what a server answers meanwhile must not change (503, ``/health`` draining).
+        """
+        return self._state in ("draining", "closed")
 
     # -- runtime membership ----------------------------------------------------
 
@@ -355,9 +362,13 @@ class EnginePool:
 
     def _group(self, model: str) -> list[Instance]:
         self._router.balancer(model)  # UnknownModelError for a model not served
+        if self._state == "draining":
+            raise ShuttingDownError()
+        if self._state == "closed":
+            # Refused like a draining pool's requests (a server answers 503 while its
+            # engines stop), and said as such to a library caller.
+            raise ShuttingDownError("the pool is closed and takes no new requests")
         if self._state != "running":
-            if self._state == "draining":
-                raise ShuttingDownError()
             raise LylmError(f"the pool is {self._state}; use 'async with pool' or 'await pool.start()'")
         return self._members.group(model)
 
@@ -400,21 +411,25 @@ class EnginePool:
         that immediate.
         """
         group = self._group(model)
-        # Instances of one model share tokenizer, defaults and context length.
-        reference = _first_healthy(model, group).engine
-        rendered = await render_prompt(reference, prompt, chat_template_kwargs=chat_template_kwargs)
-        if sampling_params is None:
-            sampling_params = reference.default_sampling_params()
-        request = describe_request(
-            model,
-            rendered,
-            sampling_params,
-            context=reference.max_model_len,
-            request_id=request_id,
-            session_key=session_key,
-        )
-        request = self._prepare(request)
-        tally = await self._choose(group, request, ())
+        try:
+            # Instances of one model share tokenizer, defaults and context length.
+            reference = _first_healthy(model, group).engine
+            rendered = await render_prompt(reference, prompt, chat_template_kwargs=chat_template_kwargs)
+            if sampling_params is None:
+                sampling_params = reference.default_sampling_params()
+            request = describe_request(
+                model,
+                rendered,
+                sampling_params,
+                context=reference.max_model_len,
+                request_id=request_id,
+                session_key=session_key,
+            )
+            request = self._prepare(request)
+            tally = await self._choose(group, request, ())
+        except (EngineError, NoHealthyEngineError) as exc:
+            self._closed_under(exc)  # its engines stopped as the pool closed, before it was dispatched
+            raise
         tried: list[Instance] = []
         deaths = 0
         while True:
@@ -428,10 +443,7 @@ class EnginePool:
                         yield output
                 return
             except EngineError as exc:
-                if self._state == "closed":
-                    # Not a failure of its engine: the pool was closed under it (a drain
-                    # that timed out). Said as such, and never retried.
-                    raise ShuttingDownError("the server shut down before this request finished") from exc
+                self._closed_under(exc)  # never retried
                 # Nothing reached the caller yet, so another engine may serve it whole.
                 if started or len(tried) >= self._retries:
                     raise
@@ -446,6 +458,12 @@ class EnginePool:
                 except NoHealthyEngineError:
                     raise exc from None
                 logger.info("request %s: retrying on %s after: %s", request.request_id, tally.instance.name, exc)
+
+    def _closed_under(self, exc: Exception) -> None:
+        """A request failed: if the pool was closed under it (a drain that timed out), that
+        is not a failure of its engines: raise :class:`ShuttingDownError` saying so."""
+        if self._state == "closed":
+            raise ShuttingDownError("the server shut down before this request finished") from exc
 
     # -- one request's dispatch: admission and choice, then the books ----------------
     # (A front-end worker's pool overrides these to ask the pool-wide hub.)

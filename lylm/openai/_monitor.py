@@ -49,8 +49,9 @@ def health_report(pool: EnginePool) -> tuple[int, dict[str, Any]]:
             if instance.model == model
         ]
         models[model] = {"healthy": any(e["healthy"] for e in engines), "engines": engines}
-    # Ready while every model has a healthy engine; a draining server is not
-    # ready, so that load balancers stop sending it requests.
+    # Ready while every model has a healthy engine; a draining server is not ready, so
+    # that load balancers stop sending it requests, and nor is one whose pool is closing
+    # (pool.draining says both): its engines may still look healthy while they stop.
     ok = bool(models) and all(m["healthy"] for m in models.values()) and not pool.draining
     status = "draining" if pool.draining else "ok" if ok else "unavailable"
     return (200 if ok else 503), {"status": status, "models": models}
