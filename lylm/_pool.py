@@ -36,7 +36,7 @@ from ._exceptions import (
 from ._instance import EngineStats, Instance
 from ._membership import Membership
 from ._render import Prompt as Prompt
-from ._render import describe_request, render_prompt
+from ._render import describe_request, first_healthy, on_healthy_engine, render_prompt
 from ._request import RequestEnd, RequestInfo, RequestRecord
 from ._routing import Router
 from ._shadow import ShadowReport
@@ -104,7 +104,9 @@ class EnginePool:
     is restarted under ``restart`` (a :class:`RestartPolicy`; ``None`` leaves it
     dead). A request whose engine fails before it yielded any output is retried
     on another healthy instance of the model, at most ``retries`` times, and not
-    after a second engine died serving it (it may be what kills them).
+    after a second engine died serving it (it may be what kills them). A prompt whose
+    rendering engine dies meanwhile is rendered by another instance (no retry: no
+    engine had the request yet).
     """
 
     def __init__(
@@ -299,18 +301,18 @@ class EnginePool:
 
     def max_model_len(self, model: str) -> int:
         """The context length of ``model``'s engines (prompt plus output, in tokens)."""
-        return _first_healthy(model, self._group(model)).engine.max_model_len
+        return first_healthy(model, self._group(model)).engine.max_model_len
 
     def output_parsing(self, model: str) -> Any:
         """How ``model``'s output is parsed into tool calls and reasoning (see
         :meth:`Engine.output_parsing`); the same for every instance of a model."""
-        return _first_healthy(model, self._group(model)).engine.output_parsing()
+        return first_healthy(model, self._group(model)).engine.output_parsing()
 
     def sampling_defaults(self, model: str) -> Mapping[str, Any]:
         """``model``'s own sampling defaults (its generation config: ``temperature``,
         ``top_p``, ``top_k``...), for what a request leaves out; the OpenAI adapter applies
         them as ``vllm serve`` does."""
-        return _first_healthy(model, self._group(model)).engine.sampling_defaults()
+        return first_healthy(model, self._group(model)).engine.sampling_defaults()
 
     def balancer(self, model: str) -> Balancer:
         """The balancer that chooses among ``model``'s instances."""
@@ -382,13 +384,18 @@ class EnginePool:
         chat_template_kwargs: Mapping[str, Any] | None = None,
     ) -> RenderedPrompt:
         """Tokenize ``prompt`` (applying the chat template to messages) with ``model``'s tokenizer."""
-        engine = _first_healthy(model, self._group(model)).engine
-        return await render_prompt(engine, prompt, chat_template_kwargs=chat_template_kwargs)
+        return await on_healthy_engine(
+            model,
+            self._group(model),
+            lambda engine: render_prompt(engine, prompt, chat_template_kwargs=chat_template_kwargs),
+            engine_failed=self._supervisor.engine_failed,
+        )
 
     async def decode(self, model: str, token_ids: Sequence[int]) -> str:
         """Detokenize ``token_ids`` with ``model``'s tokenizer."""
-        engine = _first_healthy(model, self._group(model)).engine
-        return await engine.decode(token_ids)
+        return await on_healthy_engine(
+            model, self._group(model), lambda engine: engine.decode(token_ids), engine_failed=self._supervisor.engine_failed
+        )
 
     async def generate(
         self,
@@ -412,16 +419,25 @@ class EnginePool:
         """
         group = self._group(model)
         try:
-            # Instances of one model share tokenizer, defaults and context length.
-            reference = _first_healthy(model, group).engine
-            rendered = await render_prompt(reference, prompt, chat_template_kwargs=chat_template_kwargs)
+            # Instances of one model share tokenizer, defaults and context length. Read the
+            # last two now, from an engine that is up: by the time the render returns, the
+            # engine it ran on may have died and been shut down.
+            reference = first_healthy(model, group).engine
+            context = reference.max_model_len
             if sampling_params is None:
                 sampling_params = reference.default_sampling_params()
+            # Rendered where an engine is up: should it die meanwhile, on another instance.
+            rendered = await on_healthy_engine(
+                model,
+                group,
+                lambda engine: render_prompt(engine, prompt, chat_template_kwargs=chat_template_kwargs),
+                engine_failed=self._supervisor.engine_failed,
+            )
             request = describe_request(
                 model,
                 rendered,
                 sampling_params,
-                context=reference.max_model_len,
+                context=context,
                 request_id=request_id,
                 session_key=session_key,
             )
@@ -500,10 +516,3 @@ class EnginePool:
     def _ended_elsewhere(self, tally: Tally, end: RequestEnd) -> None:
         """Book the end of a request :meth:`_dispatch_elsewhere` booked (once)."""
         self._books.end(tally, end, self._router.balancer(tally.request.model))
-
-
-def _first_healthy(model: str, group: Iterable[Instance]) -> Instance:
-    for instance in group:
-        if instance.healthy:
-            return instance
-    raise NoHealthyEngineError(model)

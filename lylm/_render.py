@@ -10,15 +10,69 @@ same rendering, the same context check and the same errors.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar, Union
 
 from ._engine import Engine, RenderedPrompt
-from ._exceptions import ContextLengthError, InvalidRequestError, PromptError
+from ._exceptions import (
+    ContextLengthError,
+    EngineDeadError,
+    EngineError,
+    InvalidRequestError,
+    NoHealthyEngineError,
+    PromptError,
+)
+from ._instance import Instance
 from ._request import RequestInfo
 
 Prompt = Union[str, Sequence[int], Sequence[Mapping[str, Any]], Mapping[str, Any]]
 """A plain prompt, token ids, chat messages, or ``{"prompt": ...}`` / ``{"prompt_token_ids": ...}``."""
+
+T = TypeVar("T")
+
+
+def first_healthy(model: str, group: Iterable[Instance]) -> Instance:
+    """The first healthy instance of ``model`` in ``group``; :class:`NoHealthyEngineError` if none."""
+    for instance in group:
+        if instance.healthy:
+            return instance
+    raise NoHealthyEngineError(model)
+
+
+async def on_healthy_engine(
+    model: str,
+    group: Sequence[Instance],
+    work: Callable[[Engine], Awaitable[T]],
+    *,
+    engine_failed: Callable[[Instance, str], None],
+) -> T:
+    """Run ``work`` (a render, a decode) on the engine of ``model``'s first healthy
+    instance, or, should that engine fail meanwhile, on the next one's.
+
+    Instances of a model share tokenizer and chat template: any of them gives the same
+    result. This is no retry of the request: no engine has been sent it, and one that
+    died while this process rendered it did not die of it, so ``retries`` and the
+    two-deaths rule do not apply; each instance is tried once. The death is reported
+    (``engine_failed``) at once, so that the requests behind this one are not rendered
+    on that engine too. A failure of the work on an engine still up (its tokenizer
+    refused the prompt) is the request's: raised as it is.
+    """
+    tried: list[Instance] = []
+    instance = first_healthy(model, group)
+    while True:
+        engine = instance.engine  # the one that fails, even if a restart replaces it meanwhile
+        try:
+            return await work(engine)
+        except EngineError as exc:
+            if not isinstance(exc, EngineDeadError) and engine.healthy:
+                raise
+            if instance.engine is engine:
+                engine_failed(instance, engine.failure_reason() or str(exc))
+            tried.append(instance)
+            try:
+                instance = first_healthy(model, (i for i in group if i not in tried))
+            except NoHealthyEngineError:
+                raise exc from None  # as the serving engine's failure would be: it says why
 
 
 async def render_prompt(
