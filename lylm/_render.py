@@ -1,8 +1,9 @@
 """From what a caller sends to what a balancer sees: one pass per request.
 
-A prompt is tokenized once, by an engine of its model (its tokenizer and chat
-template), checked against the model's context length once, and described once as
-a :class:`RequestInfo`; the chosen engine then receives the token ids. Callers of
+A prompt is tokenized once, by a healthy engine of its model (its tokenizer and chat
+template; another instance's if that engine dies meanwhile), checked against the
+model's context length once, and described once as a :class:`RequestInfo`; the
+chosen engine then receives the token ids. Callers of
 :meth:`EnginePool.generate` (the OpenAI adapter and embedding users alike) get the
 same rendering, the same context check and the same errors.
 """
