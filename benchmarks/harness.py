@@ -168,8 +168,11 @@ def vllm_serve_command(args: Mapping[str, Any], served_name: str, port: int) -> 
     cmd = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
-        # lylm's defaults: no periodic stats log, no per-request access log.
-        "--disable-log-stats", "--disable-uvicorn-access-log",
+        # No per-request access log, as lylm. Stats stay on (vLLM's default): lylm's engines
+        # always compute them (its balancers' signals come from them), and in vLLM
+        # --disable-log-stats turns their computation off, in the engine core and in every
+        # front end, not only the log line: the two servers would do unequal work per step.
+        "--disable-uvicorn-access-log",
     ]
     from lylm._core_host import serve_flags
 

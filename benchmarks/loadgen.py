@@ -214,6 +214,7 @@ class CellResult:
             "system_tokens_per_s": tokens / self.wall_s if self.wall_s > 0 else None,
             "total_time_s": self.wall_s,
             "completion_tokens": tokens,
+            "ttft_mean_ms": _ms(_mean(ttfts)),
             "ttft_p50_ms": _ms(percentile(ttfts, 50)),
             "ttft_p90_ms": _ms(percentile(ttfts, 90)),
             "ttft_p99_ms": _ms(percentile(ttfts, 99)),

@@ -58,6 +58,19 @@ def vllm_command(eargs: dict[str, Any], port: int, api_servers: int) -> list[str
     return [*vllm_cli(), "serve", str(eargs["model"]), *base[3:], "--api-server-count", str(api_servers)]
 
 
+def lylm_ttft(url: str) -> tuple[float, float]:
+    """lylm's ``lylm_time_to_first_token_seconds`` histogram: (sum, count) over every engine."""
+    import httpx
+
+    total = count = 0.0
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("lylm_time_to_first_token_seconds_sum{"):
+            total += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("lylm_time_to_first_token_seconds_count{"):
+            count += float(line.rsplit(" ", 1)[1])
+    return total, count
+
+
 def lylm_command(config: Path, port: int, workers: int) -> list[str]:
     return [*harness.lylm_serve_command(config, port), "--workers", str(workers)]
 
@@ -88,14 +101,22 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
                 payloads = [body(p, lengths[(conc, total)]) for p in prompts]
                 order = names if (r + ci) % 2 == 0 else names[::-1]
                 for name in order:
+                    inside0 = lylm_ttft(urls[name]) if name.startswith("lylm") else None
                     cpu0, t0 = harness.tree_cpu(pids[name]), time.monotonic()
                     s = (await mc.run(urls[name], "completions", payloads, conc)).summary()
+                    if inside0 is not None:
+                        # lylm's own TTFT (from the engine's dispatch to its first token): what the
+                        # client's TTFT adds to it is the front end's (HTTP, rendering, the choice).
+                        inside1 = lylm_ttft(urls[name])
+                        n = inside1[1] - inside0[1]
+                        s["lylm_ttft_mean_ms"] = (inside1[0] - inside0[0]) / n * 1e3 if n else None
                     s["server_cores"] = (harness.tree_cpu(pids[name]) - cpu0) / max(time.monotonic() - t0, 1e-9)
                     s["requests_per_s"] = s["succeeded"] / s["total_time_s"] if s["total_time_s"] else None
                     s["max_tokens"] = lengths[(conc, total)]
                     s["round"] = r
                     samples[(conc, total)][name].append(s)
-                    print(f"r{r} c={conc:<3} {name:8s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT p50 "
+                    inside = f" (lylm's own mean {s['lylm_ttft_mean_ms']:.1f})" if s.get("lylm_ttft_mean_ms") else ""
+                    print(f"r{r} c={conc:<3} {name:8s} {s['system_tokens_per_s'] or 0:8.0f} tok/s TTFT{inside} p50 "
                           f"{s['ttft_p50_ms'] or 0:7.1f} p99 {s['ttft_p99_ms'] or 0:7.1f} ms ITL p50 "
                           f"{s['itl_p50_ms'] or 0:5.1f} ms server {s['server_cores']:.2f} cores client max "
                           f"{s['client_cpu_share_max']:.0%} ok {s['success_rate']:.0%}", flush=True)
@@ -119,6 +140,8 @@ async def measure(args: argparse.Namespace, urls: dict[str, str], pids: dict[str
                 "ttft_p99_all": [s["ttft_p99_ms"] for s in ss],
                 **{k: med([s[k] for s in ss]) for k in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "server_cores",
                                                         "client_cpu_share_max", "requests_per_s")},
+                "lylm_ttft_mean_ms": med([s.get("lylm_ttft_mean_ms") for s in ss]),
+                "ttft_mean_ms": med([s.get("ttft_mean_ms") for s in ss]),
                 "success": min(s["success_rate"] for s in ss),
             })
     return rows, rounds_done

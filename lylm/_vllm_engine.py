@@ -77,6 +77,7 @@ class VLLMEngine(Engine):
         self._client_index = 0
         self._core_lost: str | None = None
         self._parsing: OutputParsing | None = None
+        self._defaults: tuple[Any, dict[str, Any]] | None = None  # (the AsyncLLM read, its defaults)
         #: A remote instance's hold on its core: placement, attach, disconnect watch.
         self._remote = RemoteLink(spec) if spec.remote is not None else None
 
@@ -299,11 +300,18 @@ class VLLMEngine(Engine):
         """The model's generation config as sampling parameters (``temperature``, ``top_p``,
         ``top_k``, ``min_p``, ``repetition_penalty``, ``max_tokens``), read by vLLM
         (``ModelConfig.get_diff_sampling_param``) as ``vllm serve`` reads it; empty with the
-        engine arg ``generation_config="vllm"``."""
-        defaults = dict(self._require().model_config.get_diff_sampling_param())
-        if "max_new_tokens" in defaults:  # generation_config.json's name for it
-            defaults["max_tokens"] = defaults.pop("max_new_tokens")
-        return defaults
+        engine arg ``generation_config="vllm"``.
+
+        Read once per engine: vLLM reads the model's generation_config.json from disk on
+        every call (0.2 ms and more per request, on the event loop), and ``vllm serve``
+        reads it once at start too."""
+        llm = self._require()
+        if self._defaults is None or self._defaults[0] is not llm:
+            defaults = dict(llm.model_config.get_diff_sampling_param())
+            if "max_new_tokens" in defaults:  # generation_config.json's name for it
+                defaults["max_tokens"] = defaults.pop("max_new_tokens")
+            self._defaults = (llm, defaults)
+        return dict(self._defaults[1])
 
     async def render_text(self, text: str) -> RenderedPrompt:
         """Tokenize a completion prompt the way vLLM's completions endpoint does."""
