@@ -320,6 +320,35 @@ def test_a_killed_engine_core_is_ejected_restarted_and_serves_again(server: Serv
     assert all(after[k] == before.get(k, 0) for k in failed)
 
 
+def test_a_killed_engine_worker_process_is_ejected_as_fast_with_workers_as_without(server: ServerProcess) -> None:
+    # Issue 26: vLLM's worker process (the engine core's child) killed: 0.1-0.4 s to leave
+    # /health's healthy engines with one process, 4.4 s with two workers.
+    children = [c for core in _engine_cores(server) for c in core.children(recursive=True)]
+    assert children, [p.name() for p in _engine_cores(server)]
+    before = {e["engine"]: e["restarts"] for e in httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]}
+    children[0].kill()
+    killed = time.monotonic()
+    ejected = None
+    while time.monotonic() - killed < 3.0:
+        engines = httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]
+        dead = [e for e in engines if not e["healthy"]]
+        if dead:
+            ejected = dead[0]["engine"]
+            break
+        time.sleep(0.02)
+    took = time.monotonic() - killed
+    assert ejected is not None and took < 1.0, f"ejected after {took:.2f} s"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        engines = httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]
+        if all(e["healthy"] for e in engines) and engines[ejected]["restarts"] == before[ejected] + 1:
+            break
+        time.sleep(0.5)
+    assert all(e["healthy"] for e in engines) and engines[ejected]["restarts"] == before[ejected] + 1, engines
+    r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "back", "max_tokens": 4}, timeout=60)
+    assert r.status_code == 200, r.text
+
+
 def test_sigterm_under_load_drains_and_leaves_no_engine_process(server: ServerProcess) -> None:
     # Last in this module: it stops the shared server.
     children = {p.pid: " ".join(p.cmdline()) for p in psutil.Process(server.proc.pid).children(recursive=True)}

@@ -267,6 +267,26 @@ def test_a_worker_that_stops_answering_is_killed_and_replaced(tmp_path_factory: 
 
 
 @pytest.mark.parametrize("workers", [1, 2], ids=["1 worker", "2 workers"])
+def test_more_prompts_than_the_model_admits_is_a_400_with_any_worker_count(
+    tmp_path_factory: pytest.TempPathFactory, workers: int
+) -> None:
+    # Issue 26: with workers it was a 429 with Retry-After, a retry that can never succeed.
+    log = tmp_path_factory.mktemp("logs") / "fake_server.log"
+    proc = ServerProcess("--max-in-flight", "8", log=log, module="lylm.testing.fake_server", workers=workers)
+    try:
+        proc.wait_ready(timeout=120)
+        body = {"model": "fake", "prompt": [f"p{i}" for i in range(9)], "max_tokens": 2}
+        for _ in range(4):  # new connections: whichever worker takes each
+            r = httpx.post(f"{proc.url}/v1/completions", json=body, timeout=30)
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "too_many_prompts" and "retry-after" not in r.headers
+        r = httpx.post(f"{proc.url}/v1/completions", json={**body, "prompt": body["prompt"][:8]}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["choices"]) == 8
+    finally:
+        proc.stop()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["1 worker", "2 workers"])
 def test_streams_open_at_the_drain_deadline_end_with_an_error_event_and_done(
     tmp_path_factory: pytest.TempPathFactory, workers: int
 ) -> None:
