@@ -283,20 +283,24 @@ def _engine_cores(server: ServerProcess) -> list[psutil.Process]:
     return found
 
 
+def _ejected(server: ServerProcess, within: float) -> tuple[int | None, float]:
+    """The engine /health first lists as unhealthy within ``within`` s, and when (from now)."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        engines = httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]
+        dead = [e for e in engines if not e["healthy"]]
+        if dead:
+            return dead[0]["engine"], time.monotonic() - start
+        time.sleep(0.02)
+    return None, time.monotonic() - start
+
+
 def test_a_killed_engine_core_is_ejected_restarted_and_serves_again(server: ServerProcess) -> None:
     cores = _engine_cores(server)
     assert len(cores) == 2, [p.name() for p in cores]
     cores[0].kill()
-    killed = time.monotonic()
     # Ejected within 2 s; meanwhile requests go to the other engine.
-    ejected = None
-    while time.monotonic() - killed < 2.0:
-        engines = httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]
-        dead = [e for e in engines if not e["healthy"]]
-        if dead:
-            ejected = dead[0]["engine"]
-            break
-        time.sleep(0.02)
+    ejected, _ = _ejected(server, within=2.0)
     assert ejected is not None, "the engine was not taken out of balancing within 2 s"
     for i in range(4):
         r = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": f"meanwhile {i}", "max_tokens": 4}, timeout=60)
@@ -327,16 +331,7 @@ def test_a_killed_engine_worker_process_is_ejected_as_fast_with_workers_as_witho
     assert children, [p.name() for p in _engine_cores(server)]
     before = {e["engine"]: e["restarts"] for e in httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]}
     children[0].kill()
-    killed = time.monotonic()
-    ejected = None
-    while time.monotonic() - killed < 3.0:
-        engines = httpx.get(f"{server.url}/health").json()["models"][MODEL]["engines"]
-        dead = [e for e in engines if not e["healthy"]]
-        if dead:
-            ejected = dead[0]["engine"]
-            break
-        time.sleep(0.02)
-    took = time.monotonic() - killed
+    ejected, took = _ejected(server, within=3.0)
     assert ejected is not None and took < 1.0, f"ejected after {took:.2f} s"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

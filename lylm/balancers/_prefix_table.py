@@ -107,8 +107,9 @@ class PrefixTable:
         # Tail first, so the chain's head ends up most recent and is evicted last:
         # a shorter prefix outlives its longer tails, as in the engine's own cache.
         tail = hashes[held:] if held else hashes
+        get = lru.get
         for h in reversed(tail):
-            mask = lru.get(h)
+            mask = get(h)
             if mask is None:
                 lru[h] = bit
                 added += 1
@@ -129,6 +130,9 @@ class PrefixTable:
             pop = lru.popitem
             for _ in range(excess):
                 _, mask = pop(last=False)
+                if not mask & (mask - 1):  # one engine held it: most blocks
+                    blocks[mask] -= 1
+                    continue
                 while mask:
                     low = mask & -mask
                     blocks[low] -= 1

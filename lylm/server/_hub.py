@@ -42,6 +42,7 @@ import zmq
 from .._books import Tally
 from .._exceptions import LylmError
 from . import _wire as wire
+from ._socket import NOBLOCK, LoopSocket
 
 if TYPE_CHECKING:
     from .._pool import EnginePool
@@ -54,13 +55,7 @@ HEARTBEAT = 0.25
 WORKER_TIMEOUT = 2.0
 """Seconds without a message after which the hub lists a worker as silent."""
 
-_BATCH = 256
-"""Messages handled per event-loop turn before the hub lets other work run."""
-
 _PICKLE = pickle.HIGHEST_PROTOCOL
-
-# ZeroMQ's constants as plain ints: its flag enums cost a microsecond per use.
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 
 class WorkerState:
@@ -121,10 +116,10 @@ class Hub:
         self.on_ready: Callable[[WorkerState], None] | None = None
         self._clock = clock
         self._socket: Any = None
+        self._reader: LoopSocket | None = None
         self._context: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._watchdog: asyncio.TimerHandle | None = None
-        self._scheduled = False
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -140,15 +135,16 @@ class Hub:
         socket.setsockopt(zmq.RCVHWM, 0)
         socket.bind(self.address)
         self._socket = socket
+        self._reader = LoopSocket(socket, handle=self._message, multipart=True, name="hub")
 
     def start(self) -> None:
         """Answer the workers from the running event loop (no task: a callback on the socket)."""
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._socket.getsockopt(zmq.FD), self._readable)
         self._watchdog = self._loop.call_later(HEARTBEAT, self._watch)
-        self._readable()  # messages that came before the loop watched the socket
+        assert self._reader is not None, "bind() first"
+        self._reader.start(self._loop)  # and what came before the loop watched the socket
 
     def stop(self) -> None:
         """Stop answering (the socket stays open until :meth:`close`)."""
@@ -156,8 +152,8 @@ class Hub:
             return
         if self._watchdog is not None:
             self._watchdog.cancel()
-        if self._socket is not None:
-            self._loop.remove_reader(self._socket.getsockopt(zmq.FD))
+        if self._reader is not None:
+            self._reader.stop()
         self._loop = None
 
     async def serve(self) -> None:
@@ -217,39 +213,15 @@ class Hub:
 
     def _send(self, identity: bytes, payload: bytes) -> None:
         try:
-            self._socket.send_multipart([identity, payload], flags=_NOBLOCK)
+            self._socket.send_multipart([identity, payload], flags=NOBLOCK)
         except zmq.ZMQError as exc:  # a worker that is gone (ROUTER_MANDATORY): its loss
             logger.debug("hub: a message to worker %r was not sent: %s", identity, exc)
-        self._recheck()
+        if self._reader is not None:
+            self._reader.recheck()
 
-    def _recheck(self) -> None:
-        # ZeroMQ's descriptor signals edges, and a send can take the edge of a message
-        # that arrived meanwhile: look again, soon, whenever the socket holds input.
-        if (
-            not self._scheduled
-            and self._loop is not None
-            and self._socket is not None
-            and self._socket.get(_EVENTS) & _POLLIN
-        ):
-            self._scheduled = True
-            self._loop.call_soon(self._readable)
-
-    def _readable(self) -> None:
-        self._scheduled = False
-        socket = self._socket
-        if socket is None:
-            return
-        recv = socket.recv_multipart
-        for _ in range(_BATCH):
-            try:
-                identity, payload = recv(_NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                self._handle(identity, pickle.loads(payload))
-            except Exception:
-                logger.exception("hub: a worker's message could not be handled")
-        self._recheck()  # more waiting (a full batch, or an edge a send took): after other work
+    def _message(self, frames: list[bytes]) -> None:
+        identity, payload = frames
+        self._handle(identity, pickle.loads(payload))
 
     def _reply(self, identity: bytes, message: tuple[Any, ...]) -> None:
         self._send(identity, pickle.dumps(message, protocol=_PICKLE))
@@ -412,7 +384,8 @@ class Hub:
         try:
             # What is queued in the socket first: after a stall of this process, the
             # workers' heartbeats are waiting there and they are not silent.
-            self._readable()
+            if self._reader is not None:
+                self._reader.readable()
             now = self._clock()
             for worker in self.workers.values():
                 if worker.ready and not worker.silent and now - worker.last_seen > WORKER_TIMEOUT:

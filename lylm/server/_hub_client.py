@@ -36,6 +36,7 @@ from .._exceptions import EngineError, HubUnavailableError, LylmError
 from .._request import RequestEnd, RequestInfo
 from . import _wire as wire
 from ._hub import HEARTBEAT
+from ._socket import NOBLOCK, LoopSocket
 
 if TYPE_CHECKING:
     from .._books import Tally
@@ -53,9 +54,6 @@ CALL_TIMEOUT = 10.0
 """Seconds a worker waits for one answer of a hub that does answer heartbeats."""
 
 _PICKLE = pickle.HIGHEST_PROTOCOL
-
-# ZeroMQ's constants as plain ints: its flag enums cost a microsecond per use.
-_EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
 
 Signals = Callable[[], Mapping[str, tuple[Any, ...]]]
 """Per instance name, the engine's signals when they changed: (running, waiting, KV use,
@@ -94,6 +92,7 @@ class HubClient:
         self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket: Any = None
+        self._reader: LoopSocket | None = None
         self._context: Any = None
         self._welcome: asyncio.Future[None] | None = None
         self._bookings = itertools.count(1)
@@ -106,7 +105,6 @@ class HubClient:
         self._ends: list[tuple[Any, ...]] = []
         self._responses: dict[tuple[str, str], int] = {}
         self._flush_scheduled = False
-        self._read_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._next_beat = 0.0
         #: Since when a heartbeat has waited for the hub (None: the hub has answered since).
@@ -129,7 +127,11 @@ class HubClient:
         socket.connect(self.address)
         self._socket = socket
         self._welcome = loop.create_future()
-        loop.add_reader(socket.getsockopt(zmq.FD), self._readable)
+        self._reader = LoopSocket(
+            socket, handle=lambda payload: self._handle(pickle.loads(payload)), multipart=False,
+            name=f"worker {self.slot}",
+        )
+        self._reader.start(loop)
         self._send((wire.HELLO, self.slot, self.client_index, os.getpid()))
         try:
             await asyncio.wait_for(asyncio.shield(self._welcome), timeout)
@@ -145,8 +147,8 @@ class HubClient:
             return
         if self._timer is not None:
             self._timer.cancel()
-        assert self._loop is not None
-        self._loop.remove_reader(self._socket.getsockopt(zmq.FD))
+        if self._reader is not None:
+            self._reader.stop()
         self._flush()  # the ends still queued
         socket, self._socket = self._socket, None
         self._fail_waiting(lambda: EngineError("the worker is closing"))
@@ -249,39 +251,15 @@ class HubClient:
         if self._socket is None:
             raise HubUnavailableError("this worker's connection to the hub is closed")
         try:
-            self._socket.send(pickle.dumps(message, protocol=_PICKLE), flags=_NOBLOCK)
+            self._socket.send(pickle.dumps(message, protocol=_PICKLE), flags=NOBLOCK)
         except zmq.Again:  # past a million queued messages: the hub is long gone
             raise HubUnavailableError("the hub does not take messages") from None
-        self._recheck()
-
-    def _recheck(self) -> None:
-        # ZeroMQ's descriptor signals edges; a send can take the edge of an answer that
-        # arrived meanwhile: look again, soon, whenever the socket holds input.
-        if (
-            not self._read_scheduled
-            and self._loop is not None
-            and self._socket is not None
-            and self._socket.get(_EVENTS) & _POLLIN
-        ):
-            self._read_scheduled = True
-            self._loop.call_soon(self._readable)
+        if self._reader is not None:
+            self._reader.recheck()
 
     def _readable(self) -> None:
-        self._read_scheduled = False
-        socket = self._socket
-        if socket is None:
-            return
-        recv = socket.recv
-        for _ in range(256):
-            try:
-                payload = recv(_NOBLOCK)
-            except zmq.Again:
-                break
-            try:
-                self._handle(pickle.loads(payload))
-            except Exception:
-                logger.exception("worker %d: a message from the hub could not be handled", self.slot)
-        self._recheck()  # more waiting (a full batch, or an edge a send took): after other work
+        if self._reader is not None:
+            self._reader.readable()
 
     def _handle(self, message: tuple[Any, ...]) -> None:
         self._unanswered_since = None
