@@ -121,7 +121,11 @@ async def cluster(
     seed: int = 0,
     **options: Any,
 ) -> AsyncIterator[Cluster]:
-    config = PoolConfig.from_specs(fake_specs(weights), balancer=options.pop("balancer", "weighted_random"))
+    balancer = options.pop("balancer", "weighted_random")
+    if not isinstance(balancer, str):  # an instance: the main pool's alone, as lylm.server passes it
+        options["balancer"] = balancer
+        balancer = "weighted_random"
+    config = PoolConfig.from_specs(fake_specs(weights), balancer=balancer)
     c = Cluster(config, token_delay)
     directory = tempfile.mkdtemp(prefix="lylm-test-hub-")
     c.main = EnginePool(
@@ -518,3 +522,42 @@ async def test_a_worker_whose_engine_died_serves_elsewhere_until_the_core_is_bac
         await until(lambda: c.idle() and c.hub_instance(0).restarts == 1)
         hub = c.main.instances()
         assert sum(i.completed for i in hub) == 10 and sum(i.failed for i in hub) == 0
+
+
+async def test_a_workers_health_and_metrics_say_503_while_its_hub_is_silent() -> None:
+    from lylm.openai import OpenAIError
+    from lylm.server._monitor import HubMonitor
+
+    from lylm.openai._monitor import health_report
+
+    async with cluster([1, 1]) as c:
+        c.hub.handlers["health"] = lambda: health_report(c.main)
+        c.hub.handlers["metrics"] = lambda: b"lylm_up 1\n"
+        monitor = HubMonitor(c.workers[0])
+        assert (await monitor.health())[0] == 200 and await monitor.metrics() == b"lylm_up 1\n"
+        c.hub.stop()
+        await until(lambda: not c.workers[0].hub.available, timeout=3)
+        status, body = await monitor.health()
+        assert status == 503 and body["status"] == "unavailable" and "hub" in body["error"]
+        with pytest.raises(OpenAIError) as caught:
+            await monitor.metrics()
+        assert caught.value.status == 503 and caught.value.headers == {"Retry-After": "1"}
+        c.hub.start()
+        await until(lambda: c.workers[0].hub.available, timeout=3)
+        assert (await monitor.health())[0] == 200
+
+
+async def test_a_preparer_that_does_not_pickle_makes_workers_send_token_ids() -> None:
+    from lylm.balancers import PrefixAware
+
+    class Local(PrefixAware):
+        def preparer(self) -> Any:
+            return lambda request: request  # a closure: no pickle
+
+    async with cluster([1, 1], balancer=Local()) as c:
+        assert c.workers[0].hub.needs["m"] == (True, None)
+        shared = "the same long system prompt for every question " * 2
+        for k in range(6):
+            await run(c.workers[k % 2], shared + str(k))
+        # Still affine: the hub hashed the token ids itself.
+        assert sorted(i.dispatched for i in c.main.instances()) == [0, 6]

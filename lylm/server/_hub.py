@@ -283,7 +283,19 @@ class Hub:
         # What the worker sends for the model's balancer: token ids only if it reads them,
         # and what it computes from them first (prefix hashes), where they were rendered.
         balancer = self.pool.balancer(model)
-        return bool(balancer.reads_token_ids), balancer.preparer()
+        preparer = balancer.preparer()
+        if preparer is not None:
+            try:
+                pickle.dumps(preparer, protocol=_PICKLE)
+            except Exception as exc:
+                # Workers cannot get it: they send the token ids, and choose() works from them.
+                logger.warning(
+                    "hub: %s.preparer() returned %r, which does not pickle (%s): workers send "
+                    "%r's token ids instead; make it a module-level function or a partial of one",
+                    type(balancer).__name__, preparer, exc, model,
+                )
+                return True, None
+        return bool(balancer.reads_token_ids), preparer
 
     def _choose(self, worker: WorkerState, booking: int, fields: Sequence[Any], exclude: Sequence[str], first: bool) -> str:
         request = wire.request_from_fields(fields)

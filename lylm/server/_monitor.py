@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .._exceptions import LylmError
+from ..openai._dispatch import to_openai_error
 from ..openai._monitor import health_report
 from ._worker_pool import WorkerPool
 
@@ -19,11 +21,17 @@ class HubMonitor:
             # This worker is on its way out, whatever the others do: a load balancer
             # should stop sending it requests.
             return health_report(self.pool)
-        status, body = await self.pool.hub.call("health")
+        try:
+            status, body = await self.pool.hub.call("health")
+        except LylmError as exc:  # the hub is stalled or gone: this server cannot serve now
+            return 503, {"status": "unavailable", "error": str(exc)}
         return int(status), dict(body)
 
     async def metrics(self) -> bytes:
-        return bytes(await self.pool.hub.call("metrics"))
+        try:
+            return bytes(await self.pool.hub.call("metrics"))
+        except LylmError as exc:
+            raise to_openai_error(exc) from exc
 
     def count_response(self, route: str, status: int) -> None:
         self.pool.hub.count_response(route, status)
