@@ -112,7 +112,7 @@ def test_a_killed_worker_is_replaced_on_a_spare_client_slot_of_the_real_engine_c
     _until(lambda: _total(server.url, "lylm_worker_replacements_total") == 1, 60)
     _until(lambda: _total(server.url, "lylm_workers_serving") == 2, 180)
     assert "(client 2) serves" in server.tail(400)
-    body = {"model": MODEL, "prompt": "after", "max_tokens": 4}
+    body = {"model": MODEL, "prompt": "after", "max_tokens": 4, "ignore_eos": True}
     # New connections, so that both workers (the replacement too) take some.
     for _ in range(8):
         r = httpx.post(f"{server.url}/v1/completions", json=body, headers=KEY, timeout=60)
