@@ -8,7 +8,7 @@ as ``vllm serve --api-server-count N`` does: the main process launches each
 instance's engine core once, for N clients (:class:`lylm._vllm_cores.CoreEngine`),
 binds the port, and spawns N workers. Each worker attaches an engine front end to
 every core (vLLM's ``AsyncLLM`` with ``client_index``) and serves the whole HTTP
-API on the shared socket; the kernel spreads connections over them. The main
+API on the shared socket, new connections going to the least loaded worker. The main
 process keeps what must be seen whole (the hub, :mod:`lylm.server._hub`): books,
 admission, balancers, health, restarts and metrics. Per request a worker makes one
 round trip to the hub to learn its instance; tokens go from the engine core to the
