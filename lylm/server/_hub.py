@@ -41,6 +41,7 @@ import zmq
 
 from .._books import Tally
 from .._exceptions import LylmError
+from .._request import RequestEnd
 from . import _wire as wire
 from ._socket import NOBLOCK, LoopSocket
 
@@ -125,7 +126,6 @@ class Hub:
 
     def bind(self) -> None:
         """Listen on the hub's address (call before the workers start)."""
-
         self._context = zmq.Context()
         socket = self._context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 0)
@@ -230,16 +230,13 @@ class Hub:
 
     def _handle(self, identity: bytes, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        worker = self.workers.get(identity)
-        if worker is None:
-            if kind == wire.HELLO:
-                self._hello(identity, message)
-            # Otherwise a worker declared gone: what it sent before it died is moot.
-            return
-        worker.last_seen = self._clock()
-        if kind == wire.HELLO:  # the same process again (it reconnected): the same answer
+        if kind == wire.HELLO:  # a new worker, or the same one again (reconnected): welcomed
             self._hello(identity, message)
             return
+        worker = self.workers.get(identity)
+        if worker is None:
+            return  # a worker declared gone: what it sent before it died is moot
+        worker.last_seen = self._clock()
         if worker.silent:
             worker.silent = False
             logger.warning("hub: worker %d (pid %d) answers again", worker.slot, worker.pid)
@@ -272,10 +269,11 @@ class Hub:
 
     def _hello(self, identity: bytes, message: tuple[Any, ...]) -> None:
         _, slot, client_index, pid = message
-        if identity not in self.workers:
-            worker = WorkerState(identity, slot, client_index, pid, self._clock())
+        worker = self.workers.get(identity)
+        if worker is None:
+            worker = self.workers[identity] = WorkerState(identity, slot, client_index, pid, self._clock())
             worker.unattached.update(self.cores)
-            self.workers[identity] = worker
+        worker.last_seen = self._clock()
         needs = {model: self._needs(model) for model in self.pool.models}
         self._reply(identity, (wire.WELCOME, dict(self.cores), needs))
 
@@ -342,8 +340,6 @@ class Hub:
             self._end_lost(tally)
 
     def _end_lost(self, tally: Tally) -> None:
-        from .._request import RequestEnd
-
         self.reconciled += 1
         self.pool._ended_elsewhere(tally, RequestEnd("failed", tally.remaining, tally.generated))
 

@@ -100,16 +100,9 @@ class Workers:
         REAPER.watch(watched)
         self.slots[slot] = _Slot(process, identity, client_index, time.monotonic(), replacing_since, watched)
 
-    def serving(self) -> int:
-        """How many workers serve now."""
-        return self._hub.ready_count()
-
     def _serves(self, held: _Slot) -> bool:
         worker = self._hub.workers.get(held.identity)
         return worker is not None and worker.ready
-
-    def pids(self) -> list[int]:
-        return [s.process.pid for s in self.slots.values() if s.process.pid is not None]
 
     def _ready(self, worker: WorkerState) -> None:
         slot = self.slots.get(worker.slot)
