@@ -7,7 +7,7 @@
 A CPU dry run (``--device cpu``, the tiny model) wants a light load, e.g. ``--clients 1,2
 --streams 8 --requests 32 --prompt-len 32 --max-tokens 16 --rounds 1``.
 
-``lylm._vllm_cores.EngineCores`` launches one engine core (pinned to GPU 0 on a GPU)
+``lylm.engines._cores.EngineCores`` launches one engine core (pinned to GPU 0 on a GPU)
 for as many front-end clients as the largest arm, as ``vllm serve --api-server-count``
 does. Each arm then drives the same load (--streams concurrent requests, --requests
 in all, 128-token prompts of token ids, --max-tokens output tokens, ``ignore_eos``,
@@ -114,7 +114,7 @@ def main() -> None:
     harness.resolve_target(args)
     args.out = args.out or str(harness.BENCH / "results" / f"engine_clients_{args.device}")
 
-    from lylm._vllm_cores import EngineCores
+    from lylm.engines._cores import EngineCores
 
     arms = [int(k) for k in args.clients.split(",")]
     engine_args = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)

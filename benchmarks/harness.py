@@ -174,7 +174,7 @@ def vllm_serve_command(args: Mapping[str, Any], served_name: str, port: int) -> 
         # front end, not only the log line: the two servers would do unequal work per step.
         "--disable-uvicorn-access-log",
     ]
-    from lylm._core_host import serve_flags
+    from lylm.engines._core_host import serve_flags
 
     if "model" in args:
         cmd += ["--model", str(args["model"])]

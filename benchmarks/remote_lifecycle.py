@@ -41,7 +41,7 @@ MODEL = "m"
 
 def core_command(eargs: dict[str, Any], port: int) -> list[str]:
     """``lylm core`` for the instance's engine args, attaching to 127.0.0.1:``port``."""
-    from lylm._core_host import serve_flags
+    from lylm.engines._core_host import serve_flags
 
     return [sys.executable, "-m", "lylm", "core", "--pool", f"127.0.0.1:{port}", "--grace", "1",
             "--restart-delay", "0.5", eargs["model"], *serve_flags(eargs)]

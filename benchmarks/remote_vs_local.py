@@ -33,7 +33,7 @@ MODEL = "m"
 
 def headless_command(eargs: dict[str, Any], port: int) -> list[str]:
     """``vllm serve --headless`` with ``eargs`` as flags, attaching to 127.0.0.1:``port``."""
-    from lylm._core_host import headless_command, serve_flags
+    from lylm.engines._core_host import headless_command, serve_flags
 
     return headless_command(eargs["model"], "127.0.0.1", port, serve_flags(eargs))
 

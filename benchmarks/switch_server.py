@@ -87,7 +87,7 @@ class Switch(Balancer):
 
 def _process_tree(engine: Any) -> list[int]:
     """The engine's processes and their children (workers), to find them in nvidia-smi."""
-    from lylm._reaper import process_tree
+    from lylm.engines._watchdog import process_tree
 
     return [p.pid for p in process_tree(getattr(engine, "process_ids", lambda: [])())]
 

@@ -41,7 +41,7 @@ from ._request import RequestInfo as RequestInfo
 from ._request import RequestRecord as RequestRecord
 from ._shadow import ShadowReport as ShadowReport
 from ._supervisor import RestartPolicy as RestartPolicy
-from ._vllm_engine import VLLMEngine as VLLMEngine
+from .engines._local import VLLMEngine as VLLMEngine
 
 __version__ = "0.1.0"
 

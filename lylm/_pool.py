@@ -72,7 +72,7 @@ class PoolOptions(TypedDict, total=False):
 ConfigSource = Union[PoolConfig, Mapping[str, Any], str, "os.PathLike[str]", Iterable[EngineSpec]]
 
 def _vllm_engine_factory(spec: EngineSpec) -> Engine:
-    from ._vllm_engine import VLLMEngine
+    from .engines._local import VLLMEngine
 
     return VLLMEngine(spec)
 

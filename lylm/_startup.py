@@ -23,7 +23,7 @@ import attrs
 from ._config import EngineSpec
 from ._engine import Engine
 from ._exceptions import EngineStartError, LylmError
-from ._placement import StartLocks
+from .engines._placement import StartLocks
 
 logger = logging.getLogger("lylm")
 

@@ -307,7 +307,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.print_help(sys.stderr)
         raise SystemExit(2)
     if args.command == "core":
-        from ._core_host import run_core_host
+        from .engines._core_host import run_core_host
 
         parse_core_arguments(args, args.parser)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")

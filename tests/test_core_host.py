@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lylm._core_host import CoreHost, connections_to, headless_command, headless_environment, pool_waits
+from lylm.engines._core_host import CoreHost, connections_to, headless_command, headless_environment, pool_waits
 from lylm.cli import main
 
 from _helpers import wait_until

@@ -21,8 +21,8 @@ import pytest
 
 from lylm import EngineDeadError, EnginePool, EngineSpec, VLLMEngine
 from lylm import EngineSignals
-from lylm._vllm_cores import EngineCores
-from lylm._vllm_stats import stat_logger_factory
+from lylm.engines._cores import EngineCores
+from lylm.engines._stats import stat_logger_factory
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
 from _helpers import until

@@ -56,7 +56,7 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Any:
 def parsing(tokenizer: Any, reasoning: str | None = None, tools: str | None = "hermes") -> Any:
     from vllm.parser import ParserManager
 
-    from lylm._vllm_parsing import OutputParsing
+    from lylm.engines._parsing import OutputParsing
 
     cls = ParserManager.get_parser(tool_parser_name=tools, reasoning_parser_name=reasoning, enable_auto_tools=bool(tools))
     return OutputParsing(cls, tokenizer, None, bool(tools), tools, reasoning)
@@ -314,7 +314,7 @@ def test_response_format_and_a_forced_call_together_are_refused(tools_server: st
 
 def test_parser_flags_are_checked_and_an_unknown_parser_names_its_key() -> None:
     from lylm import ConfigError
-    from lylm._vllm_parsing import build_output_parsing, check_parser_names, split_serving_args
+    from lylm.engines._parsing import build_output_parsing, check_parser_names, split_serving_args
 
     engine, serving = split_serving_args({"model": "m", "tool_call_parser": "hermes"}, "e")
     assert engine == {"model": "m"} and serving == {"tool_call_parser": "hermes"}

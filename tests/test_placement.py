@@ -13,7 +13,7 @@ import anyio
 import pytest
 
 from lylm import ConfigError, EnginePool, EngineSpec, EngineStartError, Instance, RestartPolicy
-from lylm._placement import StartLocks, spawn_environment, visible_devices
+from lylm.engines._placement import StartLocks, spawn_environment, visible_devices
 from lylm.testing import FakeEngine
 
 pytestmark = pytest.mark.anyio
@@ -390,7 +390,7 @@ def report_environment(queue: Any) -> None:
 
 def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
     """Two pinned starts: the second spawns while the first is still in its (long) build."""
-    from lylm._vllm_internals import build_with_environment
+    from lylm.engines._internals import build_with_environment
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()

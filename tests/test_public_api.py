@@ -23,7 +23,8 @@ def test_public_names_live_in_private_modules_and_are_documented() -> None:
     for name in lylm.__all__:
         obj = getattr(lylm, name)
         if isinstance(obj, type):
-            assert obj.__module__.startswith("lylm._"), name
+            module = obj.__module__
+            assert module.startswith("lylm.") and module.rsplit(".", 1)[1].startswith("_"), name
             assert obj.__doc__ and obj.__doc__.strip(), name
 
 

@@ -30,7 +30,7 @@ FAKE_SERVER = textwrap.dedent(
     """
     import json, subprocess, sys, time
     import psutil
-    from lylm._reaper import REAPER
+    from lylm.engines._watchdog import REAPER
 
     sleepers = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2)]
     handles = [psutil.Process(p.pid) for p in sleepers]

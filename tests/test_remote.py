@@ -25,7 +25,7 @@ import pytest
 import zmq
 
 from lylm import ConfigError, EnginePool, EngineStartError, PoolConfig, RequestRecord, RestartPolicy
-from lylm._core_host import headless_command, headless_environment, serve_flags
+from lylm.engines._core_host import headless_command, headless_environment, serve_flags
 from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
 
 from _helpers import until
@@ -112,7 +112,7 @@ def test_a_remote_instance_survives_the_round_trip_through_specs() -> None:
 
 
 def test_a_ray_placement_survives_the_round_trip_and_engine_args_become_serve_flags() -> None:
-    from lylm._core_host import serve_flags
+    from lylm.engines._core_host import serve_flags
 
     remote = {"address": "10.0.0.2", "port": 13345, "ray": {"gpus": 2, "address": "auto"}}
     config = PoolConfig.from_dict({"models": {MODEL: [_instance("m", **remote)]}})
@@ -151,7 +151,7 @@ def test_the_disconnect_watch_ignores_connections_that_are_not_the_core_and_sees
     a healthy core (ZeroMQ reports it as a disconnect too), the core's own end must."""
     import types
 
-    from lylm._vllm_remote import Disconnects
+    from lylm.engines._remote import Disconnects
     from _helpers import wait_until
 
     context = zmq.Context(io_threads=2)  # as vLLM's client has it

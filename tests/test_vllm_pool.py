@@ -282,7 +282,7 @@ def _children() -> dict[int, str]:
         # multiprocessing's resource tracker and lylm's reaper (the watchdog that
         # stops engines if this process is killed) are one helper each per
         # process, kept until it exits; neither belongs to an engine.
-        if "resource_tracker" not in cmdline and "lylm._reaper" not in cmdline:
+        if "resource_tracker" not in cmdline and "lylm.engines._watchdog" not in cmdline:
             found[p.pid] = cmdline
     return found
 

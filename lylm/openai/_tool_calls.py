@@ -27,7 +27,7 @@ _CONFIG_HINT = "engine_args.enable_auto_tool_choice and engine_args.tool_call_pa
 class ChatParsing:
     """How one chat request's output is parsed (see the module docstring)."""
 
-    parsing: Any  # lylm._vllm_parsing.OutputParsing
+    parsing: Any  # lylm.engines._parsing.OutputParsing
     vllm_request: Any  # vLLM's ChatCompletionRequest, adjusted by the parser
     chat_template_kwargs: Mapping[str, Any]
     sampling: Mapping[str, Any]

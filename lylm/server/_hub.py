@@ -1,7 +1,7 @@
 """The hub: one pool's books and balancers, shared by several front-end worker processes.
 
 With ``--workers N`` a server runs N front-end processes, each attached to every
-engine core (vLLM's own multi-client engine cores, see :mod:`lylm._vllm_cores`), so
+engine core (vLLM's own multi-client engine cores, see :mod:`lylm.engines._cores`), so
 the per-token work (detokenization, SSE, socket writes) is spread over N processes.
 What must be seen whole stays in one place, the hub, in the server's main process:
 the instances' books, admission, the balancers (with their own state, such as

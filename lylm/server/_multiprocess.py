@@ -9,7 +9,7 @@ the whole API on the shared socket; the kernel hands each new connection to one 
 Signals: SIGINT/SIGTERM drain (the hub takes no new requests; each worker drains its own,
 at most ``drain_timeout`` seconds), then everything stops; a second signal skips the
 wait. A worker that dies is replaced; should the main process be killed outright, the
-watchdog (:mod:`lylm._reaper`) stops the workers and the engine cores.
+watchdog (:mod:`lylm.engines._watchdog`) stops the workers and the engine cores.
 """
 
 from __future__ import annotations

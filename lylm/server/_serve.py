@@ -5,7 +5,7 @@ one event loop, as in any app that mounts the adapter.
 
 ``serve(config, workers=N)`` (N > 1) splits the per-token work over N processes,
 as ``vllm serve --api-server-count N`` does: the main process launches each
-instance's engine core once, for N clients (:class:`lylm._vllm_cores.CoreEngine`),
+instance's engine core once, for N clients (:class:`lylm.engines._cores.CoreEngine`),
 binds the port, and spawns N workers. Each worker attaches an engine front end to
 every core (vLLM's ``AsyncLLM`` with ``client_index``) and serves the whole HTTP
 API on the shared socket, new connections going to the least loaded worker. The main
@@ -17,7 +17,7 @@ worker that serves the request and nowhere else.
 Signals: SIGINT/SIGTERM drain (new requests get 503 while those in flight finish,
 at most ``drain_timeout`` seconds), then everything stops; a second signal skips the
 wait. With workers, a worker that dies is replaced (:mod:`._workers`); should the main
-process be killed outright, the watchdog (:mod:`lylm._reaper`) stops the workers and the
+process be killed outright, the watchdog (:mod:`lylm.engines._watchdog`) stops the workers and the
 engine cores. The main process with workers is :mod:`._multiprocess`.
 """
 
@@ -87,14 +87,14 @@ class ServerOptions:
 
 def launch_vllm_core(spec: EngineSpec, clients: int, on_started: Any) -> Engine:
     """The main process's engine for an instance: its vLLM engine core, for ``clients`` workers."""
-    from .._vllm_cores import CoreEngine
+    from ..engines._cores import CoreEngine
 
     return CoreEngine(spec, clients=clients, on_started=on_started)
 
 
 def attach_vllm_engine(spec: EngineSpec, handle: Any, index: int) -> Engine:
     """A worker's engine for an instance: a vLLM front end attached to its core as client ``index``."""
-    from .._vllm_engine import VLLMEngine
+    from ..engines._local import VLLMEngine
 
     return VLLMEngine.attached(spec, handle, index)
 

@@ -26,7 +26,7 @@ from typing import Any
 import anyio
 import attrs
 
-from .._reaper import REAPER, process_tree
+from ..engines._watchdog import REAPER, process_tree
 from ._hub import Hub, WorkerState
 
 logger = logging.getLogger("lylm.serve")

@@ -12,7 +12,7 @@ from ._fake_engine import FakeOutput as FakeOutput
 from ._fake_engine import FakeSamplingParams as FakeSamplingParams
 from ._tiny_model import TINY_MODEL_ENGINE_ARGS as TINY_MODEL_ENGINE_ARGS
 from ._tiny_model import build_tiny_model as build_tiny_model
-from .._vllm_cli import vllm_cli as vllm_cli
+from ..engines._cli import vllm_cli as vllm_cli
 
 __all__ = [
     "FakeCompletion",

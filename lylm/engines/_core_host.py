@@ -34,7 +34,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from ._vllm_cli import vllm_cli
+from ._cli import vllm_cli
 
 logger = logging.getLogger("lylm.core")
 

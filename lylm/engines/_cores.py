@@ -8,7 +8,7 @@ client_index=i)``, each with its own input and output sockets, so output process
 (detokenization, ``RequestOutput``s) is spread over N processes. This module does
 the launching half of that for one lylm instance: :meth:`EngineCores.launch`
 spawns the engine core pinned to the instance's GPUs (the device variable set
-only around the spawn, see :mod:`lylm._placement`) and waits until it is ready;
+only around the spawn, see :mod:`lylm.engines._placement`) and waits until it is ready;
 :meth:`EngineCores.client_addresses` is what client ``i`` passes to ``AsyncLLM``.
 
 The parts of vLLM used here (``launch_core_engines``, ``EngineZmqAddresses``,
@@ -24,11 +24,11 @@ from typing import Any
 
 import anyio
 
-from ._config import EngineSpec
-from ._engine import Engine, EngineStep, RenderedPrompt
-from ._exceptions import EngineDeadError, LylmError
+from .._config import EngineSpec
+from .._engine import Engine, EngineStep, RenderedPrompt
+from .._exceptions import EngineDeadError, LylmError
 from ._placement import spawn_environment
-from ._reaper import REAPER, kill_tree, process_tree
+from ._watchdog import REAPER, kill_tree, process_tree
 
 
 class EngineCores:
@@ -210,7 +210,7 @@ class CoreEngine(Engine):
         return self.cores
 
     async def start(self) -> None:
-        from ._vllm_engine import VLLMEngine
+        from ._local import VLLMEngine
 
         template = VLLMEngine(self.spec)  # the same engine args and device variables as a plain engine
         args, environment = template.engine_args(), template.spawn_environment()

@@ -14,9 +14,9 @@ from typing import Any
 
 import anyio
 
-from ._config import EngineSpec
-from ._engine import Engine, EngineStep, RenderedPrompt
-from ._exceptions import (
+from .._config import EngineSpec
+from .._engine import Engine, EngineStep, RenderedPrompt
+from .._exceptions import (
     ConfigError,
     ContextLengthError,
     EngineDeadError,
@@ -25,13 +25,13 @@ from ._exceptions import (
     LylmError,
 )
 from ._placement import visible_devices
-from ._render import is_pooling
-from ._reaper import REAPER, kill_tree, process_tree, reap
-from ._vllm_cores import EngineCores
-from ._vllm_internals import build_with_environment, build_with_heartbeats, fail_held_requests, manager_of, pids_of
-from ._vllm_remote import RemoteLink, remote_engine_args
-from ._vllm_parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
-from ._vllm_stats import stat_logger_factory
+from .._render import is_pooling
+from ._watchdog import REAPER, kill_tree, process_tree, reap
+from ._cores import EngineCores
+from ._internals import build_with_environment, build_with_heartbeats, fail_held_requests, manager_of, pids_of
+from ._remote import RemoteLink, remote_engine_args
+from ._parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
+from ._stats import stat_logger_factory
 
 # Defaults lylm applies unless the config sets them: vLLM's periodic stats log
 # would print one "Engine 000" line per engine and mean nothing per instance.

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._engine import EngineSignals
+from .._engine import EngineSignals
 
 
 def stat_logger_factory(signals: EngineSignals) -> type[Any] | None:

@@ -57,7 +57,7 @@ class Reaper:
         with self._lock:
             if self._proc is None or self._proc.poll() is not None:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-c", "from lylm._reaper import main; main()"],
+                    [sys.executable, "-c", "from lylm.engines._watchdog import main; main()"],
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,

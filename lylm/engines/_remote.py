@@ -18,7 +18,7 @@ leaves to its user, done here:
   :func:`abort_attach`;
 * noticing a host that is gone without closing its connections (power, network):
   heartbeats on the front end's sockets (set while vLLM builds them,
-  :func:`~lylm._vllm_internals.build_with_heartbeats`) close a silent connection, and
+  :func:`~lylm.engines._internals.build_with_heartbeats`) close a silent connection, and
   :class:`Disconnects` sees that too;
 * the engine args that make the front end wait for a remote core (:func:`remote_engine_args`).
 
@@ -36,8 +36,8 @@ from typing import Any
 
 import anyio
 
-from ._config import EngineSpec, RemoteCore
-from ._exceptions import EngineDeadError
+from .._config import EngineSpec, RemoteCore
+from .._exceptions import EngineDeadError
 
 logger = logging.getLogger("lylm")
 
@@ -268,7 +268,7 @@ class RemoteLink:
     """What a remote instance's engine holds of its core beside vLLM's client: the Ray
     placement that started the core (when the instance has one), the start's wait for the
     core to attach (:class:`Attach`), and the watch for its disconnect (:class:`Disconnects`).
-    One per :class:`~lylm._vllm_engine.VLLMEngine`; :meth:`close` may come at any time,
+    One per :class:`~lylm.engines._local.VLLMEngine`; :meth:`close` may come at any time,
     during :meth:`start` included."""
 
     def __init__(self, spec: EngineSpec) -> None:
@@ -292,7 +292,7 @@ class RemoteLink:
         the connections of the front end ``llm()`` returns. Watched on the event loop's
         thread, where the health poll reads it."""
         if self.remote.ray is not None:  # the pool starts the core itself, where Ray places it
-            from ._ray_placement import RayCore
+            from ._ray import RayCore
 
             placed = RayCore(self.spec)
             with self._lock:

@@ -117,7 +117,7 @@ def build_with_heartbeats(build: Callable[[], Any], heartbeat: float) -> Any:
     """Run ``build`` (an ``AsyncLLM`` built in this thread) with ZeroMQ heartbeats on
     the TCP sockets its engine-core client binds: a ping every ``heartbeat / 3``
     seconds, and a connection that carries nothing for ``heartbeat`` seconds is
-    closed (the disconnect a remote core's watch, :class:`~lylm._vllm_remote.Disconnects`,
+    closed (the disconnect a remote core's watch, :class:`~lylm.engines._remote.Disconnects`,
     sees). The core's ZeroMQ answers pings from its own I/O thread, between engine
     steps or not, so a long step is not taken for a lost host.
 

@@ -27,7 +27,7 @@ import anyio
 import anyio.lowlevel
 import attrs
 
-from ._exceptions import ConfigError
+from .._exceptions import ConfigError
 
 # The environment is one per process, so the lock that guards it is too: two pools
 # (or two event loops) in one process must not interleave their spawns either.

@@ -15,7 +15,7 @@ from typing import Any
 
 import attrs
 
-from ._exceptions import ConfigError
+from .._exceptions import ConfigError
 
 SERVING_ARGS = ("tool_call_parser", "enable_auto_tool_choice")
 """``vllm serve`` flags an instance's ``engine_args`` may carry that are not engine arguments."""

@@ -3,7 +3,7 @@
 For a team that runs Ray, a remote instance may name ``"ray": {"gpus": 1}`` instead of
 having its core started on its host by hand: the pool asks Ray for a placement group of
 one bundle (the GPUs and CPUs), starts an actor in it, and the actor runs the core as
-``lylm core`` does (vLLM's headless core, :class:`~lylm._core_host.CoreHost`) on
+``lylm core`` does (vLLM's headless core, :class:`~lylm.engines._core_host.CoreHost`) on
 whichever node Ray chose. The core then attaches to the pool's address over ZeroMQ like
 any remote core: tokens go over the engine-core sockets, never through Ray's actor calls
 (Ray only places and supervises the process).
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from ._config import EngineSpec, RemoteCore
+from .._config import EngineSpec, RemoteCore
 
 logger = logging.getLogger("lylm")
 
