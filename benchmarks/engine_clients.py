@@ -114,18 +114,19 @@ def main() -> None:
     harness.resolve_target(args)
     args.out = args.out or str(harness.BENCH / "results" / f"engine_clients_{args.device}")
 
+    from lylm import EngineSpec
     from lylm.engines._cores import EngineCores
 
     arms = [int(k) for k in args.clients.split(",")]
     engine_args = harness.engine_args(args.model_dir, json.loads(args.engine_args), gpu_memory_utilization=args.gpu_mem)
     engine_args["disable_log_stats"] = True
-    environment: dict[str, str] = {"CUDA_VISIBLE_DEVICES": "0"} if harness.DEVICE == "gpu" else {}
+    spec = EngineSpec(model="bench", engine_args=engine_args, gpu_ids=(0,) if harness.DEVICE == "gpu" else ())
     vocab = min(harness.vocab_size(args.model_dir), harness.FIRST_SPECIAL_ID)
     t = time.monotonic()
-    cores = EngineCores.launch(engine_args, clients=max(arms), environment=environment)
+    cores = EngineCores.launch(spec, clients=max(arms))
     started = time.monotonic() - t
     print(f"engine core up in {started:.1f} s for {max(arms)} clients (pids {cores.process_ids()})", flush=True)
-    result: dict[str, Any] = {"config": {**vars(args), "engine_args": engine_args, "environment": environment},
+    result: dict[str, Any] = {"config": {**vars(args), "engine_args": engine_args, "gpu_ids": list(spec.gpu_ids)},
                               "machine": harness.device_info(), "start_s": started, "samples": []}
     ctx = multiprocessing.get_context("spawn")
     results = ctx.Queue()

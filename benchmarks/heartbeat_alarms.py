@@ -145,7 +145,7 @@ async def run(args: argparse.Namespace, eargs: dict[str, Any], port: int, log: P
                             ejected = time.monotonic() - attached
                             break
                         await anyio.sleep(0.01)
-                    watch = remote.engine._remote._disconnects
+                    watch = remote.engine.link._disconnects
                     entry: dict[str, Any] = {"round": len(rounds), "false_alarm": ejected is not None,
                                              "strays": getattr(watch, "strays", None),
                                              "attach_s": round(to_attach, 1)}

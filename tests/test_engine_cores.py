@@ -32,7 +32,6 @@ from vllm import SamplingParams  # noqa: E402
 
 pytestmark = [pytest.mark.anyio, pytest.mark.engines]
 
-MARK = {"LYLM_TEST_SPAWN_MARK": "core-1"}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +42,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 async def cores(model_dir: Path) -> AsyncIterator[EngineCores]:
     args = {"model": str(model_dir), **TINY_MODEL_ENGINE_ARGS, "disable_log_stats": True}
-    launched = await anyio.to_thread.run_sync(lambda: EngineCores.launch(args, clients=5, environment=MARK))
+    spec = EngineSpec(model="tiny", engine_args=args, gpu_ids=(0,))  # pinned: its device variable is set at spawn
+    launched = await anyio.to_thread.run_sync(lambda: EngineCores.launch(spec, clients=5))
     (pid,) = launched.process_ids()
     yield launched
     launched.shutdown()
@@ -65,9 +65,12 @@ async def tokens_of(llm: Any, request_id: str, max_tokens: int) -> tuple[int, bo
 async def test_two_clients_share_one_engine_core(cores: EngineCores) -> None:
     (pid,) = cores.process_ids()
     assert cores.alive() and cores.clients == 5
-    # The spawn environment reached the engine core (spawned on the CPU build), not this process.
-    assert b"LYLM_TEST_SPAWN_MARK=core-1" in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    assert "LYLM_TEST_SPAWN_MARK" not in os.environ
+    # The device variable reached the engine core (spawned on the CPU build), not this process.
+    from vllm.platforms import current_platform
+
+    variable = current_platform.device_control_env_var
+    assert f"{variable}=0".encode() in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    assert variable not in os.environ
     # lylm's stat logger, as VLLMEngine passes it: without one vLLM adds its own
     # Prometheus logger, which registers process-wide `vllm:` metrics.
     signals = [EngineSignals(), EngineSignals()]

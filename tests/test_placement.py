@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import threading
@@ -378,83 +377,3 @@ def test_restart_backoff_is_jittered_below_its_bound() -> None:
     assert RestartPolicy(jitter=0).backoff(2, rng) == 4.0
     with pytest.raises(ValueError, match="jitter must be a number from 0 to 1"):
         RestartPolicy(jitter=1.5)
-
-
-# -- the spawn window of a real start ------------------------------------------------
-
-
-def report_environment(queue: Any) -> None:
-    """An engine-core stand-in: reports the device variable it was spawned with."""
-    queue.put(os.environ.get(VAR))
-
-
-def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
-    """Two pinned starts: the second spawns while the first is still in its (long) build."""
-    from lylm.engines._internals import build_with_environment
-
-    ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    loading = threading.Event()  # the long part of a start: weights, profiling, compiling
-    children: list[Any] = []
-
-    def build() -> Any:
-        child = ctx.Process(target=report_environment, args=(queue,), name="EngineCore")
-        child.start()
-        children.append(child)
-        loading.wait(60)
-        return child
-
-    results: list[Any] = []
-    spawned: list[int] = []  # engine-core pids, reported as soon as each process exists
-    threads = [
-        threading.Thread(target=lambda v=v: results.append(build_with_environment(build, {VAR: v}, spawned.extend)))
-        for v in ("1", "2,3")
-    ]
-    for t in threads:
-        t.start()
-    try:
-        # Both children report while both builds are still loading: had the first start
-        # kept the lock for its whole build, the second could not have spawned yet.
-        seen = sorted(queue.get(timeout=60) for _ in range(2))
-        assert seen == ["1", "2,3"]
-        assert VAR not in os.environ  # restored as soon as each child existed
-        deadline = time.monotonic() + 30
-        while len(spawned) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert sorted(spawned) == sorted(c.pid for c in children)  # before either build ended
-    finally:
-        loading.set()
-        for t in threads:
-            t.join(timeout=60)
-        for child in children:
-            child.join(timeout=30)
-    assert len(results) == 2
-
-
-async def test_start_progress_is_logged_while_engines_start(caplog: pytest.LogCaptureFixture) -> None:
-    from lylm._startup import Starter
-
-    log: list[tuple[str, str, float]] = []
-    engines: dict[str, GatedEngine] = {}
-
-    def make(spec: EngineSpec) -> GatedEngine:
-        engines[spec.name] = GatedEngine(spec.name, log)
-        return engines[spec.name]
-
-    specs = [EngineSpec(model="m", engine_args={"model": "fake"}, gpu_ids=(2,), index=i) for i in range(2)]
-    starter = Starter(make, progress_interval=0.01)
-    caplog.set_level("INFO", logger="lylm")
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(starter.start_all, specs)
-        await wait_for(lambda: any("waiting for" in r.getMessage() for r in caplog.records))
-        for name in ('models["m"][0]', 'models["m"][1]'):
-            await wait_for(lambda: name in engines)
-            engines[name].gate.set()
-    lines = [r.getMessage() for r in caplog.records]
-    assert 'models["m"][0]: starting its engine on GPU 2' in lines
-    progress = next(line for line in lines if "waiting for" in line)
-    assert progress.startswith("starting engines (0 of 2 ready after ")
-    assert 'models["m"][0] on GPU 2: starting, ' in progress
-    assert 'models["m"][1] on GPU 2: waiting for models["m"][0], ' in progress
-    assert any(line.startswith('models["m"][1]: engine ready in ') for line in lines)
-    assert any(line.startswith("2 engines ready in ") for line in lines)

@@ -444,7 +444,7 @@ async def test_a_remote_core_joins_a_running_pool_dies_and_vanishes_under_load_a
 
         # Anything may connect to the front end's engine-core ports: a connection that is
         # not ZeroMQ (a port scanner's) ends like a disconnect, but is not the core's.
-        watch = remote.engine._remote._disconnects
+        watch = remote.engine.link._disconnects
         resources = remote.engine._llm.engine_core.resources
         for socket in (resources.input_socket, resources.output_socket):
             host, port = socket.getsockopt(zmq.LAST_ENDPOINT).decode().removeprefix("tcp://").rsplit(":", 1)

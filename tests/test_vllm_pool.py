@@ -92,18 +92,16 @@ async def test_a_pinned_engines_processes_see_its_devices_and_the_server_does_no
         assert [environment_of(p.pid).get(variable) for p in processes] == [want] * len(processes)
     assert unpinned.engine.spawn_environment() == {}
     # A pinned engine is spawned, not forked, unless the server chose a start method
-    # itself (vLLM's CPU platform sets spawn for the whole process, so test both ways).
+    # itself (vLLM's CPU platform sets spawn for the whole process, so test both ways, on
+    # launchers of their own: the process's launcher read the environment once).
+    from lylm.engines._launcher import DevicePlatform, Launcher
+
     assert pinned.engine.spawn_environment()[variable] == "0"
-    saved = os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
-    try:
-        assert pinned.engine.spawn_environment() == {variable: "0", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
-        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
-        assert pinned.engine.spawn_environment() == {variable: "0"}
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_WORKER_MULTIPROC_METHOD", None)
-        else:
-            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = saved
+    platform = lambda: DevicePlatform(variable, 1)  # noqa: E731
+    spawned = Launcher(environ={}, platform=platform).device_environment((0,), "p")
+    assert spawned == {variable: "0", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    chosen = Launcher(environ={"VLLM_WORKER_MULTIPROC_METHOD": "fork"}, platform=platform)
+    assert chosen.device_environment((0,), "p") == {variable: "0"}
 
 
 async def test_300_requests_complete_split_by_weight_and_books_return_to_zero(

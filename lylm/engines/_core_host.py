@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._cli import vllm_cli
+from ._launcher import LAUNCHER
 
 logger = logging.getLogger("lylm.core")
 
@@ -171,9 +172,11 @@ class CoreHost:
 
     def _run_once(self) -> str:
         """Start the core and watch it; returns why it must be started again."""
-        self._proc = subprocess.Popen(
+        # Through the process's launcher: under the spawn lock, and watched, so that the core
+        # does not outlive this process should it be killed outright (SIGKILL, OOM).
+        self._proc = LAUNCHER.popen(
             self.command,
-            env=self.environment,
+            self.environment,
             # Its own process group (stopped as one, and a terminal's Ctrl-C reaches only this
             # process, which stops it), in this session: Linux's autogroup scheduler shares CPU
             # between sessions, and on a host where other sessions keep the CPUs busy a core in
@@ -222,6 +225,12 @@ class CoreHost:
         proc, self._proc = self._proc, None
         if proc is None:
             return
+        try:
+            self._stop_group(proc, timeout)
+        finally:
+            LAUNCHER.ended(proc.pid)
+
+    def _stop_group(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         if proc.poll() is None:
             try:
                 os.killpg(proc.pid, signal.SIGTERM)

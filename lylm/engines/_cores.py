@@ -27,8 +27,8 @@ import anyio
 from .._config import EngineSpec
 from .._engine import Engine, EngineStep, RenderedPrompt
 from .._exceptions import EngineDeadError, LylmError
-from ._placement import spawn_environment
-from ._watchdog import REAPER, kill_tree, process_tree
+from ._launcher import LAUNCHER, StartGuard, stop_processes
+from ._watchdog import REAPER, process_tree
 
 
 class EngineCores:
@@ -68,58 +68,18 @@ class EngineCores:
         self.__dict__.update(state)
 
     @classmethod
-    def launch(
-        cls,
-        engine_args: Mapping[str, Any],
-        *,
-        clients: int,
-        environment: Mapping[str, str] | None = None,
-        usage_context: Any = None,
-        spawned: Callable[[list[int]], None] | None = None,
-    ) -> EngineCores:
-        """Start the engine core for ``clients`` front ends; return once it is ready.
+    def launch(cls, spec: EngineSpec, *, clients: int, guard: StartGuard | None = None) -> EngineCores:
+        """Start ``spec``'s engine core for ``clients`` front ends, pinned to its GPUs, through
+        the process's launcher; return once it is ready (blocks: call it off the event loop)."""
+        from ._local import engine_args_of
 
-        ``environment`` (the instance's device variable) is set only while the
-        engine-core process is spawned; ``spawned`` gets its pids as soon as it exists.
-        """
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.utils.network_utils import get_open_zmq_ipc_path
-        from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
-        from vllm.v1.executor import Executor
-
-        if clients < 1:
-            raise ValueError(f"clients must be at least 1 (got {clients})")
-        args = AsyncEngineArgs(**engine_args)
-        # As `vllm serve --api-server-count N` sets them: the core serves N clients.
-        args._api_process_count = clients
-        args._api_process_rank = -1
-        inputs = [get_open_zmq_ipc_path() for _ in range(clients)]
-        outputs = [get_open_zmq_ipc_path() for _ in range(clients)]
-        addresses = EngineZmqAddresses(inputs=list(inputs), outputs=list(outputs))
-        with spawn_environment(dict(environment or {})):
-            # The config is built under the instance's devices too, as the engine sees them.
-            vllm_config = args.create_engine_config(usage_context or UsageContext.OPENAI_API_SERVER)
-            executor_class = Executor.get_class(vllm_config)
-            # Stats on: lylm's engine signals (running, waiting, KV use, prefix cache)
-            # come from the core's scheduler stats; `disable_log_stats` only keeps
-            # vLLM's periodic log line off, on the client side.
-            launcher = launch_core_engines(vllm_config, executor_class, True, addresses)
-            launched = launcher.__enter__()  # spawns the engine core, then returns
-        manager = getattr(launched, "engine_manager", None)
-        if manager is None and isinstance(launched, tuple):  # vLLM 0.26 yields a tuple
-            manager = launched[0]
-        if spawned is not None and manager is not None:
-            spawned([p.pid for p in getattr(manager, "processes", ()) if p.pid is not None])
-        try:
-            # Leaving the launcher waits for the engine's handshake: model loaded,
-            # memory profiled, KV cache allocated, compiled.
-            launcher.__exit__(None, None, None)
-        except BaseException:
-            if manager is not None:
-                manager.shutdown()
-            raise
-        return cls(vllm_config=vllm_config, executor_class=executor_class, manager=manager, inputs=inputs, outputs=outputs)
+        return LAUNCHER.launch(  # type: ignore[no-any-return]
+            engine_args_of(spec),
+            gpu_ids=spec.gpu_ids,
+            path=f"{spec.name}.devices.gpu_ids",
+            clients=clients,
+            guard=guard or StartGuard(spec.name),
+        )
 
     @property
     def clients(self) -> int:
@@ -149,6 +109,15 @@ class EngineCores:
             return False
         return _all_running(self._tree or [(pid, 0.0) for pid in self._pids])
 
+    def failure(self) -> str:
+        """What is known of the core's end, e.g. ``engine core (pid 812) exited with code -9``
+        (the exit code where this process launched it), or ``... is gone``."""
+        for process in getattr(self._manager, "processes", ()):
+            if process.exitcode is not None:
+                return f"engine core (pid {process.pid}) exited with code {process.exitcode}"
+        pids = ", ".join(str(pid) for pid in self._pids) or ", ".join(str(pid) for pid, _ in self._tree[:1])
+        return f"engine core (pid {pids or '?'}) is gone"
+
     def client(self, index: int, *, stat_loggers: list[Any] | None = None) -> Any:
         """A new ``AsyncLLM`` front end attached to this core as client ``index``."""
         from vllm.usage.usage_lib import UsageContext
@@ -176,6 +145,69 @@ class EngineCores:
         REAPER.forget(watched)
 
 
+class _Launched:
+    """vLLM's ``launch_core_engines`` between the spawn and the ready engine (a
+    :class:`~._launcher.Spawned`)."""
+
+    def __init__(self, launcher: Any, manager: Any, build: Callable[[Any], EngineCores]) -> None:
+        self._launcher = launcher
+        self._manager = manager
+        self._build = build
+        self.pids = [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
+        self._cores: EngineCores | None = None
+
+    def wait(self) -> EngineCores:
+        # Leaving the launcher waits for the engine's handshake: model loaded, memory
+        # profiled, KV cache allocated, compiled.
+        self._launcher.__exit__(None, None, None)
+        self._cores = self._build(self._manager)
+        return self._cores
+
+    def stop(self) -> None:
+        if self._cores is not None:
+            self._cores.shutdown()
+        elif self._manager is not None:
+            self._manager.shutdown()
+
+
+def spawn_core(engine_args: Mapping[str, Any], clients: int) -> _Launched:
+    """Spawn an engine core for ``clients`` front ends (under the launcher's spawn lock, with
+    the instance's device variable set: the config is built as the engine sees its devices)."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.utils.network_utils import get_open_zmq_ipc_path
+    from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
+    from vllm.v1.executor import Executor
+
+    args = AsyncEngineArgs(**engine_args)
+    # As `vllm serve --api-server-count N` sets them: the core serves N clients.
+    args._api_process_count = clients
+    args._api_process_rank = -1
+    inputs = [get_open_zmq_ipc_path() for _ in range(clients)]
+    outputs = [get_open_zmq_ipc_path() for _ in range(clients)]
+    addresses = EngineZmqAddresses(inputs=list(inputs), outputs=list(outputs))
+    # vLLM sizes its batches by usage context: as a plain engine it takes max_num_seqs 128 /
+    # max_num_batched_tokens 2048 on an H100, as `vllm serve` 1024 / 8192. A pool serves like
+    # `vllm serve`, so it gets the same defaults.
+    vllm_config = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
+    executor_class = Executor.get_class(vllm_config)
+    # Stats on: lylm's engine signals (running, waiting, KV use, prefix cache) come from the
+    # core's scheduler stats; `disable_log_stats` only keeps vLLM's periodic log line off,
+    # on the client side.
+    launcher = launch_core_engines(vllm_config, executor_class, True, addresses)
+    launched = launcher.__enter__()  # spawns the engine core, then returns
+    manager = getattr(launched, "engine_manager", None)
+    if manager is None and isinstance(launched, tuple):  # vLLM 0.26 yields a tuple
+        manager = launched[0]
+
+    def build(manager: Any) -> EngineCores:
+        return EngineCores(
+            vllm_config=vllm_config, executor_class=executor_class, manager=manager, inputs=inputs, outputs=outputs
+        )
+
+    return _Launched(launcher, manager, build)
+
+
 class CoreEngine(Engine):
     """An instance's engine core, launched for ``clients`` front-end workers and watched.
 
@@ -200,9 +232,7 @@ class CoreEngine(Engine):
         self._on_started = on_started
         self.cores: EngineCores | None = None
         self._lost: str | None = None
-        #: The engine core's processes while it starts (see :meth:`shutdown`).
-        self._starting: list[Any] = []
-        self._closed = False
+        self._guard: StartGuard | None = None
 
     @property
     def handle(self) -> EngineCores | None:
@@ -210,26 +240,9 @@ class CoreEngine(Engine):
         return self.cores
 
     async def start(self) -> None:
-        from ._local import VLLMEngine
-
-        template = VLLMEngine(self.spec)  # the same engine args and device variables as a plain engine
-        args, environment = template.engine_args(), template.spawn_environment()
-
-        def spawned(pids: list[int]) -> None:
-            # From the start's thread, long before the core is ready: from now on a
-            # shutdown, or the watchdog, can stop it.
-            self._starting = process_tree(pids)
-            REAPER.watch(self._starting)
-            if self._closed:
-                kill_tree(self._starting)
-
-        cores = await anyio.to_thread.run_sync(
-            lambda: EngineCores.launch(args, clients=self.clients, environment=environment, spawned=spawned)
-        )
-        if self._closed:  # shut down while it started (a start not awaited to its end)
-            await anyio.to_thread.run_sync(cores.shutdown)
-            raise EngineDeadError(f"{self.spec.name} was shut down while it started")
-        self.cores, self._starting = cores, []
+        guard = self._guard = StartGuard(self.spec.name)
+        cores = await anyio.to_thread.run_sync(lambda: EngineCores.launch(self.spec, clients=self.clients, guard=guard))
+        self.cores = cores
         if self._on_started is not None:
             await self._on_started(self.spec.name, self.cores)
 
@@ -239,7 +252,7 @@ class CoreEngine(Engine):
 
     def check(self) -> None:
         if self.cores is not None and self._lost is None and not self.cores.alive():
-            self._lost = f"engine core (pid {', '.join(map(str, self.cores.process_ids()))}) exited"
+            self._lost = self.cores.failure()
 
     def failure_reason(self) -> str | None:
         return self._lost
@@ -272,12 +285,9 @@ class CoreEngine(Engine):
 
     async def shutdown(self) -> None:
         """Stop the engine core; during :meth:`start`, kill the core being started."""
-        self._closed = True
+        starting = self._guard.close() if self._guard is not None else []
         cores, self.cores = self.cores, None
-        starting, self._starting = self._starting, []
-        if cores is None and starting:
-            await anyio.to_thread.run_sync(kill_tree, starting)
-            REAPER.forget(starting)
+        await anyio.to_thread.run_sync(stop_processes, starting)
         if cores is not None:
             await anyio.to_thread.run_sync(cores.shutdown)
 

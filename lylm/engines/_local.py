@@ -24,12 +24,12 @@ from .._exceptions import (
     InvalidRequestError,
     LylmError,
 )
-from ._placement import visible_devices
 from .._render import is_pooling
-from ._watchdog import REAPER, kill_tree, process_tree, reap
 from ._cores import EngineCores
-from ._internals import build_with_environment, build_with_heartbeats, fail_held_requests, manager_of, pids_of
-from ._remote import RemoteLink, remote_engine_args
+from ._internals import fail_held_requests
+from ._launcher import LAUNCHER
+from ._links import CoreLink, OwnCore, SharedCore
+from ._remote import RemoteLink
 from ._parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
 from ._stats import stat_logger_factory
 
@@ -54,32 +54,51 @@ def translate_error(exc: Exception) -> LylmError:
     return EngineError(f"{type(exc).__name__}: {exc}")
 
 
-class VLLMEngine(Engine):
-    """One vLLM ``AsyncLLM`` engine instance built from an :class:`EngineSpec`.
+def engine_args_of(spec: EngineSpec) -> dict[str, Any]:
+    """The keyword arguments for vLLM's ``AsyncEngineArgs`` of an instance.
 
-    An instance with ``gpu_ids`` has its engine process spawned with the
-    platform's device-control variable (``CUDA_VISIBLE_DEVICES`` on NVIDIA) set to
-    those GPUs, as vLLM starts its own data-parallel ranks; the server's own
-    environment is changed only during the spawn, under a process-wide lock.
+    Raises :class:`ConfigError` naming a key the installed vLLM does not know. The
+    ``vllm serve`` front-end flags an instance may carry (``tool_call_parser``,
+    ``enable_auto_tool_choice``) are not among them: see :meth:`VLLMEngine.output_parsing`.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    path = f"{spec.name}.engine_args"
+    args, serving = split_serving_args({**_DEFAULT_ENGINE_ARGS, **spec.engine_args}, path)
+    check_parser_names(serving, args.get("reasoning_parser"), path)
+    known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
+    for key in args:
+        if key not in known:
+            raise ConfigError(f"{spec.name}.engine_args.{key}", "not an engine argument of the installed vLLM")
+    return args
+
+
+class VLLMEngine(Engine):
+    """One vLLM engine (an ``AsyncLLM`` front end and its engine core) built from an
+    :class:`EngineSpec`.
+
+    Where its core runs is a strategy (:mod:`lylm.engines._links`): by default the
+    engine starts its own, through the process's launcher, pinned to the instance's
+    ``gpu_ids`` (the platform's device-control variable, ``CUDA_VISIBLE_DEVICES`` on
+    NVIDIA, set only while the core is spawned, as vLLM starts its own data-parallel
+    ranks); :meth:`attached` shares a core launched for several front ends; a remote
+    instance's core attaches from its own host.
     """
 
-    def __init__(self, spec: EngineSpec) -> None:
+    def __init__(self, spec: EngineSpec, link: CoreLink | None = None) -> None:
         super().__init__()
         self.spec = spec
+        if link is None:
+            link = RemoteLink(spec) if spec.remote is not None else OwnCore(spec)
+        #: How the front end reaches its engine core (see :mod:`lylm.engines._links`).
+        self.link: CoreLink = link
         self._llm: Any = None
         self._closed = False
-        self._processes: list[Any] = []
-        #: The engine core's processes while it starts (see :meth:`shutdown`).
-        self._starting: list[Any] = []
         self._longest: int | None = None  # characters of the tokenizer's longest token
         self._state_lock = threading.Lock()
-        self._cores: EngineCores | None = None
-        self._client_index = 0
         self._core_lost: str | None = None
         self._parsing: OutputParsing | None = None
         self._defaults: tuple[Any, dict[str, Any]] | None = None  # (the AsyncLLM read, its defaults)
-        #: A remote instance's hold on its core: placement, attach, disconnect watch.
-        self._remote = RemoteLink(spec) if spec.remote is not None else None
 
     @classmethod
     def attached(cls, spec: EngineSpec, cores: EngineCores, client_index: int) -> VLLMEngine:
@@ -87,152 +106,40 @@ class VLLMEngine(Engine):
         as its client ``client_index``, instead of launching one.
 
         Its :meth:`start` builds only the front end (``AsyncLLM`` with
-        ``client_addresses``); its :meth:`shutdown` stops only that: the engine
-        core belongs to whoever launched it. This is how several front-end
-        processes share one engine (issue 13's workers). vLLM does not notice
-        when such a core dies (its client would wait forever): :meth:`check`, which
-        the pool's health watch calls, looks at the core's process and fails the
-        engine's requests when it is gone. Restarting the core is its owner's
-        job: give a pool of attached engines ``restart=None``.
+        ``client_addresses``); its :meth:`shutdown` stops only that: the engine core
+        belongs to whoever launched it. This is how several front-end processes share
+        one engine (``lylm serve``'s workers). Restarting the core is its owner's job:
+        give a pool of attached engines ``restart=None``.
         """
-        if not 0 <= client_index < cores.clients:
-            raise ValueError(f"client_index must be in [0, {cores.clients}) (got {client_index})")
-        engine = cls(spec)
-        engine._cores = cores
-        engine._client_index = client_index
-        return engine
+        return cls(spec, SharedCore(cores, client_index))
 
     def engine_args(self) -> dict[str, Any]:
-        """The keyword arguments for vLLM's ``AsyncEngineArgs``.
-
-        Raises :class:`ConfigError` naming a key the installed vLLM does not know. The
-        ``vllm serve`` front-end flags an instance may carry (``tool_call_parser``,
-        ``enable_auto_tool_choice``) are not among them: see :meth:`output_parsing`.
-        """
-        from vllm.engine.arg_utils import AsyncEngineArgs
-
-        path = f"{self.spec.name}.engine_args"
-        args, serving = split_serving_args({**_DEFAULT_ENGINE_ARGS, **self.spec.engine_args}, path)
-        check_parser_names(serving, args.get("reasoning_parser"), path)
-        known = {f.name for f in dataclasses.fields(AsyncEngineArgs)}
-        for key in args:
-            if key not in known:
-                raise ConfigError(
-                    f"{self.spec.name}.engine_args.{key}",
-                    "not an engine argument of the installed vLLM",
-                )
-        if self.spec.remote is not None:
-            args.update(remote_engine_args(self.spec.remote))
-        return args
+        """The keyword arguments for vLLM's ``AsyncEngineArgs`` (:func:`engine_args_of`)."""
+        return engine_args_of(self.spec)
 
     def spawn_environment(self) -> dict[str, str]:
         """The variables the engine's processes are spawned with: its GPUs, and vLLM's
-        spawn start method unless the server chose one (empty when not pinned).
-
-        Raises :class:`ConfigError` for a GPU this machine does not have.
-        """
-        if not self.spec.gpu_ids:
-            return {}
-        from vllm.platforms import current_platform
-
-        variable = current_platform.device_control_env_var
-        count: int | None = None
-        counter = getattr(current_platform, "device_count", None)
-        if callable(counter):
-            try:
-                count = int(counter())
-            except Exception:  # a platform that cannot count without initialising: unknown
-                count = None
-        environment = {
-            variable: visible_devices(
-                self.spec.gpu_ids,
-                variable=variable,
-                environ=os.environ,
-                device_count=count,
-                path=f"{self.spec.name}.devices.gpu_ids",
-            )
-        }
-        # Spawned, not forked: a forked engine process inherits the server's
-        # in-process state, and on a 2 x H200 host (vLLM 0.26) three engines forked
-        # with CUDA_VISIBLE_DEVICES 0, 1 and 1 all ran on one GPU. A spawned one
-        # starts a fresh interpreter from exactly this environment. A start method
-        # the user set for the whole server is kept.
-        if "VLLM_WORKER_MULTIPROC_METHOD" not in os.environ:
-            environment["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
-        return environment
+        spawn start method unless the server chose one (empty when not pinned). Raises
+        :class:`ConfigError` for a GPU this machine does not have."""
+        return LAUNCHER.device_environment(self.spec.gpu_ids, f"{self.spec.name}.devices.gpu_ids")
 
     async def start(self) -> None:
-        """Build the AsyncLLM in a worker thread: it blocks until the engine is ready.
-        A remote instance's engine waits for its core to connect, at most
-        ``remote.timeout`` seconds."""
+        """Start or reach the engine core and build the front end; returns once the engine
+        is ready (a remote instance's core gets ``remote.timeout`` seconds to connect)."""
         if self._llm is not None:
             return
-        if self._remote is None:
-            await anyio.to_thread.run_sync(self._build)
-        else:
-            await self._remote.start(self._build, lambda: self._llm)
-
-    def _build(self) -> None:
-        from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        args = self.engine_args()
         factory = stat_logger_factory(self.signals)
-        loggers = [factory] if factory is not None else None
-        if self._cores is not None:
-            self._llm = self._cores.client(self._client_index, stat_loggers=loggers)
-            self._parsing = self._build_parsing()
-            return
-        if self.spec.remote is not None:  # no local process to spawn, pin or watch
-            self._keep(build_with_heartbeats(lambda: AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
-            ), self.spec.remote.heartbeat), [])
-            return
-
-        def build() -> Any:
-            # vLLM sizes its batches by usage context: as a plain engine it takes
-            # max_num_seqs 128 / max_num_batched_tokens 2048 on an H100, as `vllm serve`
-            # 1024 / 8192. A pool serves like `vllm serve`, so it gets the same defaults.
-            return AsyncLLM.from_engine_args(
-                AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=loggers
-            )
-
-        # Unpinned engines take the spawn lock too (with nothing to set), so that no
-        # other engine process appears while a pinned one is being spawned.
-        llm = build_with_environment(build, self.spawn_environment(), self._spawned)
-        processes = process_tree(pids_of(llm))
-        # Should this server die without stopping the engine (SIGKILL, OOM), a
-        # watchdog stops it instead of leaving it holding its GPU memory.
-        REAPER.watch(processes)
-        self._keep(llm, processes)
-
-    def _keep(self, llm: Any, processes: list[Any]) -> None:
-        # The start is done: keep what it built, unless a shutdown came meanwhile.
+        llm = await self.link.open(self.engine_args(), [factory] if factory is not None else None)
         with self._state_lock:
             closed = self._closed
             if not closed:
-                self._llm, self._processes, self._starting = llm, processes, []
+                self._llm = llm
         if closed:  # shut down while it started: it must not outlive the call
-            llm.shutdown()
-            reap(processes)
-            REAPER.forget(processes)
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(llm.shutdown)
+                await self.link.release()
             raise EngineDeadError(f"{self.spec.name} was shut down while it started")
         self._parsing = self._build_parsing()  # names checked in engine_args(): cannot fail on them
-
-    def _spawned(self, pids: list[int]) -> None:
-        # Called from the start's thread as soon as the engine-core process exists, long
-        # before it is ready (weights, profiling, compiling): from now on a shutdown, or
-        # the watchdog, can stop it.
-        processes = process_tree(pids)
-        REAPER.watch(processes)
-        with self._state_lock:
-            closed = self._closed
-            if not closed:
-                self._starting = processes
-        if closed:
-            kill_tree(processes)
-            REAPER.forget(processes)
 
     def _build_parsing(self) -> OutputParsing:
         path = f"{self.spec.name}.engine_args"
@@ -260,28 +167,19 @@ class VLLMEngine(Engine):
         return self._llm is not None and not self._closed and not self._llm.errored and self._core_lost is None
 
     def check(self) -> None:
-        """For an attached or remote engine: notice that its engine core is gone (vLLM does not)."""
+        """Notice that the engine core is gone (vLLM's front end does not): the pool's
+        health poll calls this."""
         if self._llm is None or self._core_lost is not None:
             return
-        if self._cores is not None and not self._cores.alive():
-            self._core_lost = f"engine core (pid {', '.join(map(str, self._cores.process_ids()))}) is gone"
-        elif self._remote is not None:
-            self._core_lost = self._remote.lost()
+        self._core_lost = self.link.lost()
 
     def failure_reason(self) -> str | None:
-        """Which engine process exited and how, once vLLM has flagged the engine as errored."""
+        """Why the engine failed: its core's end, or vLLM's flag."""
         if self._core_lost is not None:
             return self._core_lost
         llm = self._llm
         if llm is None or not llm.errored:
             return None
-        exited = [
-            f"{p.name} (pid {p.pid}) exited with code {p.exitcode}"
-            for p in getattr(manager_of(llm), "processes", ())
-            if p.exitcode is not None
-        ]
-        if exited:
-            return "engine process exited (" + ", ".join(exited) + ")"
         return "vLLM flagged the engine as errored"
 
     @property
@@ -451,31 +349,22 @@ class VLLMEngine(Engine):
         return int(count())
 
     async def shutdown(self) -> None:
-        """Stop the engine core process; idempotent. During :meth:`start`, the engine core
-        being started is killed (the start then fails): a server stopped while an
-        engine starts or restarts leaves no process behind."""
+        """Stop the front end and what its link started; idempotent. During :meth:`start`,
+        the engine core being started is killed (the start then fails): a server stopped
+        while an engine starts or restarts leaves no process behind."""
         with self._state_lock:
             llm, self._llm = self._llm, None
-            starting, self._starting = self._starting, []
             self._closed = True
-        if self._remote is not None:
-            await self._remote.close()
-        if starting:
-            await anyio.to_thread.run_sync(kill_tree, starting)
-            REAPER.forget(starting)
+        await self.link.close()
         if llm is not None:
             fail_held_requests(llm)
             await anyio.to_thread.run_sync(llm.shutdown)
-        processes, self._processes = self._processes, []
-        if processes:
-            await anyio.to_thread.run_sync(reap, processes)
-            REAPER.forget(processes)
-        if self._remote is not None:
-            await self._remote.release()
+        await self.link.release()
 
     def process_ids(self) -> list[int]:
-        """PIDs of the engine's own processes (vLLM's engine core; its workers are their children)."""
-        return pids_of(self._llm)
+        """PIDs of the engine core's processes on this host (its workers are their
+        children); empty for an attached or remote engine, whose core is not its own."""
+        return self.link.process_ids()
 
 
 def _content_characters(messages: Sequence[Mapping[str, Any]]) -> int:

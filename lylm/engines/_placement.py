@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 
 import anyio
 import anyio.lowlevel
@@ -67,21 +67,26 @@ def visible_devices(
 
 @contextlib.contextmanager
 def spawn_environment(
-    values: Mapping[str, str], *, environ: MutableMapping[str, str] | None = None
-) -> Iterator[None]:
+    values: Mapping[str, str] | Callable[[], Mapping[str, str]],
+    *,
+    environ: MutableMapping[str, str] | None = None,
+) -> Iterator[Mapping[str, str]]:
     """Set ``values`` in the process environment for the duration of one spawn.
 
     Holds a process-wide lock, so two spawns never interleave; on exit every
     variable gets its previous value back (or is removed if it had none). Child
     processes copy the environment when they are spawned, so an engine process
     started inside the block keeps these values, and the server does not.
+    ``values`` may be a function: it is called under the lock (where no other
+    spawn's values are in the environment), and the block gets what it returned.
     """
     env = os.environ if environ is None else environ
     with _SPAWN_LOCK:
-        saved = {name: env.get(name) for name in values}
+        chosen = dict(values() if callable(values) else values)
+        saved = {name: env.get(name) for name in chosen}
         try:
-            env.update(values)
-            yield
+            env.update(chosen)
+            yield chosen
         finally:
             for name, old in saved.items():
                 if old is None:

@@ -38,6 +38,7 @@ import anyio
 
 from .._config import EngineSpec, RemoteCore
 from .._exceptions import EngineDeadError
+from ._internals import build_with_heartbeats
 
 logger = logging.getLogger("lylm")
 
@@ -307,6 +308,33 @@ class RemoteLink:
         await self._attach.run(build)
         self._check_open()  # closed as the build ended: there is nothing to watch
         self._disconnects = Disconnects(llm(), self.remote)
+
+    async def open(self, engine_args: dict[str, Any], stat_loggers: list[Any] | None) -> Any:
+        """A front end whose core attaches from its host (a :class:`~._links.CoreLink`):
+        built with heartbeats on its sockets, within the attach's bounds."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        built: list[Any] = []
+        args = {**engine_args, **remote_engine_args(self.remote)}
+
+        def build() -> None:
+            built.append(build_with_heartbeats(lambda: AsyncLLM.from_engine_args(
+                AsyncEngineArgs(**args), usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=stat_loggers
+            ), self.remote.heartbeat))
+
+        try:
+            await self.start(build, lambda: built[0])
+        except BaseException:
+            if built:  # shut down as the build ended: the front end must not outlive the start
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(built[0].shutdown)
+            raise
+        return built[0]
+
+    def process_ids(self) -> list[int]:
+        return []  # on its own host
 
     def lost(self) -> str | None:
         """Why the core is gone, once the watch saw it leave (from the health poll)."""

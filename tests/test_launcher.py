@@ -1,0 +1,231 @@
+"""The one launcher: device variables under parallel starts, the spawn window, the start guard.
+
+A stand-in platform (its own device variable and device count) and a stand-in spawner
+(a real child process, ``/bin/sh``, that reports the device variable it was spawned
+with) drive the real launcher: its lock, its environment snapshot, its guard.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import psutil
+import pytest
+
+from lylm import ConfigError, EngineDeadError
+from lylm.engines._launcher import DevicePlatform, Launcher, StartGuard
+
+VAR = "LYLM_TEST_VISIBLE_DEVICES"
+
+
+class ShellCore:
+    """A spawned stand-in engine core: ``/bin/sh`` printing the device variable it inherited
+    (the environment a child copies at spawn), then waiting until told to finish loading."""
+
+    def __init__(self, loading: threading.Event | None = None) -> None:
+        self._loading = loading
+        self.proc = subprocess.Popen(
+            ["/bin/sh", "-c", f'printf "%s" "${{{VAR}-unset}}"; read _'],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        self.pids = [self.proc.pid]
+        self.stopped = False
+
+    def wait(self) -> str:
+        # The long part of a real start (weights, profiling, compiling), outside the lock.
+        if self._loading is not None:
+            self._loading.wait(60)
+        else:
+            time.sleep(random.uniform(0, 0.003))
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        out, _ = self.proc.communicate(b"\n", timeout=30)
+        return out.decode()
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(30)
+
+
+def launcher(environ: Mapping[str, str], count: int | None, **kw: Any) -> Launcher:
+    return Launcher(environ=environ, platform=lambda: DevicePlatform(VAR, count), **kw)
+
+
+def start_all(launch: Launcher, gpu_sets: list[tuple[int, ...]]) -> list[Any]:
+    """Start one core per GPU set, all at once (a barrier lines the threads up)."""
+    barrier = threading.Barrier(len(gpu_sets))
+    results: list[Any] = [None] * len(gpu_sets)
+
+    def start(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = launch.launch({}, gpu_ids=gpu_sets[i], path=f"m[{i}]", clients=1, guard=StartGuard(f"m[{i}]"))
+        except BaseException as exc:  # the assertion below names it
+            results[i] = exc
+
+    threads = [threading.Thread(target=start, args=(i,)) for i in range(len(gpu_sets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+@pytest.mark.parametrize(
+    ("server", "count", "gpu_sets", "expected"),
+    [
+        # 8 instances on 8 GPUs, the server unrestricted.
+        ({}, 8, [(i,) for i in range(8)], [str(i) for i in range(8)]),
+        # The server itself started with VAR=4,5,6,7 (of 8): its GPU 0 is physical device 4.
+        ({VAR: "4,5,6,7"}, 8, [(0,), (1,), (2,), (3,)], ["4", "5", "6", "7"]),
+        ({VAR: "4,5,6,7"}, 8, [(1, 0), (3, 2)], ["5,4", "7,6"]),
+    ],
+)
+def test_parallel_pinned_starts_each_spawn_exactly_their_own_gpus(
+    server: dict[str, str], count: int, gpu_sets: list[tuple[int, ...]], expected: list[str]
+) -> None:
+    """Issue 27's race: each start used to read the device variable outside the spawn lock,
+    where another start's temporary value could stand. 100 rounds of parallel starts."""
+    saved = os.environ.get(VAR)
+    os.environ.update(server)  # the process's real environment, as the server would have it
+    try:
+        for _ in range(100):
+            launch = launcher({**server}, count, spawner=lambda args, clients: ShellCore())
+            seen = start_all(launch, gpu_sets)
+            assert seen == expected
+            assert os.environ.get(VAR) == server.get(VAR)  # restored after every spawn
+    finally:
+        os.environ.pop(VAR, None)
+        if saved is not None:
+            os.environ[VAR] = saved
+
+
+def test_the_environment_is_read_once_under_the_lock_not_from_the_live_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(VAR, "2,3")
+    launch = Launcher(platform=lambda: DevicePlatform(VAR, 4), spawner=lambda args, clients: ShellCore())
+    assert launch.launch({}, gpu_ids=(1,), path="p", clients=1, guard=StartGuard("p")) == "3"
+    # What another start set for its spawn (or anything later) is not the server's restriction.
+    monkeypatch.setenv(VAR, "9")
+    assert launch.device_environment((0,), "p") == {VAR: "2", "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
+    with pytest.raises(ConfigError, match=r"p\[0\]: GPU 2 does not exist: LYLM_TEST_VISIBLE_DEVICES=2,3 shows 2"):
+        launch.device_environment((2,), "p")
+
+
+def test_an_unpinned_start_spawns_with_the_servers_environment_untouched() -> None:
+    launch = launcher({}, 4, spawner=lambda args, clients: ShellCore())
+    assert launch.launch({}, gpu_ids=(), path="p", clients=1, guard=StartGuard("p")) == "unset"
+    assert launch.device_environment((), "p") == {}
+
+
+def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
+    """Two pinned starts: the second spawns while the first is still loading."""
+    loading = threading.Event()
+    cores: list[ShellCore] = []
+
+    def spawner(args: Mapping[str, Any], clients: int) -> ShellCore:
+        cores.append(ShellCore(loading))
+        return cores[-1]
+
+    launch = launcher({}, 4, spawner=spawner)
+    guards = [StartGuard("a"), StartGuard("b")]
+    results: list[Any] = []
+    threads = [
+        threading.Thread(
+            target=lambda i=i: results.append(launch.launch({}, gpu_ids=(i,), path="p", clients=1, guard=guards[i]))
+        )
+        for i in range(2)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(cores) < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert len(cores) == 2  # both spawned while both were loading
+        assert VAR not in os.environ
+    finally:
+        loading.set()
+        for t in threads:
+            t.join(30)
+    assert sorted(results) == ["0", "1"]
+
+
+def test_a_shutdown_during_the_start_stops_the_spawned_process_and_fails_the_start() -> None:
+    loading = threading.Event()
+    cores: list[ShellCore] = []
+
+    def spawner(args: Mapping[str, Any], clients: int) -> ShellCore:
+        cores.append(ShellCore(loading))
+        return cores[-1]
+
+    launch = launcher({}, 4, spawner=spawner)
+    guard = StartGuard("m[0]")
+    outcome: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            launch.launch({}, gpu_ids=(0,), path="p", clients=1, guard=guard)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=start)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not cores and time.monotonic() < deadline:
+        time.sleep(0.005)
+    deadline = time.monotonic() + 30
+    while not guard._starting and time.monotonic() < deadline:  # reported to the guard
+        time.sleep(0.005)
+    (core,) = cores
+    starting = guard.close()  # the shutdown: what it gets, it stops
+    assert [p.pid for p in starting] == core.pids
+    from lylm.engines._launcher import stop_processes
+
+    stop_processes(starting)
+    assert core.proc.wait(10) is not None
+    loading.set()
+    thread.join(30)
+    assert len(outcome) == 1 and isinstance(outcome[0], EngineDeadError), outcome
+    assert core.stopped
+    assert not psutil.pid_exists(core.proc.pid) or psutil.Process(core.proc.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_shutdown_before_the_spawn_spawns_nothing() -> None:
+    cores: list[ShellCore] = []
+    launch = launcher({}, 4, spawner=lambda args, clients: cores.append(ShellCore()) or cores[-1])
+    guard = StartGuard("m[0]")
+    guard.close()
+    with pytest.raises(EngineDeadError, match="shut down while it started"):
+        launch.launch({}, gpu_ids=(0,), path="p", clients=1, guard=guard)
+    assert cores == []
+
+
+def test_a_shutdown_as_the_start_ends_stops_what_it_built() -> None:
+    cores: list[ShellCore] = []
+    guard = StartGuard("m[0]")
+
+    class ClosingCore(ShellCore):
+        def wait(self) -> str:
+            out = super().wait()
+            guard.close()  # the shutdown lands between "ready" and "kept"
+            return out
+
+    launch = launcher({}, 4, spawner=lambda args, clients: cores.append(ClosingCore()) or cores[-1])
+    with pytest.raises(EngineDeadError, match="shut down while it started"):
+        launch.launch({}, gpu_ids=(0,), path="p", clients=1, guard=guard)
+    assert cores[0].stopped
+
+
+def test_clients_must_be_at_least_one() -> None:
+    with pytest.raises(ValueError, match="clients must be at least 1"):
+        launcher({}, 4).launch({}, gpu_ids=(), path="p", clients=0, guard=StartGuard("p"))
