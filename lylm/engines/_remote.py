@@ -38,7 +38,7 @@ import anyio
 
 from .._config import EngineSpec, RemoteCore
 from .._exceptions import EngineDeadError
-from ._internals import build_with_heartbeats
+from ._internals import build_with_heartbeats, client_sockets
 
 logger = logging.getLogger("lylm")
 
@@ -106,16 +106,11 @@ class Disconnects:
         self.strays = 0
         #: Which socket saw the disconnect, and how long after the watch began (for the reason).
         self.what: str | None = None
-        resources = getattr(getattr(llm, "engine_core", None), "resources", None)
         events = zmq.EVENT_DISCONNECTED | _handshake_failures(zmq)
-        for name in ("input_socket", "output_socket"):
-            socket = getattr(resources, name, None)
-            if socket is None:
-                continue
+        for key, socket in client_sockets(llm):
             monitor = socket.get_monitor_socket(events)  # in vLLM's (asyncio) context
             self._owned.append(monitor)
             # Read through a plain view of it: non-blocking reads from the health poll.
-            key = name.split("_")[0]
             self._monitors.append((key, zmq.Socket.shadow(monitor.underlying)))
             self._failed[key] = 0
 

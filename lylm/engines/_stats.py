@@ -14,16 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from .._engine import EngineSignals
+from ._internals import stat_logger_base
 
 
 def stat_logger_factory(signals: EngineSignals) -> type[Any] | None:
     """A logger class recording into ``signals``, or None if this vLLM lacks the hook."""
-    try:
-        from vllm.v1.metrics.loggers import PrometheusStatLogger
-    except ImportError:  # pragma: no cover - depends on the installed vLLM
+    base: Any = stat_logger_base()  # vLLM's PrometheusStatLogger
+    if base is None:  # pragma: no cover - depends on the installed vLLM
         return None
 
-    class LylmStatLogger(PrometheusStatLogger):  # type: ignore[misc]
+    class LylmStatLogger(base):  # type: ignore[misc]
         def __init__(self, vllm_config: Any, engine_indexes: Any = None) -> None:
             # Deliberately not calling super().__init__: that is what clears the
             # global registry and registers vLLM's process-wide metrics.
