@@ -107,10 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: vllm serve's flags that `lylm core` sets itself.
+#: vllm serve's flags that `lylm core` sets itself, long and short (vLLM 0.26-0.33:
+#: -dpp is --data-parallel-rpc-port, -dpn --data-parallel-rank, -dpr the start rank).
 _CORE_OWN_FLAGS = (
     "--headless", "--data-parallel-size", "--data-parallel-size-local", "--data-parallel-start-rank",
     "--data-parallel-address", "--data-parallel-rpc-port", "--data-parallel-rank", "-dp", "-dpl", "-dpa", "-dpr",
+    "-dpp", "-dpn",
 )  # fmt: skip
 
 

@@ -205,6 +205,8 @@ def test_the_headless_command_and_environment_address_the_pool() -> None:
         (["--pool", "10.0.0.2:13345", "--grace", "0", "m"], "--grace must be a positive"),
         (["--pool", "10.0.0.2:13345", "m", "--data-parallel-rpc-port", "1"], "--data-parallel-rpc-port: set by lylm core"),
         (["--pool", "10.0.0.2:13345", "m", "--headless"], "--headless: set by lylm core"),
+        (["--pool", "10.0.0.2:13345", "m", "-dpp", "1"], "-dpp: set by lylm core"),
+        (["--pool", "10.0.0.2:13345", "m", "-dpn", "0"], "-dpn: set by lylm core"),
     ],
 )
 def test_lylm_core_refuses_wrong_arguments_naming_them(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
