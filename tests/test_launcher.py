@@ -59,6 +59,25 @@ def launcher(environ: Mapping[str, str], count: int | None, **kw: Any) -> Launch
     return Launcher(environ=environ, platform=lambda: DevicePlatform(VAR, count), **kw)
 
 
+def loading_launcher() -> tuple[Launcher, list[ShellCore], threading.Event]:
+    """A launcher whose cores keep loading until the event is set; the cores it spawned."""
+    loading = threading.Event()
+    cores: list[ShellCore] = []
+
+    def spawner(args: Mapping[str, Any], clients: int) -> ShellCore:
+        cores.append(ShellCore(loading))
+        return cores[-1]
+
+    return launcher({}, 4, spawner=spawner), cores, loading
+
+
+def wait_until(condition: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert condition()
+
+
 def start_all(launch: Launcher, gpu_sets: list[tuple[int, ...]]) -> list[Any]:
     """Start one core per GPU set, all at once (a barrier lines the threads up)."""
     barrier = threading.Barrier(len(gpu_sets))
@@ -129,14 +148,7 @@ def test_an_unpinned_start_spawns_with_the_servers_environment_untouched() -> No
 
 def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
     """Two pinned starts: the second spawns while the first is still loading."""
-    loading = threading.Event()
-    cores: list[ShellCore] = []
-
-    def spawner(args: Mapping[str, Any], clients: int) -> ShellCore:
-        cores.append(ShellCore(loading))
-        return cores[-1]
-
-    launch = launcher({}, 4, spawner=spawner)
+    launch, cores, loading = loading_launcher()
     guards = [StartGuard("a"), StartGuard("b")]
     results: list[Any] = []
     threads = [
@@ -148,10 +160,7 @@ def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 30
-        while len(cores) < 2 and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert len(cores) == 2  # both spawned while both were loading
+        wait_until(lambda: len(cores) == 2)  # both spawned while both were loading
         assert VAR not in os.environ
     finally:
         loading.set()
@@ -161,14 +170,7 @@ def test_the_spawn_lock_is_held_only_until_the_engine_process_exists() -> None:
 
 
 def test_a_shutdown_during_the_start_stops_the_spawned_process_and_fails_the_start() -> None:
-    loading = threading.Event()
-    cores: list[ShellCore] = []
-
-    def spawner(args: Mapping[str, Any], clients: int) -> ShellCore:
-        cores.append(ShellCore(loading))
-        return cores[-1]
-
-    launch = launcher({}, 4, spawner=spawner)
+    launch, cores, loading = loading_launcher()
     guard = StartGuard("m[0]")
     outcome: list[BaseException] = []
 
@@ -180,12 +182,7 @@ def test_a_shutdown_during_the_start_stops_the_spawned_process_and_fails_the_sta
 
     thread = threading.Thread(target=start)
     thread.start()
-    deadline = time.monotonic() + 30
-    while not cores and time.monotonic() < deadline:
-        time.sleep(0.005)
-    deadline = time.monotonic() + 30
-    while not guard._starting and time.monotonic() < deadline:  # reported to the guard
-        time.sleep(0.005)
+    wait_until(lambda: bool(cores) and bool(guard._starting))  # spawned, and reported to the guard
     (core,) = cores
     starting = guard.close()  # the shutdown: what it gets, it stops
     assert [p.pid for p in starting] == core.pids
