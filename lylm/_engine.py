@@ -65,6 +65,12 @@ class Engine(abc.ABC):
     def __init__(self) -> None:
         self.signals = EngineSignals()
 
+    def validate(self) -> None:
+        """Check everything about the engine's configuration that can be checked without
+        starting it; raise :class:`~lylm.ConfigError` naming the path (optional; a no-op by
+        default). A pool calls it for every instance before it starts any engine, in a
+        worker thread (it may import vLLM: seconds, the first time)."""
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Start the engine; return when it is ready to serve."""

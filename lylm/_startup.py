@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 import attrs
@@ -95,25 +95,38 @@ class Starter:
             for name, (spec, since) in self._active.items()
         ]
 
-    async def start_engine(self, spec: EngineSpec, engine: Engine | None = None) -> Engine:
+    async def start_engine(
+        self,
+        spec: EngineSpec,
+        engine: Engine | None = None,
+        on_failure: Callable[[], None] | None = None,
+        *,
+        validated: bool = False,
+    ) -> Engine:
         """Start ``engine`` (by default a new one for ``spec``) once its GPUs are free.
 
         On failure the engine is shut down and :class:`EngineStartError` names the
         instance (a :class:`LylmError` such as a ConfigError passes unchanged).
+        ``on_failure`` runs first, before the start's GPUs are handed on: a pool's start
+        cancels the starts queued behind it there, so none of them begins. Unless
+        ``validated``, the engine's :meth:`~lylm.Engine.validate` runs first.
         """
+        if engine is None:
+            engine = self._factory(spec)
+        if not validated:
+            await anyio.to_thread.run_sync(engine.validate)
         self._active[spec.name] = (spec, self._clock())
         try:
             async with self.locks.hold(spec.gpu_ids, spec.name):
                 began = self._clock()
-                if engine is None:
-                    engine = self._factory(spec)
                 logger.info("%s: starting its engine%s", spec.name, _where(spec.gpu_ids))
                 await engine.start()
             logger.info("%s: engine ready in %.1f s", spec.name, self._clock() - began)
         except BaseException as exc:
-            if engine is not None:
-                with anyio.CancelScope(shield=True):
-                    await engine.shutdown()
+            if on_failure is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                on_failure()
+            with anyio.CancelScope(shield=True):
+                await engine.shutdown()
             if isinstance(exc, Exception) and not isinstance(exc, LylmError):
                 raise EngineStartError(spec.name, f"{type(exc).__name__}: {exc}") from exc
             raise
@@ -133,15 +146,18 @@ class Starter:
         engines: dict[int, Engine | Absent] = {}
         errors: dict[int, Exception] = {}
         began = self._clock()
+        # Every instance's configuration is checked before any engine starts: a mistake in
+        # the last instance must not cost the first one's start (minutes on a real model).
+        made = [self._factory(spec) for spec in specs]
+        for engine in made:
+            await anyio.to_thread.run_sync(engine.validate)
 
         async def one(index: int, spec: EngineSpec, scope: anyio.CancelScope) -> None:
-            # A remote's engine is made here, to be kept if its core does not connect;
-            # others are made under their GPUs' start locks.
-            engine = self._factory(spec) if spec.remote is not None else None
+            engine = made[index]
             try:
-                engines[index] = await self.start_engine(spec, engine)
+                engines[index] = await self.start_engine(spec, engine, scope.cancel, validated=True)
             except Exception as exc:
-                if engine is not None and isinstance(exc, EngineStartError) and core_absent(spec, exc):
+                if isinstance(exc, EngineStartError) and core_absent(spec, exc):
                     logger.warning("%s: the pool starts without it: %s", spec.name, exc)
                     engines[index] = Absent(engine, exc)
                     return
@@ -150,7 +166,7 @@ class Starter:
 
         try:
             async with anyio.create_task_group() as progress:
-                progress.start_soon(self._log_progress, len(specs), began)
+                progress.start_soon(self._log_progress, len(specs), began, engines)
                 async with anyio.create_task_group() as starts:
                     for index, spec in enumerate(specs):
                         starts.start_soon(one, index, spec, starts.cancel_scope)
@@ -174,13 +190,13 @@ class Starter:
             )
         return [engines[i] for i in range(len(specs))]
 
-    async def _log_progress(self, total: int, began: float) -> None:
+    async def _log_progress(self, total: int, began: float, ready: Mapping[int, Engine | Absent]) -> None:
         while True:
             await anyio.sleep(self._progress_interval)
             starting = self.progress()
             logger.info(
                 "starting engines (%d of %d ready after %.0f s): %s",
-                total - len(starting),
+                sum(not isinstance(e, Absent) for e in ready.values()),
                 total,
                 self._clock() - began,
                 "; ".join(p.describe() for p in starting),

@@ -67,9 +67,9 @@ async def test_a_pool_being_closed_refuses_requests_as_shutting_down_and_health_
     async with anyio.create_task_group() as tg:
         tg.start_soon(pool.aclose)
         try:
-            # The last instance stops first: while it does, the other still looks healthy.
-            await until(lambda: b.state == "stopped")
-            assert a.healthy
+            # Every engine stops at once, held here: while they stop, requests are refused as
+            # the pool's closing (not as "no healthy engine").
+            await until(lambda: a.state == b.state == "stopped")
             with pytest.raises(ShuttingDownError, match="the pool is closed"):
                 await collect(pool)
             assert pool.draining

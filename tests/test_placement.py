@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import threading
@@ -11,7 +12,8 @@ from typing import Any
 import anyio
 import pytest
 
-from lylm import ConfigError, EnginePool, EngineSpec, EngineStartError, Instance, RestartPolicy
+from lylm import ConfigError, EnginePool, EngineSpec, EngineStartError, Instance, PoolConfig, RestartPolicy
+from lylm._startup import Starter
 from lylm.engines._placement import StartLocks, spawn_environment, visible_devices
 from lylm.testing import FakeEngine
 
@@ -225,6 +227,10 @@ class GatedEngine(FakeEngine):
             raise RuntimeError("CUDA out of memory")
         self.started = True
 
+    async def shutdown(self) -> None:
+        await anyio.sleep(0.01)  # a real engine takes seconds to stop
+        await super().shutdown()
+
 
 def placed_config(*gpus: list[int]) -> dict[str, Any]:
     return {
@@ -299,6 +305,73 @@ async def test_a_failed_parallel_start_stops_every_engine_and_names_the_first() 
         engines[2].gate.set()
     assert all(e.stopped for e in engines.values())
     assert pool.instances() == ()
+
+
+async def test_a_failed_start_begins_none_of_the_starts_queued_behind_it() -> None:
+    """Issue 28: the next engine on the failed one's GPU used to start anyway (its lock was
+    handed on while the failed engine shut down, before the pool's start was cancelled)."""
+    log: list[tuple[str, str, float]] = []
+    pool, engines = gated_pool(log, [0], [0], fail=0)
+    async with anyio.create_task_group() as tg:
+
+        async def start() -> None:
+            with pytest.raises(EngineStartError, match="CUDA out of memory"):
+                await pool.start()
+
+        tg.start_soon(start)
+        await wait_for(lambda: ("begin", "0") in [(k, n) for k, n, _ in log])
+        engines[0].gate.set()
+        await wait_for(lambda: ("ready", "0") in [(k, n) for k, n, _ in log])
+        await anyio.wait_all_tasks_blocked()
+        for engine in engines.values():  # a start begun by mistake ends: the test fails, not hangs
+            engine.gate.set()
+    assert [name for kind, name, _ in log if kind == "begin"] == ["0"]
+    assert all(e.stopped or not e.started for e in engines.values())
+
+
+async def test_a_mistake_in_the_last_instance_is_found_before_any_engine_starts() -> None:
+    log: list[tuple[str, str, float]] = []
+
+    class Checked(GatedEngine):
+        def validate(self) -> None:
+            if self.name == "2":
+                raise ConfigError('models["m"][2].engine_args.max_model_len', "not an integer")
+
+    def make(spec: EngineSpec) -> GatedEngine:
+        return Checked(str(spec.index), log)
+
+    pool = EnginePool.from_config(placed_config([0], [1], [2]), engine_factory=make)
+    with anyio.fail_after(5), pytest.raises(ConfigError, match=r'models\["m"\]\[2\]\.engine_args\.max_model_len: not an integer'):
+        await pool.start()
+    assert log == []  # no engine began to start
+
+
+async def test_the_progress_line_counts_only_engines_that_are_ready(caplog: pytest.LogCaptureFixture) -> None:
+    log: list[tuple[str, str, float]] = []
+    engines: dict[int, GatedEngine] = {}
+
+    def make(spec: EngineSpec) -> GatedEngine:
+        engines[spec.index] = GatedEngine(str(spec.index), log, fail=spec.index == 1)
+        return engines[spec.index]
+
+    starter = Starter(make, progress_interval=0.01)
+    specs = PoolConfig.load(placed_config([0], [1], [2])).models[0].instances
+    with caplog.at_level(logging.INFO, logger="lylm"):
+        async with anyio.create_task_group() as tg:
+
+            async def start() -> None:
+                with pytest.raises(EngineStartError):
+                    await starter.start_all(specs)
+
+            tg.start_soon(start)
+            await wait_for(lambda: len(log) == 3)
+            engines[0].gate.set()
+            await wait_for(lambda: "1 of 3 ready" in caplog.text)
+            engines[1].gate.set()  # fails: 2 is cancelled
+            await anyio.sleep(0.05)
+            engines[2].gate.set()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("starting engines")]
+    assert lines and all("2 of 3" not in line and "3 of 3" not in line for line in lines), lines
 
 
 async def test_restarts_and_add_instance_take_the_same_gpu_locks() -> None:

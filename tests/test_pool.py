@@ -287,8 +287,9 @@ async def test_failed_start_names_the_instance_and_stops_the_others() -> None:
         await pool.start()
     assert str(info.value) == 'models["m"][1]: engine failed to start: RuntimeError: out of memory'
     assert info.value.instance == 'models["m"][1]'
-    assert len(engines) == 2  # the third was never built
-    assert all(e.stopped for e in engines)
+    # Every engine is built (its configuration checked) before any starts; the third never started.
+    assert len(engines) == 3 and not engines[2].started
+    assert all(e.stopped for e in engines[:2])
     with pytest.raises(LylmError, match="the pool is new"):
         await run(pool)
 

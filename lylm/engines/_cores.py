@@ -204,6 +204,11 @@ class CoreEngine(Engine):
         """What a worker needs to attach (picklable); None before start."""
         return self.cores
 
+    def validate(self) -> None:
+        from ._local import validate_spec
+
+        validate_spec(self.spec)
+
     async def start(self) -> None:
         guard = self._guard = StartGuard(self.spec.name)
         cores = await anyio.to_thread.run_sync(lambda: EngineCores.launch(self.spec, clients=self.clients, guard=guard))

@@ -28,6 +28,7 @@ from .._render import is_pooling
 from ._cores import EngineCores
 from ._internals import check_vllm, fail_held_requests, unfinished_requests
 from ._launcher import LAUNCHER
+from ._placement import spawn_environment
 from ._links import CoreLink, OwnCore, SharedCore
 from ._remote import RemoteLink
 from ._parsing import OutputParsing, build_output_parsing, check_parser_names, split_serving_args
@@ -74,6 +75,51 @@ def engine_args_of(spec: EngineSpec) -> dict[str, Any]:
     return args
 
 
+def validate_spec(spec: EngineSpec) -> None:
+    """Everything about an instance that can be checked without starting its engine: engine
+    argument names and parser names (:func:`engine_args_of`), its GPU ids against this host's
+    devices, and the engine's configuration as vLLM builds it before it spawns anything
+    (``create_engine_config``: value types and ranges, the model's path and config,
+    parallelism against the devices the instance will see). Raises :class:`ConfigError`
+    naming the instance's path. A remote instance's configuration is its core's host's to
+    check."""
+    args = engine_args_of(spec)
+    if spec.remote is not None:
+        return
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+
+    model = str(args.get("model", ""))
+    if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise ConfigError(f"{spec.name}.engine_args.model", f"{model}: no such file or directory")
+    path = f"{spec.name}.devices.gpu_ids"
+    LAUNCHER.device_environment(spec.gpu_ids, path)  # a GPU this host lacks: named at its index
+    try:
+        # As the engine will see its devices: under the spawn lock, with its device variable set.
+        with spawn_environment(lambda: LAUNCHER.device_environment(spec.gpu_ids, path)):
+            AsyncEngineArgs(**args).create_engine_config(UsageContext.OPENAI_API_SERVER)
+    except (ValueError, TypeError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+        raise ConfigError(_argument_path(spec, args, exc), _first_lines(exc)) from exc
+
+
+def _argument_path(spec: EngineSpec, args: Mapping[str, Any], exc: BaseException) -> str:
+    """The config path of the engine argument a (pydantic) validation error names, if one."""
+    errors = getattr(exc, "errors", None)
+    try:
+        found = [str(error["loc"][0]) for error in errors()] if callable(errors) else []
+    except Exception:  # not pydantic's
+        found = []
+    named = [key for key in found if key in args]
+    return f"{spec.name}.engine_args" + (f".{named[0]}" if named else "")
+
+
+def _first_lines(exc: BaseException, limit: int = 3) -> str:
+    """An exception's message on one line: its first ``limit`` non-empty lines."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = "; ".join(lines[:limit]) + ("; ..." if len(lines) > limit else "")
+    return text or type(exc).__name__
+
+
 class VLLMEngine(Engine):
     """One vLLM engine (an ``AsyncLLM`` front end and its engine core) built from an
     :class:`EngineSpec`.
@@ -117,6 +163,11 @@ class VLLMEngine(Engine):
     def engine_args(self) -> dict[str, Any]:
         """The keyword arguments for vLLM's ``AsyncEngineArgs`` (:func:`engine_args_of`)."""
         return engine_args_of(self.spec)
+
+    def validate(self) -> None:
+        """Check the instance's configuration as vLLM will read it, without starting
+        anything (:func:`validate_spec`)."""
+        validate_spec(self.spec)
 
     def spawn_environment(self) -> dict[str, str]:
         """The variables the engine's processes are spawned with: its GPUs, and vLLM's
