@@ -166,8 +166,12 @@ class VLLMEngine(Engine):
 
     def validate(self) -> None:
         """Check the instance's configuration as vLLM will read it, without starting
-        anything (:func:`validate_spec`)."""
-        validate_spec(self.spec)
+        anything (:func:`validate_spec`). An attached engine's core was checked by the
+        process that launched it: only the front end's arguments are checked here."""
+        if isinstance(self.link, SharedCore):
+            engine_args_of(self.spec)
+        else:
+            validate_spec(self.spec)
 
     def spawn_environment(self) -> dict[str, str]:
         """The variables the engine's processes are spawned with: its GPUs, and vLLM's
