@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._exceptions import LylmError
 
 DEMO_MODEL = "lylm-tiny-demo"
 
@@ -174,6 +175,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: common.workers, else one per GPU in use and at least 2 on a GPU, else 1)",
     )
     where.add_argument("--log-level", default="info", help="uvicorn's and lylm's (default: %(default)s)")
+    where.add_argument(
+        "--debug", action="store_true", help="on an error, show the whole traceback, not the one-line message"
+    )
 
     access = parser.add_argument_group("access")
     access.add_argument(
@@ -292,6 +296,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         )
     except ValueError as exc:
         parser.error(str(exc).replace("worker_timeout", "--worker-timeout").replace("replacements", "--worker-replacements"))
+    if args.workers is not None and args.workers < 1:
+        parser.error(f"--workers must be at least 1 (got {args.workers})")
     workers = args.workers if args.workers is not None else default_workers(config)
     serve(config, workers=workers, options=options, pool_options=pool_options)
 
@@ -310,4 +316,26 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
         run_core_host(args)
         return
-    run_serve(args, args.parser)
+    try:
+        run_serve(args, args.parser)
+    except LylmError as exc:
+        if args.debug:
+            raise
+        raise SystemExit(_one_line(exc)) from None
+
+
+def _one_line(exc: BaseException) -> int:
+    """Print a command's error on one line (``--debug`` shows the traceback instead); the exit
+    code: 2 for a mistake in the command or its config (nothing was started), 1 otherwise."""
+    from ._exceptions import ConfigError, EngineStartError
+
+    message = " ".join(str(exc).split())
+    if isinstance(exc, EngineStartError):
+        cause = exc.__cause__
+        while cause is not None and cause.__cause__ is not None:
+            cause = cause.__cause__
+        if cause is not None and str(cause) not in message:
+            message += f" (caused by {type(cause).__name__}: {' '.join(str(cause).split())})"
+        message += "; the engine's own log above says why (run with --debug for the traceback)"
+    print(f"lylm serve: error: {message}", file=sys.stderr)
+    return 2 if isinstance(exc, ConfigError) else 1

@@ -9,9 +9,12 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -141,3 +144,78 @@ def test_lylm_serve_help_lists_the_servers_flags_and_bad_values_name_themselves(
     assert run_lylm().returncode == 2  # no command: the help, as an error
     bad = run_lylm("serve", "--header-timeout", "0")
     assert bad.returncode == 2 and "header_timeout must be a positive number" in bad.stderr
+
+
+# -- lylm serve's mistakes: one line, exit 2, before any engine starts (issue 28) ----------
+
+
+def timed_lylm(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    began = time.monotonic()
+    out = run_lylm(*args)
+    return out, time.monotonic() - began
+
+
+def error_lines(out: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in out.stderr.splitlines() if line.startswith("lylm serve: error:")]
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        ({"models": {"m": [{"engine_args": {"model": "/m"}, "devices": {"weight": 0}}]}},
+         'lylm serve: error: models["m"][0].devices.weight: must be > 0 (got 0)'),
+        ({"models": {"m": [{"engine_args": {"model": "/m"}, "wieght": 2}]}},
+         'lylm serve: error: models["m"][0].wieght: unknown key'),
+        ('{"models": {', "invalid JSON at line 1, column 13"),
+    ],
+)
+def test_a_config_mistake_is_one_line_and_exit_2_at_once(tmp_path: Path, config: Any, says: str) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(config if isinstance(config, str) else json.dumps(config))
+    out, took = timed_lylm("serve", "--config", str(path))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.count("\n") == 1 and says in out.stderr, out.stderr  # no traceback
+    assert took < 10  # the interpreter's start; no vLLM imported (under 2 s on an idle machine)
+
+
+def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"models": {"m": [{"engine_args": {"model": "/m"}}]}}))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        out, _ = timed_lylm("serve", "--config", str(path), "--port", str(port))
+    assert out.returncode == 2, out.stderr
+    assert error_lines(out) == [
+        f"lylm serve: error: port: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "stop what holds it or choose another port"
+    ]
+    assert "Traceback" not in out.stderr
+
+
+def test_workers_below_one_is_a_usage_error() -> None:
+    out = run_lylm("serve", "--workers", "0")
+    assert out.returncode == 2 and "lylm serve: error: --workers must be at least 1 (got 0)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_mistake_in_the_second_instances_engine_args_stops_the_serve_before_any_engine(
+    tmp_path: Path, workers: str
+) -> None:
+    """It used to be found when that instance started, after the first engine had started."""
+    from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    args = {"model": str(model), **TINY_MODEL_ENGINE_ARGS}
+    config = {"models": {"m": [{"engine_args": args}, {"engine_args": {**args, "max_model_len": "long"}}]}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out, took = timed_lylm("serve", "--config", str(path), "--port", "0", "--workers", workers)
+    assert out.returncode == 2, out.stderr[-3000:]
+    (line,) = error_lines(out)
+    assert line.startswith('lylm serve: error: models["m"][1].engine_args.max_model_len: ')
+    assert "Traceback" not in out.stderr and "starting its engine" not in out.stderr
+    print(f"\nthe error after {took:.1f} s (importing vLLM included)")

@@ -39,7 +39,7 @@ from ._accept import NOT_ACCEPTING, BalancedAcceptor, Loads
 from ._hub import Hub
 from ._hub_client import HubClient
 from ._monitor import HubMonitor
-from ._serve import ENDING_TIMEOUT, LINGER, DrainingServer, EngineKinds, ServerOptions, _app, _uvicorn_config
+from ._serve import ENDING_TIMEOUT, LINGER, DrainingServer, EngineKinds, ServerOptions, _app, _uvicorn_config, bind
 from ._worker_pool import WorkerPool
 from ._workers import Workers
 
@@ -72,19 +72,6 @@ class _HubCollector(Collector):
         yield from (requests, serving, replaced, reconciled)
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    """The server's socket, bound (claiming the port) but not yet listening: the workers listen."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return sock
-
-
 @attrs.frozen
 class _WorkerSettings:
     slot: int
@@ -114,7 +101,7 @@ async def main_process(
     engines: EngineKinds,
 ) -> int:
     """Run the server's main process until stopped; returns the exit code (minus a signal's number)."""
-    sock = _bind(options.host, options.port)
+    sock = bind(options.host, options.port)
     directory = tempfile.mkdtemp(prefix="lylm-hub-")  # 0700: only this user reaches the hub
     replacements = workers if options.replacements is None else options.replacements
     clients = workers + replacements
@@ -315,4 +302,7 @@ def worker_main(settings: _WorkerSettings, sock: socket.socket) -> None:
     )
     uv = _uvicorn_config(_app(pool, options, HubMonitor(pool)), options)
     # uvicorn's run(): its event loop (uvloop where installed), as a one-process server has.
-    _WorkerServer(uv, pool, options.drain_timeout, settings.loads, settings.slot).run(sockets=[sock])
+    server = _WorkerServer(uv, pool, options.drain_timeout, settings.loads, settings.slot)
+    server.run(sockets=[sock])
+    if server.startup_error is not None:  # the main process sees this worker exit, and why in its log
+        raise server.startup_error

@@ -28,6 +28,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from functools import partial
 from types import FrameType
@@ -39,7 +40,7 @@ import uvicorn
 
 from .._config import EngineSpec, PoolConfig
 from .._engine import Engine
-from .._exceptions import ConfigError
+from .._exceptions import ConfigError, LylmError
 from .._pool import EnginePool, PoolOptions
 from ..openai import create_app
 from ..openai._app import DEFAULT_MAX_BODY_BYTES
@@ -140,10 +141,20 @@ class DrainingServer(uvicorn.Server):
         self._drain: asyncio.Task[None] | None = None
         self._draining = False
         self._loop: asyncio.AbstractEventLoop | None = None
+        #: Why the engines did not start (raised by :func:`serve`).
+        self.startup_error: Exception | None = None
 
     async def startup(self, sockets: Any = None) -> None:
         self._loop = asyncio.get_running_loop()
-        await super().startup(sockets=sockets)  # runs the lifespan: the engines are up after it
+        try:
+            # The engines start here, before uvicorn's lifespan (which finds the pool running):
+            # a failure is kept for serve() to raise, not logged away by uvicorn as a traceback.
+            await self.pool.start()
+        except Exception as exc:
+            self.startup_error = exc
+            self.should_exit = True  # uvicorn returns without serving
+            return
+        await super().startup(sockets=sockets)  # runs the lifespan
         # Importing torch, transformers and vLLM leaves millions of objects that every
         # full garbage collection walks, stopping the event loop for 0.5 s on a GPU host
         # (BENCHMARKS.md 9.6: TTFT p99 2.4-3.3x worse). Freeze them, as `vllm serve` does.
@@ -203,11 +214,19 @@ def serve(
         raise ValueError(f"workers must be a positive integer (got {workers!r})")
     pool_options = PoolOptions(**(pool_options or {}))  # a copy
     if workers == 1:
+        # Bound first: a port in use is reported at once, not after every engine started.
+        sock = bind(options.host, options.port)
         pool = EnginePool(config, **pool_options)
         app = _app(pool, options)
         logger.info("engines start before the server listens on http://%s:%d", options.host, options.port)
         uv = _uvicorn_config(app, options, host=options.host, port=options.port)
-        DrainingServer(uv, pool, options.drain_timeout).run()
+        server = DrainingServer(uv, pool, options.drain_timeout)
+        try:
+            server.run(sockets=[sock])
+        finally:
+            sock.close()
+        if server.startup_error is not None:
+            raise server.startup_error
         return
     if "engine_factory" in pool_options:
         raise ValueError("with workers > 1, engines are made by `engines` (EngineKinds), not engine_factory")
@@ -219,13 +238,44 @@ def serve(
                 raise ConfigError(f"{spec.name}.remote", "remote instances are served by one process (workers 1) for now")
     from ._multiprocess import main_process
 
-    code = anyio.run(partial(main_process, config, workers, options, pool_options, engines or EngineKinds()))
+    try:
+        code = anyio.run(partial(main_process, config, workers, options, pool_options, engines or EngineKinds()))
+    except BaseExceptionGroup as group:
+        # A start that failed inside the main process's task groups: raise the error itself
+        # (a config mistake, an engine that did not start), as one process does.
+        leaves = _leaves(group)
+        if len(leaves) == 1 and isinstance(leaves[0], LylmError):
+            raise leaves[0] from None
+        raise
     if code < 0:
         # Stopped by a signal: end by it, as uvicorn (and any Unix program) does.
         signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     if code:
         raise SystemExit(code)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The server's socket, bound (claiming the port) but not yet listening. A port in use is
+    a :class:`ConfigError` naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(
+            "port", f"cannot listen on {host}:{port}: {exc.strerror or exc}; stop what holds it or choose another port"
+        ) from None
+    return sock
 
 
 def _app(pool: EnginePool, options: ServerOptions, monitor: Monitor | None = None) -> Any:

@@ -96,7 +96,10 @@ class WorkerPool(EnginePool):
         return self._attach(spec, handle)
 
     async def start(self) -> None:
-        """Attach to every engine core the hub announced; tell the hub which generations."""
+        """Attach to every engine core the hub announced; tell the hub which generations.
+        Once started, a no-op (the server starts the pool, then its lifespan would again)."""
+        if self._state == "running":
+            return
         await super().start()
         for instance in self._members.all():
             generation = self._building.get(instance.name, 0)
