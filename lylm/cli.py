@@ -23,6 +23,7 @@ imports neither vLLM nor the HTTP stack; running a command does.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -89,7 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve OpenAI's API over a pool of vLLM engines",
-        description="Serve OpenAI's API over a pool of vLLM engines (with no config: the embedded demo).",
+        usage="lylm serve [MODEL [vLLM's engine flags]] [--config FILE] [options]",
+        description="Serve OpenAI's API over a pool of vLLM engines: one MODEL given as vllm serve takes "
+        "it (MODEL first, then vLLM's engine flags such as --tensor-parallel-size, read by vLLM's own "
+        "parser, for every instance), a --config file, or with neither the embedded demo.",
     )
     add_serve_arguments(serve)
     serve.set_defaults(parser=serve)  # for its own error messages
@@ -163,8 +167,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
     The HTTP bounds default to None here: :class:`lylm.server.HttpLimits` holds the
     defaults (this module imports no HTTP stack until a command runs)."""
+    what = parser.add_argument_group("what: MODEL and vLLM's engine flags, or a config file")
+    what.add_argument("--gpus", metavar="0,1,2,3", help="with MODEL: one instance per GPU (per TP group of GPUs)")
+    what.add_argument("--instances", type=int, metavar="N", help="with MODEL: N instances (on GPUs 0, 1, ...)")
+    what.add_argument("--balancer", metavar="NAME", help="with MODEL: the balancer (default: the pool's default)")
+    what.add_argument("--config", default=os.environ.get("CONFIG_PATH"), help="config JSON (or CONFIG_PATH)")
+    what.add_argument(
+        "--print-config", action="store_true", help="print the config this command line serves (JSON) and exit"
+    )
     where = parser.add_argument_group("where")
-    where.add_argument("--config", default=os.environ.get("CONFIG_PATH"), help="config JSON (or CONFIG_PATH)")
     where.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     where.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     where.add_argument(
@@ -264,14 +275,38 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
         retries=args.retries,
         restart=RestartPolicy(initial_backoff=args.restart_backoff, max_backoff=max(30.0, args.restart_backoff)),
     )
-    if args.config:
+    engine_flags: list[str] = getattr(args, "engine_flags", [])
+    if args.model is None and (engine_flags or args.gpus or args.instances or args.balancer):
+        what = " ".join(engine_flags) or "--gpus/--instances/--balancer"
+        parser.error(f"{what}: vLLM's engine flags and --gpus, --instances, --balancer go with MODEL")
+    if args.model is not None:
+        if args.config:
+            parser.error("give MODEL or --config, not both")
+        from ._model_form import model_config
+
+        made = model_config(
+            args.model, engine_flags, gpus=args.gpus, instances=args.instances, balancer=args.balancer
+        )
+        if args.print_config:
+            print(json.dumps(made, indent=2))
+            return
+        config = PoolConfig.load(made)
+        logger.info("serving %s", args.model)
+    elif args.config:
         config = PoolConfig.load(args.config)
+        if args.print_config:
+            print(Path(args.config).read_text())
+            return
         logger.info("serving %s from %s", ", ".join(config.model_names), args.config)
     else:
         # The demo must run with no network at all.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
-        config = PoolConfig.load(demo_config())
+        demo = demo_config()
+        if args.print_config:
+            print(json.dumps(demo, indent=2))
+            return
+        config = PoolConfig.load(demo)
         logger.warning(
             "no --config given: serving the embedded demo model %r on two engines (weights 1:2). "
             "It has RANDOM WEIGHTS: it demonstrates the machinery, its words are noise. "
@@ -305,7 +340,13 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
 def main(argv: Sequence[str] | None = None) -> None:
     """The console script's entry point."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # vLLM's engine flags after `lylm serve MODEL` are vLLM's parser's to read (_model_form).
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "serve":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # `lylm serve MODEL [flags]`: MODEL first, as `vllm serve MODEL`; the rest is vLLM's.
+    args.model = extra.pop(0) if args.command == "serve" and extra and not extra[0].startswith("-") else None
+    args.engine_flags = extra
     if args.command is None:
         parser.print_help(sys.stderr)
         raise SystemExit(2)

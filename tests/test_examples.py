@@ -219,3 +219,90 @@ def test_a_mistake_in_the_second_instances_engine_args_stops_the_serve_before_an
     assert line.startswith('lylm serve: error: models["m"][1].engine_args.max_model_len: ')
     assert "Traceback" not in out.stderr and "starting its engine" not in out.stderr
     print(f"\nthe error after {took:.1f} s (importing vLLM included)")
+
+
+# -- lylm serve MODEL (issue 28) ------------------------------------------------------------
+
+
+def test_the_model_form_makes_the_config_a_user_would_write() -> None:
+    pytest.importorskip("vllm")
+    from lylm._model_form import model_config
+
+    made = model_config(
+        "Qwen/Qwen2.5-7B-Instruct",
+        ["--tensor-parallel-size", "2", "--max-model-len", "8k", "--enable-prefix-caching", "-O3"],
+        gpus="0,1,3,4",
+        balancer="least_outstanding",
+    )
+    engine_args = {
+        "model": "Qwen/Qwen2.5-7B-Instruct",
+        "tensor_parallel_size": 2,
+        "max_model_len": 8000,  # vLLM's parser reads "8k" as 8000 ("8K": 8192)
+        "enable_prefix_caching": True,
+        "optimization_level": "3",  # as vLLM's parser leaves it (-O3)
+    }
+    assert made == {
+        "models": {
+            "Qwen/Qwen2.5-7B-Instruct": {
+                "instances": [
+                    {"devices": {"gpu_ids": [0, 1]}, "engine_args": engine_args},
+                    {"devices": {"gpu_ids": [3, 4]}, "engine_args": engine_args},
+                ],
+                "balancer": "least_outstanding",
+            }
+        }
+    }
+    from lylm import PoolConfig
+
+    assert PoolConfig.load(made) == PoolConfig.load(json.loads(json.dumps(made)))  # what a file of it loads
+
+
+@pytest.mark.parametrize(
+    ("flags", "kw", "says"),
+    [
+        (["--max-model-lenn", "5"], {}, "lylm serve MODEL: unrecognized arguments: --max-model-lenn 5"),
+        (["--max-num-seqs", "many"], {}, "lylm serve MODEL: argument --max-num-seqs: invalid"),
+        (["-tp", "2"], {"gpus": "0,1,2"}, "--gpus: 3 GPU(s) do not split into instances of 2"),
+        ([], {"gpus": "0,x"}, "--gpus: expected GPU indices"),
+        ([], {"gpus": "0", "instances": 2}, "give --gpus or --instances, not both"),
+        (["--compilation-config.mode", "3"], {}, "give it as JSON here"),
+    ],
+)
+def test_the_model_forms_mistakes_name_the_flag(flags: list[str], kw: dict[str, Any], says: str) -> None:
+    pytest.importorskip("vllm")
+    from lylm import ConfigError
+    from lylm._model_form import model_config
+
+    with pytest.raises(ConfigError) as caught:
+        model_config("/m", flags, **kw)
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_model_form_on_the_command_line(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    out = run_lylm("serve", "/models/m", "--served-model-name", "m", "--instances", "2", "--max-model-len", "4096",
+                   "--port", "9", "--print-config")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    members = [{"engine_args": {"model": "/models/m", "max_model_len": 4096}}] * 2  # no GPU here: unpinned
+    assert json.loads(out.stdout) == {"models": {"m": {"instances": members}}}
+    out = run_lylm("serve", "--max-model-len", "4096", "/models/m")
+    assert out.returncode == 2 and "go with MODEL" in out.stderr
+
+
+@pytest.mark.engines
+def test_lylm_serve_model_serves_it(tmp_path: Path) -> None:
+    pytest.importorskip("vllm")
+    from lylm.engines._core_host import serve_flags
+    from lylm.testing import TINY_MODEL_ENGINE_ARGS, build_tiny_model
+
+    model = build_tiny_model(tmp_path / "tiny")
+    flags = serve_flags(dict(TINY_MODEL_ENGINE_ARGS))
+    server = ServerProcess(str(model), *flags, "--served-model-name", "tiny", log=tmp_path / "serve.log")
+    try:
+        server.wait_ready(timeout=240)
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        answer = client.completions.create(model="tiny", prompt="hello", max_tokens=3, extra_body={"ignore_eos": True})
+        assert answer.usage is not None and answer.usage.completion_tokens == 3
+    finally:
+        server.stop()
