@@ -26,6 +26,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -359,6 +360,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     try:
         run_serve(args, args.parser)
+    except KeyboardInterrupt:
+        # Ctrl-C: the server drained and stopped its engines; uvicorn re-raises the signal
+        # at the end, which Python turns into a traceback. Exit as a shell expects instead.
+        raise SystemExit(128 + signal.SIGINT) from None
     except LylmError as exc:
         if args.debug:
             raise

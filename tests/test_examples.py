@@ -304,5 +304,10 @@ def test_lylm_serve_model_serves_it(tmp_path: Path) -> None:
         assert [m.id for m in client.models.list().data] == ["tiny"]
         answer = client.completions.create(model="tiny", prompt="hello", max_tokens=3, extra_body={"ignore_eos": True})
         assert answer.usage is not None and answer.usage.completion_tokens == 3
+        # Ctrl-C with nothing in flight: a quiet exit, as a shell expects (it was a traceback).
+        began = time.monotonic()
+        assert server.stop(sig=signal.SIGINT) == 128 + signal.SIGINT
+        print(f"\nexited {time.monotonic() - began:.1f} s after SIGINT")
+        assert "Traceback" not in server.log_path.read_text()
     finally:
         server.stop()
