@@ -346,8 +346,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if extra and args.command != "serve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     # `lylm serve MODEL [flags]`: MODEL first, as `vllm serve MODEL`; the rest is vLLM's.
-    args.model = extra.pop(0) if args.command == "serve" and extra and not extra[0].startswith("-") else None
-    args.engine_flags = extra
+    if args.command == "serve":  # (lylm core has a MODEL of its own)
+        args.model = extra.pop(0) if extra and not extra[0].startswith("-") else None
+        args.engine_flags = extra
     if args.command is None:
         parser.print_help(sys.stderr)
         raise SystemExit(2)

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -214,3 +215,16 @@ def test_lylm_core_refuses_wrong_arguments_naming_them(argv: list[str], says: st
         main(["core", *argv])
     assert exited.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_lylm_core_hands_its_model_and_vllm_flags_to_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """lylm serve's MODEL form once overwrote lylm core's MODEL with None (a TypeError at spawn)."""
+    import lylm.engines._core_host as core_host
+
+    seen: list[Any] = []
+    monkeypatch.setattr(core_host, "run_core_host", seen.append)
+    main(["core", "--pool", "10.0.0.2:13345", "/models/m", "--max-model-len", "4096"])
+    (args,) = seen
+    assert (args.model, args.vllm_args, args.pool_address, args.pool_port) == (
+        "/models/m", ["--max-model-len", "4096"], "10.0.0.2", 13345,
+    )
