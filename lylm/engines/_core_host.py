@@ -228,7 +228,7 @@ class CoreHost:
         try:
             self._stop_group(proc, timeout)
         finally:
-            LAUNCHER.ended(proc.pid)
+            LAUNCHER.ended(proc)
 
     def _stop_group(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         if proc.poll() is None:

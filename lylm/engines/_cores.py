@@ -48,7 +48,7 @@ class EngineCores:
         self._inputs = inputs
         self._outputs = outputs
         #: The engine-core pids, kept in copies too: any process on the host can look.
-        self._pids = [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
+        self._pids = _core_pids(manager)
         self._watched: list[Any] = []
         #: The core's processes and theirs (vLLM's workers), by pid, kept in copies too.
         self._tree: list[tuple[int, float]] = []
@@ -139,18 +139,18 @@ class _Launched:
     """vLLM's ``launch_core_engines`` between the spawn and the ready engine (a
     :class:`~._launcher.Spawned`)."""
 
-    def __init__(self, launcher: Any, manager: Any, build: Callable[[Any], EngineCores]) -> None:
+    def __init__(self, launcher: Any, manager: Any, build: Callable[[], EngineCores]) -> None:
         self._launcher = launcher
         self._manager = manager
         self._build = build
-        self.pids = [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
+        self.pids = _core_pids(manager)
         self._cores: EngineCores | None = None
 
     def wait(self) -> EngineCores:
         # Leaving the launcher waits for the engine's handshake: model loaded, memory
         # profiled, KV cache allocated, compiled.
         self._launcher.__exit__(None, None, None)
-        self._cores = self._build(self._manager)
+        self._cores = self._build()
         return self._cores
 
     def stop(self) -> None:
@@ -165,7 +165,7 @@ def spawn_core(engine_args: Mapping[str, Any], clients: int) -> _Launched:
     the instance's device variable set: the config is built as the engine sees its devices)."""
     launcher, manager, vllm_config, executor_class, inputs, outputs = launch_engine_core(engine_args, clients)
 
-    def build(manager: Any) -> EngineCores:
+    def build() -> EngineCores:
         return EngineCores(
             vllm_config=vllm_config, executor_class=executor_class, manager=manager, inputs=inputs, outputs=outputs
         )
@@ -260,6 +260,11 @@ class CoreEngine(Engine):
         await anyio.to_thread.run_sync(stop_processes, starting)
         if cores is not None:
             await anyio.to_thread.run_sync(cores.shutdown)
+
+
+def _core_pids(manager: Any) -> list[int]:
+    """The engine-core process ids of vLLM's process manager (none without one)."""
+    return [p.pid for p in getattr(manager, "processes", ()) if p.pid is not None]
 
 
 def _identities(processes: Sequence[Any]) -> list[tuple[int, float]]:

@@ -79,11 +79,6 @@ class StartGuard:
         self._closed = False
         self._starting: list[Any] = []
 
-    @property
-    def closed(self) -> bool:
-        """Whether a shutdown came."""
-        return self._closed
-
     def spawned(self, pids: Sequence[int]) -> None:
         """The start's engine processes exist: watch them; stop them if shut down meanwhile."""
         processes = process_tree(pids)
@@ -93,8 +88,7 @@ class StartGuard:
             if not closed:
                 self._starting = processes
         if closed:
-            kill_tree(processes)
-            REAPER.forget(processes)
+            stop_processes(processes)
 
     def keep(self, stop: Callable[[], None]) -> None:
         """The start is done. If a shutdown came meanwhile, ``stop`` what it built and raise
@@ -171,8 +165,8 @@ class Launcher:
         self._lock = threading.Lock()
 
     def environment(self) -> Mapping[str, str]:
-        """The server's own environment, read once (call under the spawn lock: no start's
-        temporary values are in ``os.environ`` then)."""
+        """The server's own environment, read once. Every start reads it under the spawn lock
+        before it sets anything, so the first read never sees a start's temporary values."""
         with self._lock:
             if self._environ is None:
                 self._environ = dict(os.environ)
@@ -239,9 +233,9 @@ class Launcher:
         REAPER.watch(process_tree([proc.pid]))
         return proc
 
-    def ended(self, pid: int) -> None:
+    def ended(self, proc: subprocess.Popen[bytes]) -> None:
         """A process started by :meth:`popen` has been stopped: stop watching it."""
-        REAPER.forget([_Pid(pid)])
+        REAPER.forget([proc])
 
 
 def spawn_vllm_core(engine_args: Mapping[str, Any], clients: int) -> Spawned:
@@ -249,11 +243,6 @@ def spawn_vllm_core(engine_args: Mapping[str, Any], clients: int) -> Spawned:
     from ._cores import spawn_core
 
     return spawn_core(engine_args, clients)
-
-
-@attrs.frozen
-class _Pid:
-    pid: int
 
 
 #: The process's launcher: the environment and the lock it guards are one per process.

@@ -92,11 +92,12 @@ def validate_spec(spec: EngineSpec) -> None:
     model = str(args.get("model", ""))
     if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
         raise ConfigError(f"{spec.name}.engine_args.model", f"{model}: no such file or directory")
-    path = f"{spec.name}.devices.gpu_ids"
-    LAUNCHER.device_environment(spec.gpu_ids, path)  # a GPU this host lacks: named at its index
+    # A GPU this host lacks is named at its index (outside the try below, which would rename
+    # it). Computed from the launcher's snapshot of the server's environment, not the live one.
+    environment = LAUNCHER.device_environment(spec.gpu_ids, f"{spec.name}.devices.gpu_ids")
     try:
         # As the engine will see its devices: under the spawn lock, with its device variable set.
-        with spawn_environment(lambda: LAUNCHER.device_environment(spec.gpu_ids, path)):
+        with spawn_environment(environment):
             AsyncEngineArgs(**args).create_engine_config(UsageContext.OPENAI_API_SERVER)
     except (ValueError, TypeError, OSError) as exc:  # pydantic's ValidationError is a ValueError
         raise ConfigError(_argument_path(spec, args, exc), _first_lines(exc)) from exc
