@@ -70,3 +70,37 @@ def test_a_version_outside_the_range_with_every_name_only_warns(
     with caplog.at_level(logging.WARNING, logger="lylm"):
         check_vllm()
     assert "vLLM 0.33.0 is outside the versions lylm has run with (0.26 through 0.32)" in caplog.text
+
+
+def test_an_engine_ends_its_output_task_before_vllm_closes_the_core_client() -> None:
+    """vLLM's ``AsyncLLM.shutdown()`` closes the client's sockets before it cancels the
+    output task; the task, still reading, could log the closed socket as an
+    ``EngineDeadError`` traceback on a clean exit. lylm ends the task first."""
+    import asyncio
+
+    from lylm import VLLMEngine
+
+    class Link:
+        async def close(self) -> None:
+            return None
+
+        async def release(self) -> None:
+            return None
+
+    class FrontEnd:
+        output_handler: asyncio.Task[None]
+        handler_done_at_shutdown: bool | None = None
+
+        def shutdown(self) -> None:  # in a worker thread, as lylm calls it
+            self.handler_done_at_shutdown = self.output_handler.done()
+
+    async def main() -> FrontEnd:
+        front = FrontEnd()
+        front.output_handler = asyncio.create_task(asyncio.Event().wait())
+        engine = VLLMEngine(EngineSpec(model="m", engine_args={"model": "/m"}), link=Link())  # type: ignore[arg-type]
+        engine._llm = front
+        await engine.shutdown()
+        assert front.output_handler.cancelled()
+        return front
+
+    assert asyncio.run(main()).handler_done_at_shutdown is True

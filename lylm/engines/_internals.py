@@ -271,6 +271,25 @@ def stat_logger_base() -> type[Any] | None:
     return PrometheusStatLogger  # type: ignore[no-any-return]
 
 
+async def stop_output_handler(llm: Any) -> None:
+    """Cancel a front end's output task and wait for it to end; call on the event loop
+    before ``AsyncLLM.shutdown()``.
+
+    vLLM's shutdown closes the engine-core client's sockets first and cancels the output
+    task only afterwards, from the thread the shutdown runs in. Meanwhile the task, still
+    reading, can take the closed socket for a dead engine and log an ``EngineDeadError``
+    traceback: on a clean exit, now and then (a race that CI caught once).
+    """
+    handler = getattr(llm, "output_handler", None)
+    if not isinstance(handler, asyncio.Task) or handler.done():
+        return
+    if handler.get_loop() is not asyncio.get_running_loop():  # not ours to wait for
+        handler.get_loop().call_soon_threadsafe(handler.cancel)
+        return
+    handler.cancel()
+    await asyncio.wait([handler])
+
+
 def fail_held_requests(llm: Any) -> None:
     """End, with vLLM's own ``EngineDeadError``, everything still waiting on an engine
     about to be shut down (call on the event loop, before ``AsyncLLM.shutdown()``).

@@ -26,7 +26,7 @@ from .._exceptions import (
 )
 from .._render import is_pooling
 from ._cores import EngineCores
-from ._internals import check_vllm, fail_held_requests, unfinished_requests
+from ._internals import check_vllm, fail_held_requests, stop_output_handler, unfinished_requests
 from ._launcher import LAUNCHER
 from ._placement import spawn_environment
 from ._links import CoreLink, OwnCore, SharedCore
@@ -413,6 +413,7 @@ class VLLMEngine(Engine):
             self._closed = True
         await self.link.close()
         if llm is not None:
+            await stop_output_handler(llm)
             fail_held_requests(llm)
             await anyio.to_thread.run_sync(llm.shutdown)
         await self.link.release()
