@@ -59,10 +59,15 @@ class UnknownModelError(LylmError, LookupError):
 
 
 class EngineStartError(LylmError):
-    """An engine instance failed to start; ``instance`` names it (``models["m"][0]``)."""
+    """An engine instance failed to start; ``instance`` names it (``models["m"][0]``).
 
-    def __init__(self, instance: str, message: str) -> None:
+    ``root_cause``: the line of the engine core's own output that names why, when lylm
+    found one ("RuntimeError: Cannot find any model weights with ..."); the message then
+    ends with it."""
+
+    def __init__(self, instance: str, message: str, *, root_cause: str | None = None) -> None:
         self.instance = instance
+        self.root_cause = root_cause
         super().__init__(f"{instance}: engine failed to start: {message}")
 
 

@@ -377,7 +377,9 @@ def _one_line(exc: BaseException) -> int:
     from ._exceptions import ConfigError, EngineStartError
 
     message = " ".join(str(exc).split())
-    if isinstance(exc, EngineStartError):
+    if isinstance(exc, EngineStartError) and exc.root_cause is not None:
+        pass  # the message ends with the engine's own root cause: the line to read last
+    elif isinstance(exc, EngineStartError):
         cause = exc.__cause__
         while cause is not None and cause.__cause__ is not None:
             cause = cause.__cause__

@@ -194,6 +194,28 @@ def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path: Path) -> Non
     assert "Traceback" not in out.stderr
 
 
+def test_an_engine_start_failure_is_one_line_ending_with_the_engines_own_cause(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from lylm import EngineStartError
+    from lylm.cli import _one_line
+
+    cause = "RuntimeError: Cannot find any model weights with `/m`"
+    try:
+        raise EngineStartError('models["m"][0]', cause, root_cause=cause) from RuntimeError("See root cause above.")
+    except EngineStartError as exc:
+        assert _one_line(exc) == 1
+    assert capsys.readouterr().err == f'lylm serve: error: models["m"][0]: engine failed to start: {cause}\n'
+    # No cause found in the engine's output: vLLM's own message, and where to look.
+    try:
+        raise EngineStartError('models["m"][0]', "RuntimeError: boom") from RuntimeError("boom")
+    except EngineStartError as exc:
+        assert _one_line(exc) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('lylm serve: error: models["m"][0]: engine failed to start: RuntimeError: boom;')
+    assert err.count("\n") == 1
+
+
 def test_workers_below_one_is_a_usage_error() -> None:
     out = run_lylm("serve", "--workers", "0")
     assert out.returncode == 2 and "lylm serve: error: --workers must be at least 1 (got 0)" in out.stderr

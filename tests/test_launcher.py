@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from lylm import ConfigError, EngineDeadError
+from lylm import ConfigError, EngineDeadError, EngineStartError
 from lylm.engines._launcher import DevicePlatform, Launcher, StartGuard
 
 VAR = "LYLM_TEST_VISIBLE_DEVICES"
@@ -226,3 +226,87 @@ def test_a_shutdown_as_the_start_ends_stops_what_it_built() -> None:
 def test_clients_must_be_at_least_one() -> None:
     with pytest.raises(ValueError, match="clients must be at least 1"):
         launcher({}, 4).launch({}, gpu_ids=(), path="p", clients=0, guard=StartGuard("p"))
+
+
+class FailingCore:
+    """A stand-in engine core that fails to start as vLLM's does: its worker prints the real
+    cause, the core a wrapper, and the front end learns only "see root cause above". A
+    grandchild (like multiprocessing's resource tracker) keeps the output pipes open."""
+
+    SCRIPT = r"""
+import subprocess, sys
+print("sleeper", subprocess.Popen(["sleep", "60"]).pid, flush=True)
+print("(EngineCore pid=1) INFO 12-07 22:10:20 [core.py:1] starting", flush=True)
+err = sys.stderr
+err.write("(Worker pid=2) ERROR 12-07 22:10:29 [multiproc_executor.py:953] Traceback (most recent call last):\n")
+err.write("(Worker pid=2) ERROR 12-07 22:10:29 [multiproc_executor.py:953]     raise RuntimeError(\n")
+err.write("(Worker pid=2) ERROR 12-07 22:10:29 [multiproc_executor.py:953] RuntimeError: Cannot find any model weights with `/m`\n")
+err.write("(EngineCore pid=1) ERROR 12-07 22:10:31 [core.py:1510] Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.\n")
+err.write("Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root cause.\n")
+sys.exit(1)
+"""
+
+    def __init__(self) -> None:
+        import sys
+
+        self.proc = subprocess.Popen([sys.executable, "-c", self.SCRIPT])
+        self.pids = [self.proc.pid]
+
+    def wait(self) -> str:
+        self.proc.wait(30)
+        raise RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+
+    def stop(self) -> None:
+        return None
+
+
+def test_a_failed_start_ends_with_the_cores_own_root_cause(capfd: pytest.CaptureFixture[str]) -> None:
+    launch = launcher({}, 4, spawner=lambda args, clients: FailingCore())
+    began = time.monotonic()
+    with pytest.raises(EngineStartError) as info:
+        launch.launch({}, gpu_ids=(0,), path="m[0].devices.gpu_ids", clients=1, guard=StartGuard('models["m"][0]'))
+    took = time.monotonic() - began
+    out, err = capfd.readouterr()
+    sleeper = psutil.Process(int(out.split("sleeper ")[1].split()[0]))
+    try:
+        assert info.value.instance == 'models["m"][0]'
+        assert info.value.root_cause == "RuntimeError: Cannot find any model weights with `/m`"
+        assert str(info.value) == 'models["m"][0]: engine failed to start: RuntimeError: Cannot find any model weights with `/m`'
+        assert isinstance(info.value.__cause__, RuntimeError)  # vLLM's own, kept
+        # The output passed through, unchanged; the grandchild still holds the pipes, and the
+        # cause was read without waiting for them to close (the drain waits up to 3 s).
+        assert "(EngineCore pid=1) INFO 12-07 22:10:20 [core.py:1] starting\n" in out
+        assert "RuntimeError: Cannot find any model weights with `/m`\n" in err
+        assert "lylm-output-mark" not in out + err
+        assert sleeper.is_running() and took < 3
+    finally:
+        sleeper.kill()
+
+
+def test_a_successful_start_passes_its_output_through(capfd: pytest.CaptureFixture[str]) -> None:
+    class Talking(ShellCore):
+        def __init__(self) -> None:
+            subprocess.run(["/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2"], check=True)
+            super().__init__()
+
+    launch = launcher({}, 4, spawner=lambda args, clients: Talking())
+    assert launch.launch({}, gpu_ids=(1,), path="p", clients=1, guard=StartGuard("m")) == "1"
+    out, err = capfd.readouterr()
+    assert out == "to-stdout\n" and err == "to-stderr\n"
+
+
+def test_the_root_cause_is_the_first_exception_line_that_is_not_a_wrapper() -> None:
+    from lylm.engines._output import CoreOutput
+
+    output = CoreOutput()
+    for line in [
+        "INFO:     Started server process [1]",
+        "(EngineCore pid=1) ERROR 12-07 22:10:31 [core.py:1510] Exception: failed. See stack trace for root cause.",
+        "  File \"x.py\", line 1, in f",
+        "    raise ValueError('indented lines are code, not the exception')",
+        "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+        "RuntimeError: a later, secondary failure",
+    ]:
+        output._keep(line)
+    assert output.root_cause(timeout=0) == "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert CoreOutput().root_cause(timeout=0) is None

@@ -302,6 +302,10 @@ async def test_failed_start_stops_started_engines_and_leaves_no_process(tiny_mod
         await pool.start()
     assert info.value.instance == 'models["tiny"][1]'
     assert str(info.value).startswith('models["tiny"][1]: engine failed to start: ')
+    # The cause is the engine core's own, not vLLM's "see root cause above", and it ends the message.
+    cause = info.value.root_cause
+    assert cause is not None and cause.startswith("ValueError: No available memory for the cache blocks"), cause
+    assert str(info.value).endswith(cause)
     # Processes may take a moment to exit after shutdown returns; none may linger.
     deadline = time.monotonic() + 15
     left = {pid: cmd for pid, cmd in _children().items() if pid not in before}

@@ -2,7 +2,7 @@
 
 Every local engine core starts here: an instance's own core, a core shared by the
 front-end workers of ``lylm serve``, a restart of either, and the headless core of
-``lylm core``. The launcher does three things for each, the same way:
+``lylm core``. The launcher does four things for each, the same way:
 
 * **The device variable, computed under the spawn lock from the server's own
   environment.** The variable that pins an engine to its GPUs
@@ -20,6 +20,9 @@ front-end workers of ``lylm serve``, a restart of either, and the headless core 
   that comes meanwhile stops them.
 * **One start guard** (:class:`StartGuard`): a shutdown may come at any point of a
   start; the start then ends with :class:`~lylm.EngineDeadError` and leaves no process.
+* **Its console output passed through, the last lines kept** (:mod:`._output`): a start
+  that fails ends with :class:`~lylm.EngineStartError` naming the core's own root cause
+  (vLLM's front end says only "see root cause above").
 
 The spawn lock is held only until the engine process exists; the long rest of a start
 runs side by side with other starts (which GPUs may start together is
@@ -36,7 +39,8 @@ from typing import Any, Protocol
 
 import attrs
 
-from .._exceptions import EngineDeadError
+from .._exceptions import EngineDeadError, EngineStartError
+from ._output import CoreOutput
 from ._placement import spawn_environment, visible_devices
 from ._watchdog import REAPER, kill_tree, process_tree
 
@@ -105,6 +109,11 @@ class StartGuard:
         """Raise :class:`~lylm.EngineDeadError` if a shutdown came (between steps of a start)."""
         if self._closed:
             raise EngineDeadError(f"{self.name} was shut down while it started")
+
+    @property
+    def closed(self) -> bool:
+        """Whether a shutdown came."""
+        return self._closed
 
     def close(self) -> list[Any]:
         """Mark the start shut down; return the processes of a start still under way, for
@@ -213,14 +222,21 @@ class Launcher:
         # Unpinned engines take the spawn lock too (with nothing to set), so that no other
         # engine process appears while a pinned one is being spawned.
         # The device variable is computed under the lock, from the server's own environment.
-        with spawn_environment(lambda: self.device_environment(gpu_ids, path)):
+        output = CoreOutput()
+        with spawn_environment(lambda: self.device_environment(gpu_ids, path)), output.capturing():
             spawned = spawner(engine_args, clients)
         try:
             guard.spawned(spawned.pids)
             handle = spawned.wait()
-        except BaseException:
+        except BaseException as exc:
             spawned.stop()
+            # vLLM says only "see root cause above"; the core's own output names it.
+            cause = output.root_cause() if isinstance(exc, Exception) and not guard.closed else None
+            output.release()
+            if cause is not None:
+                raise EngineStartError(guard.name, cause, root_cause=cause) from exc
             raise
+        output.release()
         guard.keep(spawned.stop)
         return handle
 
