@@ -161,5 +161,8 @@ def test_a_draining_pool_answers_503_and_health_says_so(served: Any) -> None:
             assert r.json()["error"]["code"] == "shutting_down"
             health = httpx.get(f"{url}/health")
             assert health.status_code == 503 and health.json()["status"] == "draining"
+            # The model list too: not a 200 with no context length (its engines are stopping).
+            models = httpx.get(f"{url}/v1/models")
+            assert models.status_code == 503 and models.json()["error"]["code"] == "shutting_down"
             assert [line for line in lines if line][-1] == "data: [DONE]"  # in flight: finishes
             assert future.result(30) is True

@@ -18,10 +18,11 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from .. import __version__
-from .._exceptions import LylmError
+from .._exceptions import LylmError, ShuttingDownError
 from .._pool import EnginePool
 from ._chat import chat_completion
 from ._completions import completion
+from ._dispatch import to_openai_error
 from ._errors import OpenAIError
 from ._guard import DEFAULT_BODY_TIMEOUT, ApiKeys, read_json
 from ._json import json_response
@@ -149,6 +150,8 @@ def routes(
 
     async def list_models(request: Request) -> Response:
         # root, parent and max_model_len as vLLM lists them (vLLM's extension of OpenAI's).
+        if pool.draining:  # as every new request is answered then (not 200 with no context length)
+            raise to_openai_error(ShuttingDownError())
         data = [
             {
                 "id": m, "object": "model", "created": created, "owned_by": "lylm",
