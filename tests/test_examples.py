@@ -8,6 +8,7 @@ import inspect
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -58,6 +59,32 @@ def test_readme_shows_the_example_verbatim_and_its_block_runs_as_shown() -> None
     instances = make_instances([1.0, 1.0])
     request = RequestInfo(model="m", request_id="r", prompt_tokens=1, max_tokens=1, session_key="alice")
     assert balancer.choose(instances, request) in instances  # type: ignore[attr-defined]
+
+
+def test_readmes_first_example_prints_the_final_text_and_who_served_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("vllm")  # the block imports vLLM's SamplingParams
+    block = readme_block("pool.add_observer(lambda r: print(")
+    model = "Qwen/Qwen2.5-7B-Instruct"
+    # The config file's engines are stand-ins here; the block runs as printed.
+    original = EnginePool.from_config
+    monkeypatch.setattr(
+        EnginePool, "from_config",
+        lambda source: original(fake_specs([1.0, 2.0], model=model), engine_factory=lambda spec: FakeEngine()),
+    )  # fmt: skip
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    exec(compile(block, "README.md", "exec"), namespace)
+    import anyio
+
+    anyio.run(namespace["main"])
+    lines = capsys.readouterr().out.splitlines()
+    # Two lines, in either order (the observer runs as the books close the request): the
+    # whole text once (the fake's 64 tokens are characters 32, 33, ...), and who served it.
+    assert len(lines) == 2, lines
+    assert "".join(chr(32 + i) for i in range(64)) in lines, lines
+    (served,) = [line for line in lines if line.endswith(", completed")]
+    assert re.fullmatch(r'\S+: models\["Qwen/Qwen2.5-7B-Instruct"\]\[[01]\], completed', served), served
 
 
 async def test_sticky_balancer_keeps_users_on_one_instance() -> None:
