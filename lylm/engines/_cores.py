@@ -126,9 +126,16 @@ class EngineCores:
         )
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Stop the engine core and its workers; idempotent."""
+        """Stop the engine core and its workers; idempotent.
+
+        ``timeout``: seconds the core gets to exit before it is killed; by default the
+        engine's ``shutdown_timeout`` (vLLM's default 0), as ``vllm serve`` stops its core.
+        By then lylm has drained its requests. (Without it vLLM's process manager waited
+        5 s, and the core 3 more for its worker: 5.3 s per exit against 0.3 s.)"""
         manager, self._manager = self._manager, None
         self._pids = []
+        if timeout is None:
+            timeout = getattr(self.vllm_config, "shutdown_timeout", None)
         if manager is not None:
             manager.shutdown(timeout) if timeout is not None else manager.shutdown()
         watched, self._watched = self._watched, []
