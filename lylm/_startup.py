@@ -114,6 +114,7 @@ class Starter:
         if engine is None:
             engine = self._factory(spec)
         if not validated:
+            engine.precheck()
             await anyio.to_thread.run_sync(engine.validate)
         self._active[spec.name] = (spec, self._clock())
         try:
@@ -149,6 +150,8 @@ class Starter:
         # Every instance's configuration is checked before any engine starts: a mistake in
         # the last instance must not cost the first one's start (minutes on a real model).
         made = [self._factory(spec) for spec in specs]
+        for engine in made:
+            engine.precheck()
         for engine in made:
             await anyio.to_thread.run_sync(engine.validate)
 

@@ -283,8 +283,10 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.model is not None:
         if args.config:
             parser.error("give MODEL or --config, not both")
-        from ._model_form import model_config
+        from ._model_form import check_model_path, model_config
 
+        if not args.print_config:  # a config printed here may be for another machine's paths
+            check_model_path(args.model)
         made = model_config(
             args.model, engine_flags, gpus=args.gpus, instances=args.instances, balancer=args.balancer
         )

@@ -205,6 +205,58 @@ def test_a_config_mistake_is_one_line_and_exit_2_at_once(tmp_path: Path, config:
     assert took < 10  # the interpreter's start; no vLLM imported (under 2 s on an idle machine)
 
 
+# Runs lylm serve in this interpreter, then says whether vLLM had been imported by the time it exited.
+_SERVE_THEN_REPORT = """
+import sys
+from lylm.cli import main
+try:
+    main(sys.argv[1:])
+finally:
+    print("vllm imported:", "vllm" in sys.modules, file=sys.stderr)
+"""
+
+
+@pytest.mark.parametrize(
+    ("instances", "says"),
+    [
+        # A typo in the second instance: named before the first one's slow checks.
+        ([{"model": "{model}"}, {"model": "{model}", "max_model_length": 64}],
+         'lylm serve: error: models["m"][1].engine_args.max_model_length: not an engine argument of the installed vLLM'),
+        ([{"model": "{model}"}, {"model": "/no/such/model"}],
+         'lylm serve: error: models["m"][1].engine_args.model: /no/such/model: no such file or directory'),
+    ],
+)
+def test_an_engine_argument_mistake_is_named_before_vllm_is_imported(
+    tmp_path: Path, instances: list[dict[str, Any]], says: str
+) -> None:
+    pytest.importorskip("vllm")
+    model = tmp_path / "model"
+    model.mkdir()
+    config = {"models": {"m": [
+        {"engine_args": {k: (str(model) if v == "{model}" else v) for k, v in args.items()}} for args in instances
+    ]}}  # fmt: skip
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVE_THEN_REPORT, "serve", "--config", str(path), "--port", "0"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert error_lines(out) == [says], out.stderr
+    assert out.stderr.splitlines()[-1] == "vllm imported: False", out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_model_path_that_is_not_there_is_named_before_vllm_is_imported() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", _SERVE_THEN_REPORT, "serve", "./no/such/model", "--max-model-len", "64"],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    assert error_lines(out) == ["lylm serve: error: lylm serve MODEL: ./no/such/model: no such file or directory"]
+    assert out.stderr.splitlines()[-1] == "vllm imported: False", out.stderr
+
+
 def test_a_port_in_use_is_one_line_before_anything_starts(tmp_path: Path) -> None:
     path = tmp_path / "config.json"
     path.write_text(json.dumps({"models": {"m": [{"engine_args": {"model": "/m"}}]}}))
@@ -323,7 +375,7 @@ def test_the_model_forms_mistakes_name_the_flag(flags: list[str], kw: dict[str, 
     from lylm._model_form import model_config
 
     with pytest.raises(ConfigError) as caught:
-        model_config("/m", flags, **kw)
+        model_config("org/m", flags, **kw)  # an id: a path must exist
     assert says in str(caught.value) and "\n" not in str(caught.value)
 
 

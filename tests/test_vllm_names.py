@@ -104,3 +104,13 @@ def test_an_engine_ends_its_output_task_before_vllm_closes_the_core_client() -> 
         return front
 
     assert asyncio.run(main()).handler_done_at_shutdown is True
+
+
+def test_the_argument_names_read_from_source_are_async_engine_args_fields() -> None:
+    """Read without importing vLLM (for mistakes named at once), they must be exactly the
+    fields vLLM's class has: a name missing here would refuse a right argument."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    assert _internals.argument_names_from_source() == {f.name for f in dataclasses.fields(AsyncEngineArgs)}

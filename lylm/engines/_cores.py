@@ -211,6 +211,11 @@ class CoreEngine(Engine):
         """What a worker needs to attach (picklable); None before start."""
         return self.cores
 
+    def precheck(self) -> None:
+        from ._local import precheck_spec
+
+        precheck_spec(self.spec)
+
     def validate(self) -> None:
         from ._local import validate_spec
 

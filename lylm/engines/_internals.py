@@ -23,12 +23,16 @@ A vLLM outside :data:`SUPPORTED` that has every name only gets a warning.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import dataclasses
+import functools
 import importlib
+import importlib.util
 import inspect
 import logging
 import threading
+from pathlib import Path
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -372,3 +376,35 @@ def _install_heartbeat_hook() -> bool:
         core_client.make_zmq_socket = make_zmq_socket
         return True
 
+
+@functools.lru_cache(maxsize=1)
+def argument_names_from_source() -> frozenset[str] | None:
+    """The installed vLLM's engine argument names (``AsyncEngineArgs``'s fields), read from
+    its source without importing it (importing vLLM takes 6 s here); None where the source
+    is not laid out as expected, for the full check to decide.
+
+    Used to name a mistyped engine argument before anything is imported. The fields are
+    the annotated names of two plain dataclasses in ``vllm/engine/arg_utils.py``
+    (``EngineArgs`` with no base, ``AsyncEngineArgs(EngineArgs)``), as in vLLM 0.26 to 0.33;
+    any other layout gives None. A name read here that is not a field (a ``ClassVar``) only
+    lets a mistake through to the full check, never refuses a right name.
+    """
+    try:
+        found = importlib.util.find_spec("vllm")
+        locations = list(found.submodule_search_locations or []) if found is not None else []
+        tree = ast.parse((Path(locations[0]) / "engine" / "arg_utils.py").read_text(encoding="utf-8"))
+    except (ImportError, IndexError, OSError, SyntaxError, ValueError):
+        return None
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    expected_bases = {"EngineArgs": [], "AsyncEngineArgs": ["EngineArgs"]}
+    names: set[str] = set()
+    for name, bases in expected_bases.items():
+        node = classes.get(name)
+        if node is None or [ast.unparse(b) for b in node.bases] != bases or node.keywords:
+            return None
+        if not any(ast.unparse(d).split("(")[0].endswith("dataclass") for d in node.decorator_list):
+            return None
+        names.update(
+            s.target.id for s in node.body if isinstance(s, ast.AnnAssign) and isinstance(s.target, ast.Name)
+        )
+    return frozenset(names) or None

@@ -26,7 +26,7 @@ from .._exceptions import (
 )
 from .._render import is_pooling
 from ._cores import EngineCores
-from ._internals import check_vllm, fail_held_requests, stop_output_handler, unfinished_requests
+from ._internals import argument_names_from_source, check_vllm, fail_held_requests, stop_output_handler, unfinished_requests
 from ._launcher import LAUNCHER
 from ._placement import spawn_environment
 from ._links import CoreLink, OwnCore, SharedCore
@@ -75,6 +75,27 @@ def engine_args_of(spec: EngineSpec) -> dict[str, Any]:
     return args
 
 
+def precheck_spec(spec: EngineSpec) -> None:
+    """What can be checked about an instance before vLLM is imported (a fraction of a
+    second): engine argument names against the installed vLLM's source
+    (:func:`~._internals.argument_names_from_source`) and a local model path that does not
+    exist. Raises :class:`ConfigError` as :func:`validate_spec`, which checks the rest."""
+    path = f"{spec.name}.engine_args"
+    args, _ = split_serving_args({**_DEFAULT_ENGINE_ARGS, **spec.engine_args}, path)
+    known = argument_names_from_source() or frozenset(args)  # unknown layout: the full check decides
+    for key in args:
+        if key not in known:
+            raise ConfigError(f"{path}.{key}", "not an engine argument of the installed vLLM")
+    if spec.remote is None:
+        _check_model_path(spec, args)
+
+
+def _check_model_path(spec: EngineSpec, args: Mapping[str, Any]) -> None:
+    model = str(args.get("model", ""))
+    if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise ConfigError(f"{spec.name}.engine_args.model", f"{model}: no such file or directory")
+
+
 def validate_spec(spec: EngineSpec) -> None:
     """Everything about an instance that can be checked without starting its engine: engine
     argument names and parser names (:func:`engine_args_of`), its GPU ids against this host's
@@ -89,9 +110,7 @@ def validate_spec(spec: EngineSpec) -> None:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
 
-    model = str(args.get("model", ""))
-    if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
-        raise ConfigError(f"{spec.name}.engine_args.model", f"{model}: no such file or directory")
+    _check_model_path(spec, args)
     # A GPU this host lacks is named at its index (outside the try below, which would rename
     # it). Computed from the launcher's snapshot of the server's environment, not the live one.
     environment = LAUNCHER.device_environment(spec.gpu_ids, f"{spec.name}.devices.gpu_ids")
@@ -164,6 +183,10 @@ class VLLMEngine(Engine):
     def engine_args(self) -> dict[str, Any]:
         """The keyword arguments for vLLM's ``AsyncEngineArgs`` (:func:`engine_args_of`)."""
         return engine_args_of(self.spec)
+
+    def precheck(self) -> None:
+        """Engine argument names and the model path, before vLLM is imported (:func:`precheck_spec`)."""
+        precheck_spec(self.spec)
 
     def validate(self) -> None:
         """Check the instance's configuration as vLLM will read it, without starting
