@@ -1,0 +1,199 @@
+"""What every engine's prefix cache holds, from vLLM's KV events (issue 29, first part).
+
+vLLM's engine core can publish an event for each KV-cache block it stores, removes, or
+(all at once) clears. :class:`KVIndex` keeps, per instance, the blocks its engine holds,
+so a balancer can know (not guess) how many of a prompt's tokens an engine would not have
+to prefill.
+
+**Keyed by content.** vLLM names a block by a hash of its tokens and its parent's hash,
+and that hash differs between processes and versions. The index names a block by the
+chain lylm computes itself from the tokens, :func:`~lylm.balancers._prefix_table.block_hashes`
+(the same names ``prefix_aware`` puts in ``RequestInfo.prefix_hashes``), and keeps a map
+from the engine's hash to that name only to follow parents and removals. A block stored
+after a parent the index never saw (events missed before a resync) cannot be named: it is
+skipped, as a prompt cannot reach it either without its parent.
+
+**What is left out.** Blocks stored with a LoRA adapter, multimodal or salted extra keys,
+or in another medium than the GPU's (CPU offload) are not indexed: a plain prompt does not
+hit them. Only the first KV-cache group (``group_idx`` 0 or absent) is indexed.
+
+**Bounded.** An instance holds at most as many entries as its engine's cache has blocks,
+when the events are complete; ``max_blocks`` (default 1,048,576 per instance, about
+200 MB at worst) caps it should they not be: past it the instance is reset and counted in
+``resets``. Each entry costs two dict slots (about 200 bytes).
+
+Thread-safety: every method takes the index's lock (event streams apply batches from their
+threads while a balancer reads).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import attrs
+
+#: Per-instance cap on indexed blocks (see the module's notes).
+DEFAULT_MAX_BLOCKS = 1 << 20
+
+
+@attrs.define
+class _Held:
+    """One instance's blocks: the engine's hash -> lylm's name, and names -> how many
+    engine blocks carry it (vLLM may hold two blocks of the same content)."""
+
+    block_size: int | None = None
+    names: dict[Any, int] = attrs.field(factory=dict)
+    counts: dict[int, int] = attrs.field(factory=dict)
+    last_seq: int | None = None
+
+
+class KVIndex:
+    """Per instance, the KV-cache blocks its engine holds, named by content."""
+
+    def __init__(self, *, max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1 (got {max_blocks})")
+        self.max_blocks = max_blocks
+        self._lock = threading.Lock()
+        self._held: dict[str, _Held] = {}
+        #: Counters for reports: events applied, blocks skipped (unknown parent or not
+        #: indexable), sequence gaps seen, resets (cap or drop).
+        self.events = 0
+        self.skipped = 0
+        self.gaps = 0
+        self.resets = 0
+
+    def instances(self) -> list[str]:
+        with self._lock:
+            return list(self._held)
+
+    def block_size(self, instance: str) -> int | None:
+        """The instance's block size, once its first stored block has been seen."""
+        with self._lock:
+            held = self._held.get(instance)
+            return held.block_size if held is not None else None
+
+    def blocks(self, instance: str) -> int:
+        """How many blocks the instance holds, as the index knows."""
+        with self._lock:
+            held = self._held.get(instance)
+            return len(held.names) if held is not None else 0
+
+    def drop(self, instance: str) -> None:
+        """Forget an instance (its engine stopped or restarted: a new engine, a new stream)."""
+        with self._lock:
+            if self._held.pop(instance, None) is not None:
+                self.resets += 1
+
+    def resync(self, instance: str, last_seq: int) -> None:
+        """Forget the instance's blocks and go on after batch ``last_seq`` (a gap that could
+        not be replayed). Blocks stored before stay unknown, and their children with them."""
+        with self._lock:
+            held = self._held.get(instance)
+            self._held[instance] = _Held(block_size=held.block_size if held else None, last_seq=last_seq)
+            self.resets += 1
+
+    def apply(self, instance: str, seq: int, events: Iterable[Mapping[str, Any]]) -> bool:
+        """Apply one published batch (``seq``: its sequence number; ``events``: its events,
+        decoded as maps with a ``type`` key). Returns False, applying nothing, when ``seq``
+        is not the next one expected (a gap: replay from :meth:`expected`, or
+        :meth:`resync`); a batch already applied is ignored (True)."""
+        with self._lock:
+            held = self._held.setdefault(instance, _Held())
+            expected = 0 if held.last_seq is None else held.last_seq + 1
+            if seq < expected:
+                return True  # a replayed batch already seen
+            if seq != expected:
+                self.gaps += 1
+                return False
+            held.last_seq = seq
+            for event in events:
+                self.events += 1
+                kind = event.get("type")
+                if kind == "BlockStored":
+                    self._stored(held, event)
+                elif kind == "BlockRemoved":
+                    self._removed(held, event)
+                elif kind == "AllBlocksCleared":
+                    held.names.clear()
+                    held.counts.clear()
+            if len(held.names) > self.max_blocks:
+                self._held[instance] = _Held(block_size=held.block_size, last_seq=held.last_seq)
+                self.resets += 1
+            return True
+
+    def expected(self, instance: str) -> int:
+        """The sequence number the instance's next batch should have."""
+        with self._lock:
+            held = self._held.get(instance)
+            return 0 if held is None or held.last_seq is None else held.last_seq + 1
+
+    def cached_tokens(self, instance: str, prefix_hashes: Sequence[int], prompt_tokens: int) -> int:
+        """The prompt tokens the instance's engine would find cached: its leading blocks
+        (named as :func:`~lylm.balancers._prefix_table.block_hashes` names them, with the
+        engine's block size) that the engine holds, at most all but the prompt's last
+        token (vLLM always computes one)."""
+        with self._lock:
+            held = self._held.get(instance)
+            if held is None or not held.block_size or prompt_tokens < 1:
+                return 0
+            counts = held.counts
+            hits = 0
+            for name in prefix_hashes:
+                if name not in counts:
+                    break
+                hits += 1
+            return min(hits, (prompt_tokens - 1) // held.block_size) * held.block_size
+
+    # -- events ------------------------------------------------------------------
+
+    def _stored(self, held: _Held, event: Mapping[str, Any]) -> None:
+        hashes = event.get("block_hashes") or []
+        size = event.get("block_size")
+        tokens = event.get("token_ids") or []
+        if (
+            not isinstance(size, int)
+            or size < 1
+            or len(tokens) != size * len(hashes)
+            or event.get("lora_name") is not None
+            or event.get("lora_id") is not None
+            or any(event.get("extra_keys") or [])
+            or event.get("medium") not in (None, "GPU")
+            or event.get("group_idx") not in (None, 0)
+        ):
+            self.skipped += len(hashes)
+            return
+        if held.block_size is None:
+            held.block_size = size
+        elif held.block_size != size:
+            self.skipped += len(hashes)
+            return
+        parent_hash = event.get("parent_block_hash")
+        if parent_hash is None:
+            parent = 0
+        elif parent_hash in held.names:
+            parent = held.names[parent_hash]
+        else:  # stored after a parent never seen: unreachable by name
+            self.skipped += len(hashes)
+            return
+        for i, engine_hash in enumerate(hashes):
+            parent = hash((parent, tuple(tokens[i * size : (i + 1) * size])))
+            if engine_hash in held.names:
+                continue  # stored again (re-published): counted once
+            held.names[engine_hash] = parent
+            held.counts[parent] = held.counts.get(parent, 0) + 1
+
+    def _removed(self, held: _Held, event: Mapping[str, Any]) -> None:
+        if event.get("medium") not in (None, "GPU") or event.get("group_idx") not in (None, 0):
+            return
+        for engine_hash in event.get("block_hashes") or []:
+            name = held.names.pop(engine_hash, None)
+            if name is None:
+                continue
+            left = held.counts[name] - 1
+            if left:
+                held.counts[name] = left
+            else:
+                del held.counts[name]
