@@ -131,6 +131,8 @@ def test_the_environment_is_read_once_under_the_lock_not_from_the_live_environme
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv(VAR, "2,3")
+    # An engine started earlier in this process may have set vLLM's start method (vLLM does).
+    monkeypatch.delenv("VLLM_WORKER_MULTIPROC_METHOD", raising=False)
     launch = Launcher(platform=lambda: DevicePlatform(VAR, 4), spawner=lambda args, clients: ShellCore())
     assert launch.launch({}, gpu_ids=(1,), path="p", clients=1, guard=StartGuard("p")) == "3"
     # What another start set for its spawn (or anything later) is not the server's restriction.

@@ -19,6 +19,8 @@ read below. Every address is a local IPC path: nothing listens on a network port
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -138,8 +140,17 @@ class EngineCores:
             timeout = getattr(self.vllm_config, "shutdown_timeout", None)
         if manager is not None:
             manager.shutdown(timeout) if timeout is not None else manager.shutdown()
+            _reap(manager)
         watched, self._watched = self._watched, []
         REAPER.forget(watched)
+
+
+def _reap(manager: Any) -> None:
+    """Wait for the core's processes, killed by the manager's shutdown, so that none stays a
+    zombie (with no grace, vLLM kills them without waiting)."""
+    for proc in getattr(manager, "processes", None) or []:
+        with contextlib.suppress(Exception):
+            proc.join(2)
 
 
 class _Launched:
@@ -165,6 +176,7 @@ class _Launched:
             self._cores.shutdown()
         elif self._manager is not None:
             self._manager.shutdown()
+            _reap(self._manager)
 
 
 def spawn_core(engine_args: Mapping[str, Any], clients: int) -> _Launched:
