@@ -608,12 +608,14 @@ async def test_a_remote_core_placed_through_ray_serves_and_is_placed_again_when_
 
     def engine_cores() -> list[psutil.Process]:  # by name: under Ray's actor, not our child
         # (a name is cut to 15 characters where psutil cannot read the command line)
-        return [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("VLLM::EngineCor")]
+        return [p for p in psutil.process_iter(["name", "create_time"])
+                if (p.info["name"] or "").startswith("VLLM::EngineCor")]
 
-    others = {p.pid for p in engine_cores()}
+    # By pid and start time: a pid of an earlier test's core, once freed, can be this test's.
+    others = {(p.pid, p.info["create_time"]) for p in engine_cores()}
 
     def cores() -> list[psutil.Process]:  # this test's
-        return [p for p in engine_cores() if p.pid not in others]
+        return [p for p in engine_cores() if (p.pid, p.info["create_time"]) not in others]
 
     times: dict[str, float] = {}
     try:

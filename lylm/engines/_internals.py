@@ -385,7 +385,7 @@ def argument_names_from_source() -> frozenset[str] | None:
 
     Used to name a mistyped engine argument before anything is imported. The fields are
     the annotated names of two plain dataclasses in ``vllm/engine/arg_utils.py``
-    (``EngineArgs`` with no base, ``AsyncEngineArgs(EngineArgs)``), as in vLLM 0.26 to 0.33;
+    (``EngineArgs`` with no base, ``AsyncEngineArgs(EngineArgs)``), as in vLLM 0.26 and 0.32;
     any other layout gives None. A name read here that is not a field (a ``ClassVar``) only
     lets a mistake through to the full check, never refuses a right name.
     """
