@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -120,10 +119,3 @@ def _has_gpus() -> bool:
     from vllm.platforms import current_platform
 
     return bool(current_platform.is_cuda_alike())
-
-
-def check_model_path(model: str) -> None:
-    """A local path (``/``, ``./``, ``../``, ``~``) that is not there, named before vLLM's
-    parser is imported (seconds). A Hugging Face id is vLLM's to resolve."""
-    if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
-        raise ConfigError("lylm serve MODEL", f"{model}: no such file or directory")

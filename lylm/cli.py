@@ -283,10 +283,12 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None
     if args.model is not None:
         if args.config:
             parser.error("give MODEL or --config, not both")
-        from ._model_form import check_model_path, model_config
+        from ._model_form import model_config
 
         if not args.print_config:  # a config printed here may be for another machine's paths
-            check_model_path(args.model)
+            from .engines._local import check_model_path  # before vLLM's parser is imported (seconds)
+
+            check_model_path(args.model, "lylm serve MODEL")
         made = model_config(
             args.model, engine_flags, gpus=args.gpus, instances=args.instances, balancer=args.balancer
         )
@@ -379,9 +381,9 @@ def _one_line(exc: BaseException) -> int:
     from ._exceptions import ConfigError, EngineStartError
 
     message = " ".join(str(exc).split())
-    if isinstance(exc, EngineStartError) and exc.root_cause is not None:
-        pass  # the message ends with the engine's own root cause: the line to read last
-    elif isinstance(exc, EngineStartError):
+    # With a root cause the message ends with it, the line to read last; without one, vLLM's
+    # own message and where to look.
+    if isinstance(exc, EngineStartError) and exc.root_cause is None:
         cause = exc.__cause__
         while cause is not None and cause.__cause__ is not None:
             cause = cause.__cause__

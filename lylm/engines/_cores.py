@@ -20,7 +20,6 @@ read below. Every address is a local IPC path: nothing listens on a network port
 from __future__ import annotations
 
 import contextlib
-
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -139,15 +138,16 @@ class EngineCores:
         if timeout is None:
             timeout = getattr(self.vllm_config, "shutdown_timeout", None)
         if manager is not None:
-            manager.shutdown(timeout) if timeout is not None else manager.shutdown()
-            _reap(manager)
+            _stop_manager(manager, timeout)
         watched, self._watched = self._watched, []
         REAPER.forget(watched)
 
 
-def _reap(manager: Any) -> None:
-    """Wait for the core's processes, killed by the manager's shutdown, so that none stays a
-    zombie (with no grace, vLLM kills them without waiting)."""
+def _stop_manager(manager: Any, timeout: float | None = None) -> None:
+    """Shut vLLM's process manager down (``timeout``: its grace; None: vLLM's default), then
+    wait for its processes, so that none stays a zombie (with no grace, vLLM kills them
+    without waiting)."""
+    manager.shutdown(timeout) if timeout is not None else manager.shutdown()
     for proc in getattr(manager, "processes", None) or []:
         with contextlib.suppress(Exception):
             proc.join(2)
@@ -175,8 +175,7 @@ class _Launched:
         if self._cores is not None:
             self._cores.shutdown()
         elif self._manager is not None:
-            self._manager.shutdown()
-            _reap(self._manager)
+            _stop_manager(self._manager)
 
 
 def spawn_core(engine_args: Mapping[str, Any], clients: int) -> _Launched:

@@ -32,8 +32,8 @@ import importlib.util
 import inspect
 import logging
 import threading
-from pathlib import Path
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import attrs

@@ -90,10 +90,15 @@ def precheck_spec(spec: EngineSpec) -> None:
         _check_model_path(spec, args)
 
 
-def _check_model_path(spec: EngineSpec, args: Mapping[str, Any]) -> None:
-    model = str(args.get("model", ""))
+def check_model_path(model: str, path: str) -> None:
+    """Raise :class:`ConfigError` at ``path`` for a local model path (``/``, ``./``, ``../``,
+    ``~``) that is not there; a Hugging Face id is vLLM's to resolve."""
     if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
-        raise ConfigError(f"{spec.name}.engine_args.model", f"{model}: no such file or directory")
+        raise ConfigError(path, f"{model}: no such file or directory")
+
+
+def _check_model_path(spec: EngineSpec, args: Mapping[str, Any]) -> None:
+    check_model_path(str(args.get("model", "")), f"{spec.name}.engine_args.model")
 
 
 def validate_spec(spec: EngineSpec) -> None:

@@ -86,7 +86,6 @@ class CoreOutput:
         deadline = time.monotonic() + timeout
         for redirect in self._redirects:
             redirect.drain(max(0.0, deadline - time.monotonic()))
-        self.release()
         for line in self.lines():
             match = _EXCEPTION.match(_PREFIX.sub("", line, count=1))
             if match is not None and not any(w in match.group(2).lower() for w in _WRAPPERS):
