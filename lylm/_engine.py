@@ -69,8 +69,7 @@ class Engine(abc.ABC):
         """Cheap checks of the engine's configuration (no heavy import, well under a
         second); raise :class:`~lylm.ConfigError` naming the path (optional; a no-op by
         default). A pool calls it for every instance before any :meth:`validate`, so that
-        a typo in the last instance is named before the first one's slow checks; in a
-        worker thread, as :meth:`validate`."""
+        a typo in the last instance is named before the first one's slow checks."""
 
     def validate(self) -> None:
         """Check everything about the engine's configuration that can be checked without

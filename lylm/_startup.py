@@ -114,7 +114,7 @@ class Starter:
         if engine is None:
             engine = self._factory(spec)
         if not validated:
-            await anyio.to_thread.run_sync(engine.precheck)
+            engine.precheck()
             await anyio.to_thread.run_sync(engine.validate)
         self._active[spec.name] = (spec, self._clock())
         try:
@@ -151,7 +151,7 @@ class Starter:
         # the last instance must not cost the first one's start (minutes on a real model).
         made = [self._factory(spec) for spec in specs]
         for engine in made:
-            await anyio.to_thread.run_sync(engine.precheck)
+            engine.precheck()
         for engine in made:
             await anyio.to_thread.run_sync(engine.validate)
 
