@@ -113,6 +113,28 @@ def test_a_core_attached_while_the_pool_waits_for_a_new_one_is_started_again(fro
         thread.join(10)
 
 
+def test_a_probe_that_connects_to_itself_is_no_waiting_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TCP's simultaneous open: a connection to a free local port can be given that port as its
+    # own and connect to itself. Made on purpose here (bound to the port it connects to); the
+    # probe's own connection gets it by chance, and the core host then killed a healthy core.
+    port = _unused_port()
+    made: list[socket.socket] = []
+
+    def to_itself(where: tuple[str, int], timeout: float) -> socket.socket:
+        probe = socket.socket()
+        probe.bind(where)
+        probe.connect(where)  # connected: to itself
+        made.append(probe)
+        return probe
+
+    monkeypatch.setattr(socket, "create_connection", to_itself)
+    assert not pool_waits("127.0.0.1", port)
+    assert made
+    with socket.create_server(("127.0.0.1", 0)) as listening:  # a real listener still counts
+        monkeypatch.undo()
+        assert pool_waits("127.0.0.1", listening.getsockname()[1])
+
+
 def test_a_core_that_exits_is_started_again_and_stop_ends_it(front_end: FrontEnd) -> None:
     host = CoreHost([sys.executable, "-c", "raise SystemExit(3)"], {}, "127.0.0.1", 1, poll=0.05, restart_delay=0.05)
     thread = threading.Thread(target=host.run, daemon=True)

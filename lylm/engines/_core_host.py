@@ -107,8 +107,11 @@ def pool_waits(address: str, port: int, timeout: float = 1.0) -> bool:
     """Whether the pool listens at ``address:port``: it waits for a core to attach there.
     A bare TCP connection, closed at once (vLLM's handshake reads ZeroMQ messages only)."""
     try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
+        with socket.create_connection((address, port), timeout=timeout) as probe:
+            # A connection to a local port in the ephemeral range where nothing listens can
+            # be given that very port as its own and connect to itself (TCP's simultaneous
+            # open): that is no pool.
+            return bool(probe.getsockname() != probe.getpeername())
     except OSError:  # refused (not waiting), or unreachable (a partition: nothing to learn)
         return False
 
