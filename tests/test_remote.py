@@ -606,16 +606,37 @@ async def test_a_remote_core_placed_through_ray_serves_and_is_placed_again_when_
         "address": "127.0.0.1", "port": port, "timeout": 120, "heartbeat": HEARTBEAT, "ray": {"gpus": 0, "cpus": 1}}}]}}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
 
-    def engine_cores() -> list[psutil.Process]:  # by name: under Ray's actor, not our child
-        # (a name is cut to 15 characters where psutil cannot read the command line)
-        return [p for p in psutil.process_iter(["name", "create_time"])
-                if (p.info["name"] or "").startswith("VLLM::EngineCor")]
+    def cores() -> list[psutil.Process]:
+        # This test's: the child of the headless `vllm serve` that Ray's actor started for this
+        # pool's port (told by its command line, not by vLLM's process titles or pids, which
+        # earlier tests' cores may have had), less multiprocessing's resource tracker.
+        flag = ["--data-parallel-rpc-port", str(port)]
+        found: list[psutil.Process] = []
+        for p in psutil.process_iter(["cmdline"]):
+            line = p.info["cmdline"] or []
+            if any(line[i:i + 2] == flag for i in range(len(line) - 1)):
+                try:
+                    found += [c for c in p.children() if "resource_tracker" not in " ".join(c.cmdline())]
+                except psutil.Error:
+                    pass
+        return found
 
-    # By pid and start time: a pid of an earlier test's core, once freed, can be this test's.
-    others = {(p.pid, p.info["create_time"]) for p in engine_cores()}
+    def ray_logs() -> str:  # what the actor's core host logged (Ray keeps it out of our output)
+        try:
+            logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+        except Exception as e:  # Ray's private API: only for the message
+            return f"(no Ray logs: {e!r})"
+        lines = [line for f in sorted(logs.glob("worker-*")) for line in f.read_text(errors="replace").splitlines()
+                 if "engine core" in line or "lylm" in line]
+        return "\n".join(lines[-40:])
 
-    def cores() -> list[psutil.Process]:  # this test's
-        return [p for p in engine_cores() if (p.pid, p.info["create_time"]) not in others]
+    async def one_core() -> psutil.Process:
+        with anyio.move_on_after(10):
+            while len(found := cores()) != 1:
+                await anyio.sleep(0.1)
+        found = cores()
+        assert len(found) == 1, (found, remote.state, remote.restarts, ray_logs())
+        return found[0]
 
     times: dict[str, float] = {}
     try:
@@ -629,22 +650,22 @@ async def test_a_remote_core_placed_through_ray_serves_and_is_placed_again_when_
             groups = [g for g in placement_group_table().values() if g["state"] == "CREATED"]
             assert len(groups) == 1 and groups[0]["name"] == f'lylm {remote.name}'
             # The core dies: the pool places a new one through Ray, and it attaches.
-            found = cores()
-            assert len(found) == 1, [(p.pid, p.info) for p in psutil.process_iter(["name", "cmdline", "create_time"])
-                                     if "Engine" in str(p.info)]
-            found[0].kill()
+            first = await one_core()
+            assert remote.restarts == 0, ray_logs()
+            first.kill()
             died = time.monotonic()
             await until(lambda: remote.state != "healthy", timeout=10)
             times["ejected"] = time.monotonic() - died
             await until(lambda: remote.state == "healthy", timeout=180)
             times["placed again and serving"] = time.monotonic() - died
-            assert remote.restarts == 1
+            assert remote.restarts == 1, ray_logs()
             # ... through Ray: the first placement removed, a second one made.
             states = sorted(g["state"] for g in placement_group_table().values())
             assert states == ["CREATED", "REMOVED"], states
             await _serves(pool, remote)
+            second = await one_core()
         # Closed: no core, no actor, no placement left behind.
-        await until(lambda: not cores(), timeout=60)
+        await until(lambda: not cores() and not second.is_running(), timeout=60)
         assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
     finally:
         ray.shutdown()
