@@ -628,7 +628,10 @@ async def test_a_remote_core_placed_through_ray_serves_and_is_placed_again_when_
             return f"(no Ray logs: {e!r})"
         lines = [line for f in sorted(logs.glob("worker-*")) for line in f.read_text(errors="replace").splitlines()
                  if "engine core" in line or "lylm" in line]
-        return "\n".join(lines[-40:])
+        # ... and whether Ray's raylet killed a worker (its memory monitor does, for one)
+        lines += [line for f in logs.glob("raylet.*") for line in f.read_text(errors="replace").splitlines()
+                  if "kill" in line.lower()]
+        return "\n".join(lines[-60:])
 
     async def one_core() -> psutil.Process:
         with anyio.move_on_after(10):
