@@ -6,21 +6,27 @@ so a balancer can know (not guess) how many of a prompt's tokens an engine would
 to prefill.
 
 **Keyed by content.** vLLM names a block by a hash of its tokens and its parent's hash,
-and that hash differs between processes and versions. The index names a block by the
-chain lylm computes itself from the tokens, :func:`~lylm.balancers._prefix_table.block_hashes`
-(the same names ``prefix_aware`` puts in ``RequestInfo.prefix_hashes``), and keeps a map
-from the engine's hash to that name only to follow parents and removals. A block stored
-after a parent the index never saw (events missed before a resync) cannot be named: it is
-skipped, as a prompt cannot reach it either without its parent.
+and that hash differs between processes and versions. The index names content by the
+chain lylm computes itself from the tokens, :func:`~lylm.balancers._prefix_table.block_hashes`,
+in *granules* of ``granule`` tokens (16): the names a balancer's preparer puts in
+``RequestInfo.prefix_hashes`` where the prompt was rendered, without knowing the engines'
+block size (16 on GPUs, 128 on CPUs). An engine block of 128 tokens is 8 granules; the
+engine's block size must be a multiple of the granule, else the instance is not indexed
+(:meth:`KVIndex.cached_tokens` answers None and a balancer falls back). The index keeps a
+map from the engine's hash to its block's granule names, to follow parents and removals.
+A block stored after a parent the index never saw (events missed before a resync) cannot
+be named: it is skipped, as a prompt cannot reach it either without its parent.
 
 **What is left out.** Blocks stored with a LoRA adapter, multimodal or salted extra keys,
 or in another medium than the GPU's (CPU offload) are not indexed: a plain prompt does not
 hit them. Only the first KV-cache group (``group_idx`` 0 or absent) is indexed.
 
 **Bounded.** An instance holds at most as many entries as its engine's cache has blocks,
-when the events are complete; ``max_blocks`` (default 1,048,576 per instance, about
-200 MB at worst) caps it should they not be: past it the instance is reset and counted in
-``resets``. Each entry costs two dict slots (about 200 bytes).
+when the events are complete; ``max_blocks`` (default 262,144 engine blocks per instance)
+caps it should they not be: past it the instance is reset and counted in ``resets``. A
+block costs one dict slot and a tuple of its granule names, and each granule one dict slot:
+about 100 + 110 x (block size / granule) bytes, 1 KB for a 128-token block, 0.2 KB for a
+16-token one (so at most about 260 MB, or 55 MB, per instance at the cap).
 
 Thread-safety: every method takes the index's lock (event streams apply batches from their
 threads while a balancer reads).
@@ -35,26 +41,33 @@ from typing import Any
 import attrs
 
 #: Per-instance cap on indexed blocks (see the module's notes).
-DEFAULT_MAX_BLOCKS = 1 << 20
+DEFAULT_MAX_BLOCKS = 1 << 18
+#: Tokens per name (see the module's notes): vLLM's default block size on GPUs.
+DEFAULT_GRANULE = 16
 
 
 @attrs.define
 class _Held:
-    """One instance's blocks: the engine's hash -> lylm's name, and names -> how many
-    engine blocks carry it (vLLM may hold two blocks of the same content)."""
+    """One instance's blocks: the engine's hash -> its granules' names, and names -> how
+    many engine blocks carry it (vLLM may hold two blocks of the same content).
+    ``usable`` is False once a block size that is no multiple of the granule was seen."""
 
     block_size: int | None = None
-    names: dict[Any, int] = attrs.field(factory=dict)
+    names: dict[Any, tuple[int, ...]] = attrs.field(factory=dict)
     counts: dict[int, int] = attrs.field(factory=dict)
     last_seq: int | None = None
+    usable: bool = True
 
 
 class KVIndex:
     """Per instance, the KV-cache blocks its engine holds, named by content."""
 
-    def __init__(self, *, max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
+    def __init__(self, *, granule: int = DEFAULT_GRANULE, max_blocks: int = DEFAULT_MAX_BLOCKS) -> None:
         if max_blocks < 1:
             raise ValueError(f"max_blocks must be >= 1 (got {max_blocks})")
+        if granule < 1:
+            raise ValueError(f"granule must be >= 1 (got {granule})")
+        self.granule = granule
         self.max_blocks = max_blocks
         self._lock = threading.Lock()
         self._held: dict[str, _Held] = {}
@@ -81,6 +94,12 @@ class KVIndex:
             held = self._held.get(instance)
             return len(held.names) if held is not None else 0
 
+    def open(self, instance: str) -> None:
+        """Begin an instance with an empty cache (its engine is starting, its stream subscribed):
+        from now on :meth:`cached_tokens` answers for it."""
+        with self._lock:
+            self._held.setdefault(instance, _Held())
+
     def drop(self, instance: str) -> None:
         """Forget an instance (its engine stopped or restarted: a new engine, a new stream)."""
         with self._lock:
@@ -92,7 +111,9 @@ class KVIndex:
         not be replayed). Blocks stored before stay unknown, and their children with them."""
         with self._lock:
             held = self._held.get(instance)
-            self._held[instance] = _Held(block_size=held.block_size if held else None, last_seq=last_seq)
+            self._held[instance] = _Held(
+                block_size=held.block_size if held else None, last_seq=last_seq, usable=held.usable if held else True
+            )
             self.resets += 1
 
     def apply(self, instance: str, seq: int, events: Iterable[Mapping[str, Any]]) -> bool:
@@ -120,7 +141,7 @@ class KVIndex:
                     held.names.clear()
                     held.counts.clear()
             if len(held.names) > self.max_blocks:
-                self._held[instance] = _Held(block_size=held.block_size, last_seq=held.last_seq)
+                self._held[instance] = _Held(block_size=held.block_size, last_seq=held.last_seq, usable=held.usable)
                 self.resets += 1
             return True
 
@@ -130,22 +151,27 @@ class KVIndex:
             held = self._held.get(instance)
             return 0 if held is None or held.last_seq is None else held.last_seq + 1
 
-    def cached_tokens(self, instance: str, prefix_hashes: Sequence[int], prompt_tokens: int) -> int:
-        """The prompt tokens the instance's engine would find cached: its leading blocks
-        (named as :func:`~lylm.balancers._prefix_table.block_hashes` names them, with the
-        engine's block size) that the engine holds, at most all but the prompt's last
-        token (vLLM always computes one)."""
+    def cached_tokens(self, instance: str, prefix_hashes: Sequence[int], prompt_tokens: int) -> int | None:
+        """The prompt tokens the instance's engine would find cached: the prompt's leading
+        granules (``prefix_hashes``: named as :func:`~lylm.balancers._prefix_table.block_hashes`
+        names them, ``granule`` tokens each) that the engine holds, in whole engine blocks,
+        at most all but the prompt's last token (vLLM always computes one). None when the
+        index cannot tell: the instance is unknown, or its block size is no multiple of
+        the granule."""
         with self._lock:
             held = self._held.get(instance)
-            if held is None or not held.block_size or prompt_tokens < 1:
-                return 0
+            if held is None or not held.usable:
+                return None
+            if not held.block_size or prompt_tokens < 1:
+                return 0  # nothing stored yet: an empty cache
             counts = held.counts
             hits = 0
             for name in prefix_hashes:
                 if name not in counts:
                     break
                 hits += 1
-            return min(hits, (prompt_tokens - 1) // held.block_size) * held.block_size
+            blocks = min(hits * self.granule // held.block_size, (prompt_tokens - 1) // held.block_size)
+            return blocks * held.block_size
 
     # -- events ------------------------------------------------------------------
 
@@ -167,33 +193,39 @@ class KVIndex:
             return
         if held.block_size is None:
             held.block_size = size
-        elif held.block_size != size:
+            if size % self.granule:
+                held.usable = False
+        if held.block_size != size or not held.usable:
             self.skipped += len(hashes)
             return
         parent_hash = event.get("parent_block_hash")
         if parent_hash is None:
             parent = 0
         elif parent_hash in held.names:
-            parent = held.names[parent_hash]
+            parent = held.names[parent_hash][-1]
         else:  # stored after a parent never seen: unreachable by name
             self.skipped += len(hashes)
             return
+        g = self.granule
         for i, engine_hash in enumerate(hashes):
-            parent = hash((parent, tuple(tokens[i * size : (i + 1) * size])))
+            names = []
+            for start in range(i * size, (i + 1) * size, g):
+                parent = hash((parent, tuple(tokens[start : start + g])))
+                names.append(parent)
             if engine_hash in held.names:
                 continue  # stored again (re-published): counted once
-            held.names[engine_hash] = parent
-            held.counts[parent] = held.counts.get(parent, 0) + 1
+            held.names[engine_hash] = tuple(names)
+            for name in names:
+                held.counts[name] = held.counts.get(name, 0) + 1
 
     def _removed(self, held: _Held, event: Mapping[str, Any]) -> None:
         if event.get("medium") not in (None, "GPU") or event.get("group_idx") not in (None, 0):
             return
         for engine_hash in event.get("block_hashes") or []:
-            name = held.names.pop(engine_hash, None)
-            if name is None:
-                continue
-            left = held.counts[name] - 1
-            if left:
-                held.counts[name] = left
-            else:
-                del held.counts[name]
+            names = held.names.pop(engine_hash, None)
+            for name in names or ():
+                left = held.counts[name] - 1
+                if left:
+                    held.counts[name] = left
+                else:
+                    del held.counts[name]
