@@ -34,6 +34,7 @@ from ._instance import EngineStats as EngineStats
 from ._instance import Instance as Instance
 from ._instance import Outcome as Outcome
 from ._instance import State as State
+from ._kv_routing import KVAgreement as KVAgreement
 from ._pool import EngineFactory as EngineFactory
 from ._pool import EnginePool as EnginePool
 from ._pool import PoolOptions as PoolOptions
@@ -64,6 +65,7 @@ __all__ = [
     "HubUnavailableError",
     "Instance",
     "InvalidRequestError",
+    "KVAgreement",
     "LylmError",
     "ModelSpec",
     "NoHealthyEngineError",

@@ -45,6 +45,14 @@ class Balancer(abc.ABC):
     #: says otherwise, so that a policy written before this existed keeps seeing them.
     reads_token_ids: ClassVar[bool] = True
 
+    #: Whether the pool should subscribe to the engines' KV events and fill
+    #: ``request.cached_tokens`` per candidate (the prompt's tokens each engine holds
+    #: cached). It turns the engines' prefix caching and event publishing on. The pool
+    #: names the prompt by ``request.prefix_hashes`` if a preparer made them (they must
+    #: then be of 16-token blocks, as ``kv_aware``'s preparer makes them), else by its
+    #: token ids.
+    kv_events: ClassVar[bool] = False
+
     @abc.abstractmethod
     def choose(self, candidates: Sequence[Instance], request: RequestInfo) -> Instance:
         """Return one of ``candidates`` to serve ``request``."""

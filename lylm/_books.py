@@ -112,6 +112,7 @@ class Books:
         outcome: Outcome = "failed"
         started = self._clock()
         first_token: float | None = None
+        cached: int | None = None
         self.begin(tally)
         try:
             steps = instance.engine.generate(request.request_id, rendered, sampling_params)
@@ -119,6 +120,8 @@ class Books:
                 async for step in steps:
                     if first_token is None and step.new_tokens:
                         first_token = self._clock() - started
+                    if cached is None:  # vLLM's RequestOutput says, from its first output on
+                        cached = getattr(step.output, "num_cached_tokens", None)
                     tally.step(step.new_tokens)
                     yield step.output
                 outcome = "completed"
@@ -135,7 +138,7 @@ class Books:
                     with anyio.CancelScope(shield=True):
                         await steps.aclose()
         finally:
-            end = RequestEnd(outcome, tally.remaining, tally.generated, first_token, self._clock() - started)
+            end = RequestEnd(outcome, tally.remaining, tally.generated, first_token, self._clock() - started, cached)
             self.end(tally, end, balancer)
 
     def begin(self, tally: Tally) -> None:
@@ -172,7 +175,10 @@ class Books:
         balancer.on_finish(instance, request, outcome)
         if self.observers:
             self._tell(
-                RequestRecord(request, instance, outcome, end.time_to_first_token, end.latency, end.generated_tokens)
+                RequestRecord(
+                    request, instance, outcome, end.time_to_first_token, end.latency, end.generated_tokens,
+                    end.cached_tokens,
+                )  # fmt: skip
             )
 
     def _tell(self, record: RequestRecord) -> None:

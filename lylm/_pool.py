@@ -34,6 +34,7 @@ from ._exceptions import (
     ShuttingDownError,
 )
 from ._instance import EngineStats, Instance
+from ._kv_routing import KVAgreement, KVRouting
 from ._membership import Membership
 from ._render import Prompt as Prompt
 from ._render import describe_request, first_healthy, on_healthy_engine, render_prompt
@@ -109,6 +110,10 @@ class EnginePool:
     engine had the request yet).
     """
 
+    #: Whether this pool's engines publish KV events to it, for balancers that route by them
+    #: (a front-end worker's pool leaves that to the hub's).
+    _subscribes_to_kv_events = True
+
     def __init__(
         self,
         config: PoolConfig,
@@ -134,6 +139,10 @@ class EnginePool:
         rng = rng if rng is not None else random.Random()
         self._router = Router(config, balancer=balancer, balancers=balancers, rng=rng)
         factory = engine_factory or _vllm_engine_factory
+        kv_models = self._router.kv_models() if self._subscribes_to_kv_events else []
+        if kv_models:  # a balancer routes by the engines' KV events: they publish, the pool listens
+            self._router.kv = KVRouting(config, kv_models)
+            factory = self._router.kv.wrap(factory)
         # One starter for every engine start (pool start, add_instance, restarts):
         # it owns the per-GPU start locks.
         self._starter = Starter(factory)
@@ -146,6 +155,8 @@ class EnginePool:
             rng=random.Random(rng.getrandbits(64)),
         )
         self._books = Books(clock=clock, engine_died=self._supervisor.engine_failed)
+        if self._router.kv is not None:
+            self._books.observers.append(self._router.kv.observe)
         self._state = "new"
         self._lock = anyio.Lock()
 
@@ -210,6 +221,8 @@ class EnginePool:
             with anyio.CancelScope(shield=True):
                 await self._supervisor.aclose()
                 await self._members.stop_all()
+                if self._router.kv is not None:
+                    await anyio.to_thread.run_sync(self._router.kv.close)
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Stop admitting requests and wait for those in flight to end (at most ``timeout`` s).
@@ -358,6 +371,12 @@ class EnginePool:
         """Agreement and choice counts of ``model``'s shadows (or of every model's)."""
         return self._router.shadow_report(model)
 
+    def kv_agreement(self) -> list[KVAgreement]:
+        """For a balancer that routes by the engines' KV events (``kv_aware``): per instance,
+        how the cached tokens it was told compared with what the engine reported
+        (:class:`KVAgreement`); empty otherwise."""
+        return self._router.kv.agreements() if self._router.kv is not None else []
+
     def stats(self) -> dict[str, list[EngineStats]]:
         """A snapshot of every instance's books, by model."""
         return {m: [i.stats() for i in self._members.group(m)] for m in self.models if self._members.group(m)}
@@ -493,7 +512,7 @@ class EnginePool:
         the request's account there, booked once it is served."""
         if not tried:
             self._admission.admit(group, request)
-        return Tally(self._router.choose(group, request, exclude=tried), request)
+        return Tally(*self._router.choose(group, request, exclude=tried))
 
     def _serve(self, tally: Tally, rendered: RenderedPrompt, sampling_params: Any) -> AsyncGenerator[Any, None]:
         balancer = self._router.balancer(tally.request.model)
@@ -509,7 +528,7 @@ class EnginePool:
         tried = [i for i in group if i.name in exclude] if exclude else []
         if first:
             self._admission.admit(group, request)
-        tally = Tally(self._router.choose(group, request, exclude=tried), request)
+        tally = Tally(*self._router.choose(group, request, exclude=tried))
         self._books.begin(tally)
         return tally
 

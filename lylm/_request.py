@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import attrs
@@ -20,6 +20,11 @@ class RequestInfo:
     each of the ``n`` sequences. ``prefix_hashes`` and ``session_key`` are room for
     cache- and session-aware balancers; the pool fills ``session_key`` from the
     caller and leaves ``prefix_hashes`` empty unless a balancer asks for them.
+
+    ``cached_tokens``: for a balancer that declares ``kv_events = True``, how many of the
+    prompt's tokens each candidate's engine holds in its prefix cache (by instance name),
+    from the engines' own KV events; a candidate the pool cannot tell for (no event
+    stream yet, a remote core) is absent. None for other balancers.
     """
 
     model: str
@@ -30,6 +35,7 @@ class RequestInfo:
     prompt_token_ids: Sequence[int] = attrs.field(default=(), repr=False, eq=False)
     prefix_hashes: tuple[int, ...] = attrs.field(default=(), repr=False)
     session_key: str | None = None
+    cached_tokens: Mapping[str, int] | None = attrs.field(default=None, eq=False, repr=False)
 
     @property
     def token_budget(self) -> int:
@@ -53,6 +59,7 @@ class RequestEnd:
     generated_tokens: int = 0
     time_to_first_token: float | None = None
     latency: float = 0.0
+    cached_tokens: int | None = None
 
 
 @attrs.frozen
@@ -60,7 +67,8 @@ class RequestRecord:
     """How one dispatched request went: handed to the pool's request observers.
 
     Times are seconds from dispatch; ``time_to_first_token`` is None when the
-    request ended before its first output.
+    request ended before its first output. ``cached_tokens``: the prompt tokens its engine
+    found in its prefix cache, as the engine reported them (None if it did not).
     """
 
     request: RequestInfo
@@ -69,3 +77,4 @@ class RequestRecord:
     time_to_first_token: float | None
     latency: float
     generated_tokens: int
+    cached_tokens: int | None = None

@@ -7,10 +7,13 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import attrs
+
 from ._balancer import Balancer
 from ._config import PoolConfig
 from ._exceptions import LylmError, NoHealthyEngineError, UnknownModelError
 from ._instance import Instance
+from ._kv_routing import KVRouting
 from ._request import RequestInfo
 from ._shadow import ShadowReport, Shadows
 from .balancers import resolve_balancer
@@ -48,6 +51,8 @@ class Router:
         # What each balancer computes from a request where it was rendered (Balancer.preparer).
         self._preparers = {name: b.preparer() for name, b in self._balancers.items()}
         self._shadows = Shadows()
+        #: The engines' KV events, for the models whose balancer routes by them (set by the pool).
+        self.kv: KVRouting | None = None
 
     def balancer(self, model: str) -> Balancer:
         """The balancer that chooses among ``model``'s instances."""
@@ -60,8 +65,16 @@ class Router:
         preparer = self._preparers.get(request.model)
         return request if preparer is None else preparer(request)
 
-    def choose(self, group: Sequence[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()) -> Instance:
-        """The instance that serves ``request``: the balancer's pick among the healthy ones."""
+    def kv_models(self) -> list[str]:
+        """The models whose balancer routes by the engines' KV events (:attr:`Balancer.kv_events`)."""
+        return [name for name, b in self._balancers.items() if b.kv_events]
+
+    def choose(
+        self, group: Sequence[Instance], request: RequestInfo, exclude: Sequence[Instance] = ()
+    ) -> tuple[Instance, RequestInfo]:
+        """The instance that serves ``request``: the balancer's pick among the healthy ones;
+        and the request as the balancer saw it (``cached_tokens`` filled in, for a balancer
+        that routes by KV events)."""
         if exclude:
             candidates = [i for i in group if i.healthy and not any(i is x for x in exclude)]
         else:
@@ -69,6 +82,9 @@ class Router:
         if not candidates:
             raise NoHealthyEngineError(request.model)
         balancer = self._balancers[request.model]
+        if balancer.kv_events:
+            cached = self.kv.overlaps(candidates, request) if self.kv is not None else {}
+            request = attrs.evolve(request, cached_tokens=cached)
         chosen = balancer.choose(candidates, request)
         if not any(chosen is c for c in candidates):
             raise LylmError(
@@ -78,7 +94,7 @@ class Router:
         # Shadow mode: candidates choose too, after the fact; never raises.
         if self._shadows:
             self._shadows.observe(candidates, request, chosen)
-        return chosen
+        return chosen, request
 
     def add_shadow(self, model: str, balancer: BalancerLike, *, name: str | None, rng: random.Random | None) -> None:
         """See :meth:`EnginePool.add_shadow`."""

@@ -168,7 +168,7 @@ def test_resolve_rejects_unknown_names_with_the_known_ones() -> None:
         resolve_balancer("fastest", path='models["m"].balancer')
     assert str(info.value) == (
         "models[\"m\"].balancer: unknown balancer 'fastest' "
-        "(known: least_outstanding, prefix_aware, token_aware, weighted_random)"
+        "(known: kv_aware, least_outstanding, prefix_aware, token_aware, weighted_random)"
     )
 
 

@@ -281,18 +281,18 @@ def test_instance_errors(instance: dict[str, Any], expected: str) -> None:
         ),
         (
             {"common": {"balancer": "fastest"}},
-            'common.balancer: unknown balancer "fastest" (known: least_outstanding, prefix_aware,'
+            'common.balancer: unknown balancer "fastest" (known: kv_aware, least_outstanding, prefix_aware,'
             ' token_aware, weighted_random; or a "module:Class" import string)',
         ),
         ({"common": {"balancer": 3}}, "common.balancer: must be a string (got 3)"),
         (
             {"models": {"m": {"balancer": "fastest", "instances": [{"engine_args": {"model": "/m"}}]}}},
-            'models["m"].balancer: unknown balancer "fastest" (known: least_outstanding, prefix_aware,'
+            'models["m"].balancer: unknown balancer "fastest" (known: kv_aware, least_outstanding, prefix_aware,'
             ' token_aware, weighted_random; or a "module:Class" import string)',
         ),
         (
             {"models": {"m": {"balancer": ":Cls", "instances": [{"engine_args": {"model": "/m"}}]}}},
-            'models["m"].balancer: unknown balancer ":Cls" (known: least_outstanding, prefix_aware,'
+            'models["m"].balancer: unknown balancer ":Cls" (known: kv_aware, least_outstanding, prefix_aware,'
             ' token_aware, weighted_random; or a "module:Class" import string)',
         ),
         (

@@ -17,6 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
+from _helpers import until
 from lylm import EnginePool
 from lylm._kv_index import KVIndex
 from lylm.balancers._prefix_table import block_hashes
@@ -81,7 +82,9 @@ async def test_the_index_predicts_the_engines_cached_tokens(tmp_path: Path) -> N
             return int(last.num_cached_tokens or 0)
 
         def predicted(prompt: list[int]) -> int:
-            return index.cached_tokens(name, block_hashes(prompt, size, 64), len(prompt))
+            got = index.cached_tokens(name, block_hashes(prompt, index.granule, 512), len(prompt))
+            assert got is not None  # the stream has seen the engine's blocks (128 tokens each)
+            return got
 
         rng = random.Random(0)
 
@@ -123,3 +126,97 @@ async def test_the_index_predicts_the_engines_cached_tokens(tmp_path: Path) -> N
         finally:
             stream.stop()
         assert index.instances() == []  # stopped: the instance's blocks are forgotten
+
+
+async def test_a_pool_routed_by_kv_events_predicts_what_its_engines_report_and_forgets_a_restarted_engine(
+    tmp_path: Path,
+) -> None:
+    import os
+    import signal
+
+    from lylm import RequestRecord, RestartPolicy
+
+    model = build_tiny_model(tmp_path / "tiny")
+    args = {**TINY_MODEL_ENGINE_ARGS, "model": str(model), "kv_cache_memory_bytes": 2 << 20}
+    config = {"models": {"m": [{"engine_args": args}, {"engine_args": args}]}}
+    records: list[RequestRecord] = []
+    async with EnginePool.from_config(config, balancer="kv_aware", health_interval=0.1,
+                                      restart=RestartPolicy(initial_backoff=0.1, jitter=0)) as pool:
+        pool.add_observer(records.append)
+        kv = pool._router.kv
+        assert kv is not None
+        x, y = pool.instances("m")
+
+        async def settle() -> None:
+            for instance in (x, y):
+                await settled(kv.index, kv._subscriptions[instance.name].key)
+
+        async def run(prompt: list[int]) -> tuple[str, Mapping[str, int], int]:
+            async for out in pool.generate("m", prompt, SamplingParams(max_tokens=1, ignore_eos=True)):
+                last = out
+            await settle()
+            record = records[-1]
+            assert record.request.cached_tokens is not None
+            return record.instance.name, dict(record.request.cached_tokens), int(last.num_cached_tokens or 0)
+
+        rng = random.Random(1)
+        a, b = ([rng.randrange(10, 500) for _ in range(300)] for _ in range(2))
+        first, predicted, reported = await run(a)
+        assert predicted == {x.name: 0, y.name: 0} and reported == 0
+        # Again: where its two full blocks are cached, as the engine then reports.
+        where, predicted, reported = await run(a)
+        assert where == first and predicted[first] == 256 == reported
+        where, predicted, reported = await run(b)  # nothing of it anywhere: the emptier engine
+        assert where != first and predicted == {x.name: 0, y.name: 0} and reported == 0
+
+        # The engine that holds a is killed and restarted: its blocks are forgotten with it.
+        holder = x if x.name == first else y
+        old_key = kv._subscriptions[holder.name].key
+        os.kill(holder.engine.process_ids()[0], signal.SIGKILL)  # type: ignore[attr-defined]
+        await until(lambda: holder.restarts == 1 and holder.healthy, timeout=120)
+        assert kv._subscriptions[holder.name].engine is holder.engine
+        await until(lambda: old_key not in kv.index.instances(), timeout=5)
+        where, predicted, reported = await run(a)
+        assert predicted[holder.name] == 0 and predicted[where] == reported == 0
+
+
+
+def test_with_two_workers_the_main_process_index_predicts_for_every_worker(tmp_path: Path) -> None:
+    import json
+
+    import httpx
+
+    from _server import ServerProcess, metric
+
+    model = build_tiny_model(tmp_path / "tiny")
+    args = {**TINY_MODEL_ENGINE_ARGS, "model": str(model), "kv_cache_memory_bytes": 2 << 20}
+    config = {"common": {"balancer": "kv_aware"}, "models": {"m": [{"engine_args": args}, {"engine_args": args}]}}
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    server = ServerProcess("--config", str(path), log=tmp_path / "serve.log", workers=2)
+    try:
+        server.wait_ready(timeout=240)
+        rng = random.Random(2)
+        prompts = [[rng.randrange(10, 500) for _ in range(300)] for _ in range(2)]
+        requests = 12
+        for i in range(requests):  # a new connection each: whichever worker takes it
+            body = {"model": "m", "prompt": prompts[i % 2], "max_tokens": 1}
+            r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200, r.text
+        # Every request was predicted from the engines' events (none from the table), and
+        # exactly: the first of each prompt 0, the others its two full blocks.
+        deadline = time.monotonic() + 10  # the last request's end reaches the hub after its response
+        while True:
+            predictions = metric(server.url, "lylm_kv_predictions_total")
+            if sum(predictions.values()) == requests or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        by_result = {result: sum(v for k, v in predictions.items() if f'result="{result}"' in k)
+                     for result in ("exact", "over", "under", "none")}  # fmt: skip
+        assert by_result == {"exact": requests, "over": 0, "under": 0, "none": 0}, predictions
+        reported = sum(metric(server.url, "lylm_kv_reported_tokens_total").values())
+        assert sum(metric(server.url, "lylm_kv_predicted_tokens_total").values()) == reported == (requests - 2) * 256
+        workers = metric(server.url, "lylm_worker_requests_total")
+        print(f"\nrequests by worker: {workers}")
+    finally:
+        server.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 BALANCERS: dict[str, str] = {
+    "kv_aware": "lylm.balancers.kv_aware:KVAware",
     "least_outstanding": "lylm.balancers.least_outstanding:LeastOutstanding",
     "prefix_aware": "lylm.balancers.prefix_aware:PrefixAware",
     "token_aware": "lylm.balancers.token_aware:TokenAware",

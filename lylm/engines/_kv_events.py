@@ -33,11 +33,13 @@ logger = logging.getLogger("lylm")
 _END = (-1).to_bytes(8, "big", signed=True)
 
 
-def kv_events_endpoints(folder: str | None = None) -> tuple[str, str]:
-    """A new pair of IPC endpoints (publish, replay) in a private folder (mode 0700)."""
+def kv_events_endpoints(folder: str | None = None, name: str = "") -> tuple[str, str]:
+    """A new pair of IPC endpoints (publish, replay) in a private folder (mode 0700);
+    ``name`` tells several engines' pairs in one folder apart."""
     folder = folder or tempfile.mkdtemp(prefix="lylm-kv-")
     os.chmod(folder, 0o700)
-    return f"ipc://{folder}/events", f"ipc://{folder}/replay"
+    prefix = f"{folder}/{name}-" if name else f"{folder}/"
+    return f"ipc://{prefix}events", f"ipc://{prefix}replay"
 
 
 def kv_events_config(endpoint: str, replay_endpoint: str) -> dict[str, Any]:
@@ -73,10 +75,11 @@ class KVEventStream:
         self._thread.start()
         ready.wait(10)
 
-    def stop(self) -> None:
-        """Unsubscribe and forget the instance's blocks (its engine is stopping)."""
+    def stop(self, wait: bool = True) -> None:
+        """Unsubscribe and forget the instance's blocks (its engine is stopping). Without
+        ``wait`` it returns at once; the thread forgets them as it ends (within 0.1 s)."""
         self._stop.set()
-        if self._thread is not None:
+        if wait and self._thread is not None:
             self._thread.join(5)
         self.index.drop(self.instance)
 
@@ -109,6 +112,8 @@ class KVEventStream:
                 self.index.drop(self.instance)
         finally:
             sub.close(0)
+            if self._stop.is_set():  # a batch applied after stop()'s drop goes too
+                self.index.drop(self.instance)
 
     def _recover(self, zmq: Any, context: Any, decode: Any, seq: int, events: list[Any]) -> None:
         """Replay what is missing before ``seq`` from the core's buffer, then apply ``seq``;

@@ -120,6 +120,36 @@ class _ShadowCollector(Collector):
         yield from (decisions, agreements, errors, choices)
 
 
+class _KVCollector(Collector):
+    """Predicted against reported cached tokens, for balancers routing by KV events
+    (``EnginePool.kv_agreement``), read at scrape time."""
+
+    def __init__(self, pool: EnginePool) -> None:
+        self._pool = pool
+
+    def collect(self) -> Iterator[Metric]:
+        predictions = CounterMetricFamily(
+            "lylm_kv_predictions",
+            "Requests routed by KV events, by how the cached tokens predicted for the chosen engine compared "
+            "with what it reported (exact, over, under; none: no event stream, the table's guess).",
+            labels=[*LABELS, "result"],
+        )
+        predicted = CounterMetricFamily(
+            "lylm_kv_predicted_tokens", "Cached prompt tokens predicted, over predicted requests.", labels=LABELS
+        )
+        reported = CounterMetricFamily(
+            "lylm_kv_reported_tokens", "Cached prompt tokens the engine reported, over predicted requests.",
+            labels=LABELS,
+        )
+        for a in self._pool.kv_agreement():
+            labels = [a.model, str(a.index)]
+            for result, count in (("exact", a.exact), ("over", a.over), ("under", a.under), ("none", a.unpredicted)):
+                predictions.add_metric([*labels, result], count)
+            predicted.add_metric(labels, a.predicted_tokens)
+            reported.add_metric(labels, a.reported_tokens)
+        yield from (predictions, predicted, reported)
+
+
 class PoolMetrics:
     """The Prometheus metrics of one pool and the HTTP adapter in front of it."""
 
@@ -127,6 +157,7 @@ class PoolMetrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.registry.register(_BooksCollector(pool))
         self.registry.register(_ShadowCollector(pool))
+        self.registry.register(_KVCollector(pool))
         self._ttft = Histogram(
             "lylm_time_to_first_token_seconds",
             "From dispatch to an engine until its first token.",

@@ -98,10 +98,13 @@ def request_from_fields(fields: Sequence[Any]) -> RequestInfo:
 
 def end_fields(booking: int, end: RequestEnd) -> tuple[Any, ...]:
     """One booking's end as a plain tuple (a tuple pickles faster than the record)."""
-    return (booking, end.outcome, end.remaining, end.generated_tokens, end.time_to_first_token, end.latency)
+    return (
+        booking, end.outcome, end.remaining, end.generated_tokens, end.time_to_first_token, end.latency,
+        end.cached_tokens,
+    )  # fmt: skip
 
 
 def end_from_fields(fields: Sequence[Any]) -> tuple[int, RequestEnd]:
     """The booking and :class:`RequestEnd` that :func:`end_fields` described."""
-    booking, outcome, remaining, generated, first_token, latency = fields
-    return booking, RequestEnd(outcome, remaining, generated, first_token, latency)
+    booking, outcome, remaining, generated, first_token, latency, cached = fields
+    return booking, RequestEnd(outcome, remaining, generated, first_token, latency, cached)

@@ -70,6 +70,8 @@ class WorkerPool(EnginePool):
     :class:`LylmError`.
     """
 
+    _subscribes_to_kv_events = False  # the hub chooses, with the main process's KV index
+
     def __init__(self, config: PoolConfig, *, hub: HubClient, attach: AttachEngine, **options: Any) -> None:
         self._hub = hub
         self._attach = attach

@@ -1,0 +1,204 @@
+"""Precise prefix routing, the pool's side: KV events on for the models whose balancer asks.
+
+A balancer that declares ``kv_events = True`` (``kv_aware``) gets, in each request's
+``RequestInfo.cached_tokens``, how many of the prompt's tokens every candidate's engine
+holds in its prefix cache, as the engines themselves published it (vLLM's KV events),
+not as the balancer guessed it. :class:`KVRouting` makes that so:
+
+- each engine of such a model is started with ``enable_prefix_caching`` and a
+  ``kv_events_config`` publishing on IPC sockets in a private folder of the pool's (no
+  network address is opened);
+- a :class:`~lylm.engines._kv_events.KVEventStream` per engine, started with the engine,
+  applies its events to one :class:`~lylm._kv_index.KVIndex` under a key of its own (a
+  restarted engine starts empty; the old engine's stream ends and its entries go);
+- :meth:`overlaps` answers per candidate, for candidates whose current engine has a
+  stream. Others (a remote core, an engine started before, a stream that failed) are left
+  out of the map, and the balancer falls back to its own table for them.
+
+Not yet: front-end workers (``lylm serve --workers N``) and remote instances route by the
+fallback table; see the README.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable, Collection, Sequence
+from typing import TYPE_CHECKING
+
+import attrs
+
+from ._config import EngineSpec, PoolConfig
+from ._exceptions import ConfigError
+from ._kv_index import DEFAULT_GRANULE, DEFAULT_MAX_BLOCKS, KVIndex
+from .balancers._prefix_table import block_hashes
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+    from ._instance import Instance
+    from ._request import RequestInfo, RequestRecord
+    from .engines._kv_events import KVEventStream
+
+logger = logging.getLogger("lylm")
+
+#: Prompt tokens named from a request's token ids when no preparer named them (as ``kv_aware``'s default).
+_MAX_HASHED = 32768
+
+
+@attrs.define
+class KVAgreement:
+    """How one instance's predicted cached tokens (what the balancer was told) compared with
+    what its engine then reported, over the requests routed by KV events that it served.
+
+    ``exact``, ``over`` (predicted more than reported) and ``under`` count requests;
+    ``unpredicted`` those routed while the instance had no event stream (the table's guess);
+    ``predicted_tokens`` and ``reported_tokens`` sum the two sides over the predicted ones.
+    A prediction is made at routing time: a block evicted or cached before the engine
+    schedules the request makes the two differ, and that is what this shows.
+    """
+
+    model: str
+    instance: str
+    index: int
+    exact: int = 0
+    over: int = 0
+    under: int = 0
+    unpredicted: int = 0
+    predicted_tokens: int = 0
+    reported_tokens: int = 0
+
+
+@attrs.define
+class _Subscription:
+    engine: Engine
+    key: str
+    stream: KVEventStream
+
+
+class KVRouting:
+    """The KV index of the models in ``models`` and the event stream of each of their engines."""
+
+    def __init__(
+        self,
+        config: PoolConfig,
+        models: Collection[str],
+        *,
+        granule: int = DEFAULT_GRANULE,
+        max_blocks: int = DEFAULT_MAX_BLOCKS,
+    ) -> None:
+        self.models = frozenset(models)
+        for model in config.models:
+            if model.name not in self.models:
+                continue
+            for spec in model.instances:
+                _check_args(spec)
+        self.index = KVIndex(granule=granule, max_blocks=max_blocks)
+        self._agreements: dict[str, KVAgreement] = {}
+        self._subscriptions: dict[str, _Subscription] = {}
+        self._serial = itertools.count()
+        self._folder: str | None = None
+
+    def wrap(self, factory: Callable[[EngineSpec], Engine]) -> Callable[[EngineSpec], Engine]:
+        """``factory``, making the engines of :attr:`models` publish their KV events, and
+        subscribing to them."""
+
+        def make(spec: EngineSpec) -> Engine:
+            if spec.model not in self.models or spec.remote is not None:
+                return factory(spec)
+            _check_args(spec)
+            from .engines._kv_events import kv_events_config, kv_events_endpoints
+
+            if self._folder is None:
+                self._folder = tempfile.mkdtemp(prefix="lylm-kv-")
+            key = f"{spec.name}#{next(self._serial)}"
+            endpoint, replay = kv_events_endpoints(self._folder, key.rsplit("#", 1)[1])
+            args = {**spec.engine_args, "enable_prefix_caching": True,
+                    "kv_events_config": kv_events_config(endpoint, replay)}  # fmt: skip
+            engine = factory(attrs.evolve(spec, engine_args=args))
+            self._subscribe(spec.name, engine, key, endpoint, replay)
+            return engine
+
+        return make
+
+    def overlaps(self, candidates: Sequence[Instance], request: RequestInfo) -> dict[str, int]:
+        """Per candidate (by name), the prompt tokens its engine holds cached, for those the
+        index can answer for."""
+        found: dict[str, int] = {}
+        hashes: Sequence[int] = request.prefix_hashes
+        if not hashes and request.prompt_token_ids:  # a balancer without a preparer
+            hashes = block_hashes(request.prompt_token_ids, self.index.granule, _MAX_HASHED // self.index.granule)
+        if not hashes:
+            return found
+        for candidate in candidates:
+            sub = self._subscriptions.get(candidate.name)
+            if sub is None or sub.engine is not candidate.engine:
+                continue
+            tokens = self.index.cached_tokens(sub.key, hashes, request.prompt_tokens)
+            if tokens is not None:
+                found[candidate.name] = tokens
+        return found
+
+    def observe(self, record: RequestRecord) -> None:
+        """A request ended (a pool observer): count its prediction against what its engine reported."""
+        request, reported = record.request, record.cached_tokens
+        if request.cached_tokens is None or reported is None or request.model not in self.models:
+            return
+        name = record.instance.name
+        agreement = self._agreements.get(name)
+        if agreement is None:
+            agreement = self._agreements[name] = KVAgreement(request.model, name, record.instance.index)
+        predicted = request.cached_tokens.get(name)
+        if predicted is None:
+            agreement.unpredicted += 1
+            return
+        agreement.predicted_tokens += predicted
+        agreement.reported_tokens += reported
+        if predicted == reported:
+            agreement.exact += 1
+        elif predicted > reported:
+            agreement.over += 1
+        else:
+            agreement.under += 1
+
+    def agreements(self) -> list[KVAgreement]:
+        """Per instance that served such requests, its :class:`KVAgreement` (copies)."""
+        return [attrs.evolve(a) for a in self._agreements.values()]
+
+    def close(self) -> None:
+        """Stop every stream (blocks up to a fraction of a second per stream: call from a
+        worker thread) and remove the sockets' folder."""
+        subscriptions, self._subscriptions = self._subscriptions, {}
+        for sub in subscriptions.values():
+            sub.stream.stop(wait=False)
+        for sub in subscriptions.values():
+            sub.stream.stop(wait=True)
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def _subscribe(self, name: str, engine: Engine, key: str, endpoint: str, replay: str) -> None:
+        from .engines._kv_events import KVEventStream
+
+        old = self._subscriptions.pop(name, None)
+        if old is not None:  # the engine it followed was replaced: it ends on its own
+            old.stream.stop(wait=False)
+        self.index.open(key)
+        stream = KVEventStream(self.index, key, endpoint, replay)
+        stream.start()
+        self._subscriptions[name] = _Subscription(engine, key, stream)
+
+
+def _check_args(spec: EngineSpec) -> None:
+    """An instance of a model routed by KV events must let lylm set them up."""
+    if spec.engine_args.get("enable_prefix_caching") is False:
+        raise ConfigError(
+            f"{spec.name}.engine_args.enable_prefix_caching",
+            "the model's balancer routes by the engines' prefix caches (KV events); it must not be false",
+        )
+    if spec.engine_args.get("kv_events_config") is not None:
+        raise ConfigError(
+            f"{spec.name}.engine_args.kv_events_config",
+            "the model's balancer subscribes to the engines' KV events itself; leave it out",
+        )

@@ -1,0 +1,124 @@
+"""Precise prefix-cache routing: what every engine holds, from vLLM's KV events, against its load."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from functools import reduce
+from operator import or_
+
+from .._instance import Instance
+from .._kv_index import DEFAULT_GRANULE
+from .._request import RequestInfo
+from ._prefix_table import block_hashes
+from .prefix_aware import PrefixAware
+
+
+class KVAware(PrefixAware):
+    """Sends each request where it costs least: the prompt tokens an engine would still have to
+    prefill, plus the work it has in flight; and never to an overloaded engine.
+
+    The pool subscribes to every engine's KV-cache events (vLLM's ``kv_events_config``, on
+    private IPC sockets it sets up) and keeps an index of the blocks each engine holds, by
+    content (see :mod:`lylm._kv_routing`). Before each choice it fills
+    ``request.cached_tokens``: per candidate, how many of the prompt's tokens its engine
+    would find cached, evictions and restarts included. Turning this balancer on turns
+    ``enable_prefix_caching`` on for the model's engines.
+
+    **Cost.** For candidate ``c``::
+
+        cost = (prompt_tokens - cached_tokens[c]) + load_weight * c.in_flight_tokens / c.weight
+
+    ``in_flight_tokens`` is lylm's own book of the prompt tokens not yet prefilled and the
+    decode budget not yet used of the requests it sent there (it cannot leak: each request's
+    account is closed as it ends). The cheapest candidate wins; ties go to the fewest
+    requests in flight, then at random.
+
+    **Load guard, per candidate.** A candidate whose ``(in_flight_requests + 1) / weight``
+    exceeds ``load_factor`` x the mean over the candidates plus ``load_slack`` is skipped,
+    whatever it holds (as in ``prefix_aware``); the others keep their affinity. When every
+    candidate is over the line, all are considered.
+
+    **Fallback.** A candidate the pool has no events for (its engine's stream not yet
+    subscribed or failed; a remote core; front-end workers do have them, through the hub)
+    is judged by the table ``prefix_aware`` keeps of where it sent each prefix.
+
+    Counters: choices where the chosen engine held part of the prompt, known ``by_events`` or
+    ``by_table``; where it held none of it because an engine that did was over the guard's
+    line (``overloaded``) or cost more with its load (``by_load``); ``unmatched``: nobody held
+    any of it.
+    """
+
+    kv_events = True
+    reads_token_ids = False
+
+    def __init__(
+        self,
+        *,
+        load_weight: float = 1.0,
+        max_prefix_tokens: int = 32768,
+        max_blocks: int = 65536,
+        load_factor: float = 1.25,
+        load_slack: float = 4.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not load_weight >= 0.0:
+            raise ValueError(f"load_weight must be >= 0 (got {load_weight})")
+        super().__init__(
+            block_size=DEFAULT_GRANULE,
+            max_blocks=max_blocks,
+            max_prefix_tokens=max_prefix_tokens,
+            load_factor=load_factor,
+            load_slack=load_slack,
+            session_affinity=False,
+            rng=rng,
+        )
+        self.load_weight = load_weight
+        self.by_events = 0
+        self.by_table = 0
+        self.by_load = 0
+
+    def choose(self, candidates: Sequence[Instance], request: RequestInfo) -> Instance:
+        """Pick the cheapest candidate that is not overloaded (see the class's notes)."""
+        n = len(candidates)
+        loads = [(c.in_flight_requests + 1) / c.weight for c in candidates]
+        limit = self.load_factor * sum(loads) / n + self.load_slack
+        hashes: Sequence[int] = request.prefix_hashes
+        if not hashes and request.prompt_token_ids:  # not prepared (a request built by hand)
+            hashes = block_hashes(request.prompt_token_ids, self.block_size, self.max_prefix_blocks)
+        exact = request.cached_tokens or {}
+        cbits = self._bits(candidates)
+        # What the table believes, for every candidate: the fallback, and what to refresh.
+        depth = [0] * n
+        if hashes:
+            for blocks, mask in self.table.match(hashes, reduce(or_, cbits)):
+                for i, bit in enumerate(cbits):
+                    if bit & mask:
+                        depth[i] = blocks
+        most = max(request.prompt_tokens - 1, 0)
+        cached = [
+            exact[c.name] if c.name in exact else min(depth[i] * self.block_size, most) for i, c in enumerate(candidates)
+        ]
+        costs = [
+            request.prompt_tokens - cached[i] + self.load_weight * c.in_flight_tokens / c.weight
+            for i, c in enumerate(candidates)
+        ]
+        eligible = [i for i in range(n) if loads[i] <= limit] or list(range(n))
+        best = min(costs[i] for i in eligible)
+        ties = [i for i in eligible if costs[i] == best]
+        chosen = ties[0] if len(ties) == 1 else self._least(candidates, loads, ties)
+
+        if cached[chosen]:
+            if candidates[chosen].name in exact:
+                self.by_events += 1
+            else:
+                self.by_table += 1
+        elif len(eligible) < n and any(cached[i] for i in set(range(n)).difference(eligible)):
+            self.overloaded += 1
+        elif any(cached):
+            self.by_load += 1
+        else:
+            self.unmatched += 1
+        if hashes:
+            self.table.record(hashes, cbits[chosen], depth[chosen])
+        return candidates[chosen]
