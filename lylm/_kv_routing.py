@@ -166,6 +166,13 @@ class KVRouting:
         """Per instance that served such requests, its :class:`KVAgreement` (copies)."""
         return [attrs.evolve(a) for a in self._agreements.values()]
 
+    def forget(self, name: str) -> None:
+        """The instance ``name`` left the pool: its stream ends (on its own, within 0.1 s) and
+        its entries go."""
+        sub = self._subscriptions.pop(name, None)
+        if sub is not None:
+            sub.stream.stop(wait=False)
+
     def close(self) -> None:
         """Stop every stream (blocks up to a fraction of a second per stream: call from a
         worker thread) and remove the sockets' folder."""

@@ -277,11 +277,16 @@ class EnginePool:
         still running then fail with :class:`EngineDeadError` (those without
         output yet are retried elsewhere). Returns True if none had to fail.
         """
-        return await self._members.drain(instance, timeout=timeout)
+        name = self._members.find(instance).name
+        try:
+            return await self._members.drain(instance, timeout=timeout)
+        finally:
+            if self._router.kv is not None:
+                self._router.kv.forget(name)
 
     async def remove_instance(self, instance: Instance | str) -> None:
         """Stop an instance now and remove it; its requests fail (or retry elsewhere before output)."""
-        await self._members.drain(instance, timeout=0)
+        await self.drain_instance(instance, timeout=0)
 
     # -- introspection ---------------------------------------------------------
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import attrs
 import pytest
 
-from _helpers import make_instances
+from _helpers import make_instances, until
 from lylm import RequestInfo
 from lylm.balancers import KVAware, resolve_balancer
 from lylm.balancers._prefix_table import block_hashes
@@ -172,6 +172,14 @@ async def test_the_pool_subscribes_per_engine_fills_cached_tokens_and_counts_agr
         assert sum(a.exact for a in agreement) == 4 and not any(a.over or a.under for a in agreement)
         text = metrics.render().decode()
         assert 'lylm_kv_predictions_total{engine="0",model="m",result="exact"}' in text
+        # An instance removed: its stream ends and its entries go.
+        kv = pool._router.kv
+        assert kv is not None
+        gone = pool.instances("m")[1]
+        key = kv._subscriptions[gone.name].key
+        await pool.remove_instance(gone)
+        assert gone.name not in kv._subscriptions
+        await until(lambda: key not in kv.index.instances(), timeout=5)
     assert not folder.exists()  # closed: streams stopped, sockets' folder removed
 
 
