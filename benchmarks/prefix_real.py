@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import attrs
 import numpy as np
 
 _ROOT = Path(__file__).resolve().parents[1]
@@ -138,7 +139,12 @@ async def main_async(args: argparse.Namespace, engine_args: dict[str, Any]) -> d
     instance = {"devices": harness.devices(), "engine_args": engine_args}
     config = {"models": {"tiny": [instance, instance]}}
     switch = Switch()
-    names = sorted(BALANCERS)
+    names = args.balancers
+    if "kv_aware" in names:
+        # The engines publish their KV events for the whole run (the pool subscribes when its
+        # balancer asks, and the switch is the pool's balancer): every request then carries the
+        # index's prediction, whichever balancer routes it, and kv_agreement counts them all.
+        switch.kv_events = True  # type: ignore[misc]
     results: dict[str, Any] = {"runs": {}}
     # One core per engine on the CPU build (else vLLM binds both to the same one).
     factory = {"engine_factory": _pinned_factory} if harness.DEVICE == "cpu" else {}
@@ -164,6 +170,7 @@ async def main_async(args: argparse.Namespace, engine_args: dict[str, Any]) -> d
                           f"TTFT p90 {res['ttft_p90'] * 1e3:6.0f} ms  hits {res['hit_rate']:.1%} "
                           f"(signals {res['signal_hit_rate']:.1%})  served {res['served']}", flush=True)
                     progress.step(f"round {r}, {kind}, {name}")
+        results["kv_agreement"] = [attrs.asdict(a) for a in pool.kv_agreement()]
     return results
 
 
@@ -174,6 +181,8 @@ def markdown(results: dict[str, Any]) -> str:
     for kind, runs in results["runs"].items():
         med = {b: {k: statistics.median(r[k] for r in rs) for k in keys} for b, rs in runs.items()}
         base = "weighted_random" if kind == "shared" else "least_outstanding"
+        if base not in med:
+            base = "least_outstanding" if "least_outstanding" in med else next(iter(med))
         lines += [f"### {kind} ({len(next(iter(runs.values())))} rounds; ratios vs {base})", "",
                   "| balancer | tok/s | x tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p90 / it | "
                   "hit rate (num_cached_tokens) | hit rate (signals) | req spread | tok/s per round |",
@@ -186,6 +195,15 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{m['ttft_p90'] / med[base]['ttft_p90']:.3f} | {m['hit_rate']:.1%} | "
                 f"{m['signal_hit_rate']:.1%} | {m['request_spread']:.2f} | {per_round} |")
         lines.append("")
+    agreement = results.get("kv_agreement") or []
+    if agreement:
+        total = {k: sum(a[k] for a in agreement) for k in
+                 ("exact", "over", "under", "unpredicted", "predicted_tokens", "reported_tokens")}
+        predicted = total["exact"] + total["over"] + total["under"]
+        lines += ["### KV events: predicted against reported cached tokens (every request of every run)", "",
+                  f"{predicted} predicted: {total['exact']} exact ({total['exact'] / max(predicted, 1):.1%}), "
+                  f"{total['over']} over, {total['under']} under; {total['unpredicted']} without a prediction; "
+                  f"tokens predicted {total['predicted_tokens']:,}, reported {total['reported_tokens']:,}", ""]
     return "\n".join(lines)
 
 
@@ -198,7 +216,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--kv-tokens", type=int, default=6144, help="KV cache per engine, in tokens")
+    parser.add_argument("--balancers", default=",".join(sorted(BALANCERS)),
+                        help="comma-separated built-in balancers to compare (default: all)")
     args = parser.parse_args()
+    args.balancers = sorted(args.balancers.split(","))
+    unknown = set(args.balancers) - set(BALANCERS)
+    if unknown:
+        parser.error(f"--balancers: unknown {sorted(unknown)} (known: {', '.join(sorted(BALANCERS))})")
     harness.resolve_target(args)
     if args.out is None:
         gpu = harness.BENCH / "results" / "gpu" / f"prefix_real_{args.shape}"
@@ -219,7 +243,7 @@ def main() -> None:
                 "prompts": f"token ids 3..{VOCAB}: shared = one of {GROUPS} {PREFIX}-token prefixes + a unique "
                            f"{QUESTION}-token question; distinct = {PREFIX + QUESTION} unique tokens"}
     client = {"kind": "in-process pool.generate, closed loop", "concurrency": args.concurrency,
-              "requests_per_run": args.requests, "rounds": args.rounds, "balancers": sorted(BALANCERS),
+              "requests_per_run": args.requests, "rounds": args.rounds, "balancers": args.balancers,
               "between_runs": "both engines' prefix caches reset, a fresh balancer"}
     harness.save_results(args.out, results, table + "\n", engine_args=engine_args, sampling=sampling, client=client)
 

@@ -39,7 +39,7 @@ class Tally:
     front-end worker, the hub's booking.
     """
 
-    __slots__ = ("instance", "request", "remaining", "prefilled", "generated", "booked", "closed", "ticket")
+    __slots__ = ("instance", "request", "remaining", "prefill", "prefilled", "generated", "booked", "closed", "ticket")
 
     def __init__(self, instance: Instance, request: RequestInfo, ticket: int = 0) -> None:
         self.instance = instance
@@ -47,6 +47,9 @@ class Tally:
         self.ticket = ticket
         #: Tokens of the request's budget still booked in ``instance.in_flight_tokens``.
         self.remaining = request.token_budget
+        #: Prompt tokens the engine is expected to prefill (the predicted cached ones left out).
+        cached = request.cached_tokens.get(instance.name, 0) if request.cached_tokens else 0
+        self.prefill = max(0, request.prompt_tokens - cached)
         self.prefilled = False
         self.generated = 0
         self.booked = False
@@ -61,6 +64,8 @@ class Tally:
             self.prefilled = True
             done += self.request.prompt_tokens
             instance.prompt_tokens += self.request.prompt_tokens
+            if self.booked:
+                instance.in_flight_prefill_tokens -= self.prefill
         instance.generated_tokens += new_tokens
         done = min(done, self.remaining)
         self.remaining -= done
@@ -80,6 +85,8 @@ class Tally:
         if not self.prefilled and remaining < self.request.token_budget:
             self.prefilled = True
             instance.prompt_tokens += self.request.prompt_tokens
+            if self.booked:
+                instance.in_flight_prefill_tokens -= self.prefill
         if generated > self.generated:
             instance.generated_tokens += generated - self.generated
             self.generated = generated
@@ -149,6 +156,8 @@ class Books:
         instance = tally.instance
         instance.in_flight_requests += 1
         instance.in_flight_tokens += tally.remaining
+        if not tally.prefilled:
+            instance.in_flight_prefill_tokens += tally.prefill
         instance.dispatched += 1
 
     def end(self, tally: Tally, end: RequestEnd, balancer: Balancer) -> None:
@@ -162,6 +171,9 @@ class Books:
         instance, request = tally.instance, tally.request
         instance.in_flight_requests -= 1
         instance.in_flight_tokens -= tally.remaining
+        if not tally.prefilled:
+            instance.in_flight_prefill_tokens -= tally.prefill
+            tally.prefilled = True
         tally.remaining = 0
         outcome = end.outcome
         if outcome == "completed":

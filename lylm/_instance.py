@@ -97,6 +97,7 @@ class Instance:
         "weight",
         "in_flight_requests",
         "in_flight_tokens",
+        "in_flight_prefill_tokens",
         "dispatched",
         "completed",
         "failed",
@@ -118,6 +119,10 @@ class Instance:
         self.in_flight_requests = 0
         #: Prompt tokens not yet prefilled plus decode budget not yet used.
         self.in_flight_tokens = 0
+        #: Prompt tokens of its requests not yet prefilled, less those predicted cached
+        #: (``RequestInfo.cached_tokens``, where the pool routes by KV events): the prefill
+        #: work queued there.
+        self.in_flight_prefill_tokens = 0
         #: Totals since start: dispatched requests, how they ended, tokens served.
         self.dispatched = 0
         self.completed = 0

@@ -82,11 +82,12 @@ class Cluster:
         return self.main.instances()[index]
 
     def in_flight(self) -> list[tuple[int, int]]:
-        return [(i.in_flight_requests, i.in_flight_tokens) for i in self.main.instances()]
+        return [(i.in_flight_requests, i.in_flight_tokens + i.in_flight_prefill_tokens) for i in self.main.instances()]
 
     def idle(self) -> bool:
         hub_idle = all(r == 0 and t == 0 for r, t in self.in_flight())
-        workers_idle = all(i.in_flight_requests == 0 and i.in_flight_tokens == 0 for w in self.workers for i in w.instances())
+        workers_idle = all(i.in_flight_requests == 0 and i.in_flight_tokens == 0 and i.in_flight_prefill_tokens == 0
+                           for w in self.workers for i in w.instances())
         return hub_idle and workers_idle and not any(w.bookings for w in self.hub.workers.values())
 
     async def add_worker(self, slot: int) -> WorkerPool:

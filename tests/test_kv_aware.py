@@ -72,13 +72,13 @@ def test_a_cache_hit_is_weighed_against_the_work_in_flight() -> None:
     ids = prompt(4)
     cached = {a.name: 512, b.name: 0}
     assert balancer.choose([a, b], request(ids, cached)) is a  # 488 to prefill against 1,000
-    a.in_flight_tokens = 600  # one request booked there, within the guard
+    a.in_flight_prefill_tokens = 600  # one request's prefill queued there, within the guard
     a.in_flight_requests = 1
     assert balancer.choose([a, b], request(ids, cached)) is b  # 1,088 against 1,000
     assert balancer.by_load == 1
     # Weighted: half the load per token on an instance of weight 2.
     c, d = make_instances([2, 1])
-    c.in_flight_tokens, c.in_flight_requests = 600, 1
+    c.in_flight_prefill_tokens, c.in_flight_requests = 600, 1
     assert balancer.choose([c, d], request(ids, {c.name: 512, d.name: 0})) is c  # 788 against 1,000
 
 
@@ -96,13 +96,13 @@ def test_the_guard_skips_only_the_overloaded_candidate_and_others_keep_their_aff
     assert balancer.choose([a], request(p, {a.name: 896})) is a
 
 
-def test_prompts_that_share_nothing_spread_by_work_in_flight() -> None:
+def test_prompts_that_share_nothing_spread_by_prefill_in_flight() -> None:
     instances = make_instances([1, 1, 1, 1])
     balancer = KVAware(rng=random.Random(0))
     seen = set()
     for i in range(4):
         chosen = balancer.choose(instances, request(prompt(100 + i, 200), {x.name: 0 for x in instances}))
-        chosen.in_flight_tokens += 216
+        chosen.in_flight_prefill_tokens += 200
         chosen.in_flight_requests += 1
         seen.add(chosen.name)
     assert len(seen) == 4 and balancer.unmatched == 4

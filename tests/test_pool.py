@@ -59,6 +59,7 @@ def assert_books_idle(pool: EnginePool) -> None:
     for inst in pool.instances():
         assert inst.in_flight_requests == 0, inst
         assert inst.in_flight_tokens == 0, inst
+        assert inst.in_flight_prefill_tokens == 0, inst
 
 
 # -- balancing through the pool ---------------------------------------------------

@@ -16,7 +16,7 @@ from .prefix_aware import PrefixAware
 
 class KVAware(PrefixAware):
     """Sends each request where it costs least: the prompt tokens an engine would still have to
-    prefill, plus the work it has in flight; and never to an overloaded engine.
+    prefill, plus the prefill work queued there; and never to an overloaded engine.
 
     The pool subscribes to every engine's KV-cache events (vLLM's ``kv_events_config``, on
     private IPC sockets it sets up) and keeps an index of the blocks each engine holds, by
@@ -27,12 +27,14 @@ class KVAware(PrefixAware):
 
     **Cost.** For candidate ``c``::
 
-        cost = (prompt_tokens - cached_tokens[c]) + load_weight * c.in_flight_tokens / c.weight
+        cost = (prompt_tokens - cached_tokens[c]) + load_weight * c.in_flight_prefill_tokens / c.weight
 
-    ``in_flight_tokens`` is lylm's own book of the prompt tokens not yet prefilled and the
-    decode budget not yet used of the requests it sent there (it cannot leak: each request's
-    account is closed as it ends). The cheapest candidate wins; ties go to the fewest
-    requests in flight, then at random.
+    ``in_flight_prefill_tokens`` is lylm's own book of the prompt tokens the requests it sent
+    there have yet to prefill (their predicted cached tokens left out): the queue the new
+    prefill waits behind. It cannot leak: each request's account is closed as it ends.
+    Decode load is left to the guard below: a running decode slows a new request's prefill
+    little (vLLM batches them together), a deep queue of them does. The cheapest
+    candidate wins; ties go to the fewest requests in flight, then at random.
 
     **Load guard, per candidate.** A candidate whose ``(in_flight_requests + 1) / weight``
     exceeds ``load_factor`` x the mean over the candidates plus ``load_slack`` is skipped,
@@ -100,7 +102,7 @@ class KVAware(PrefixAware):
             exact[c.name] if c.name in exact else min(depth[i] * self.block_size, most) for i, c in enumerate(candidates)
         ]
         costs = [
-            request.prompt_tokens - cached[i] + self.load_weight * c.in_flight_tokens / c.weight
+            request.prompt_tokens - cached[i] + self.load_weight * c.in_flight_prefill_tokens / c.weight
             for i, c in enumerate(candidates)
         ]
         eligible = [i for i in range(n) if loads[i] <= limit] or list(range(n))
