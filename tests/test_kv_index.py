@@ -150,3 +150,25 @@ def test_an_engine_block_size_that_is_no_multiple_of_the_granule_is_not_indexed(
     index.apply("a", 0, [stored([1], PROMPT[:4])])
     assert index.cached_tokens("a", block_hashes(PROMPT, 3, 64), len(PROMPT)) is None
     assert index.skipped == 1
+
+
+@pytest.mark.parametrize("block_size, most", [(16, 250), (128, 1000)])
+def test_a_block_costs_what_the_docs_say(block_size: int, most: int) -> None:
+    import random
+    import tracemalloc
+
+    index = KVIndex()  # 16-token granules
+    rng = random.Random(0)
+    events = [{"type": "BlockStored", "block_hashes": [rng.getrandbits(63)], "parent_block_hash": None,
+               "token_ids": [rng.randrange(50_000) for _ in range(block_size)], "block_size": block_size,
+               "medium": "GPU"} for _ in range(5000)]  # fmt: skip
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for seq, event in enumerate(events):
+            index.apply("a", seq, [event])
+        per_block = (tracemalloc.get_traced_memory()[0] - before) / len(events)
+    finally:
+        tracemalloc.stop()
+    assert index.blocks("a") == 5000
+    assert per_block < most, per_block  # measured 178 and 716 bytes (the module's notes)
