@@ -49,8 +49,12 @@ _MAX_HASHED = 32768
 
 @attrs.define
 class KVAgreement:
-    """How one instance's predicted cached tokens (what the balancer was told) compared with
-    what its engine then reported, over the requests routed by KV events that it served.
+    """What the index holds for one instance, and how the cached tokens predicted for it
+    (what the balancer was told) compared with what its engine then reported, over the
+    requests routed by KV events that it served.
+
+    ``blocks``: the engine blocks the index holds for the instance's current engine (None:
+    no event stream); ``replays``: gaps its stream asked the engine's buffer to fill.
 
     ``exact``, ``over`` (predicted more than reported) and ``under`` count requests;
     ``unpredicted`` those routed while the instance had no event stream (the table's guess);
@@ -68,6 +72,8 @@ class KVAgreement:
     unpredicted: int = 0
     predicted_tokens: int = 0
     reported_tokens: int = 0
+    blocks: int | None = None
+    replays: int = 0
 
 
 @attrs.define
@@ -75,6 +81,8 @@ class _Subscription:
     engine: Engine
     key: str
     stream: KVEventStream
+    model: str
+    index: int
 
 
 class KVRouting:
@@ -117,7 +125,7 @@ class KVRouting:
             args = {**spec.engine_args, "enable_prefix_caching": True,
                     "kv_events_config": kv_events_config(endpoint, replay)}  # fmt: skip
             engine = factory(attrs.evolve(spec, engine_args=args))
-            self._subscribe(spec.name, engine, key, endpoint, replay)
+            self._subscribe(spec, engine, key, endpoint, replay)
             return engine
 
         return make
@@ -163,8 +171,18 @@ class KVRouting:
             agreement.under += 1
 
     def agreements(self) -> list[KVAgreement]:
-        """Per instance that served such requests, its :class:`KVAgreement` (copies)."""
-        return [attrs.evolve(a) for a in self._agreements.values()]
+        """Per instance subscribed to or that served such requests, its :class:`KVAgreement`
+        (copies)."""
+        found: list[KVAgreement] = []
+        for name, sub in self._subscriptions.items():
+            if name not in self._agreements:
+                self._agreements[name] = KVAgreement(sub.model, name, sub.index)
+        for name, agreement in self._agreements.items():
+            current = self._subscriptions.get(name)
+            blocks = self.index.blocks(current.key) if current is not None else None
+            replays = current.stream.replays if current is not None else 0
+            found.append(attrs.evolve(agreement, blocks=blocks, replays=replays))
+        return found
 
     def forget(self, name: str) -> None:
         """The instance ``name`` left the pool: its stream ends (on its own, within 0.1 s) and
@@ -185,16 +203,17 @@ class KVRouting:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
 
-    def _subscribe(self, name: str, engine: Engine, key: str, endpoint: str, replay: str) -> None:
+    def _subscribe(self, spec: EngineSpec, engine: Engine, key: str, endpoint: str, replay: str) -> None:
         from .engines._kv_events import KVEventStream
 
+        name = spec.name
         old = self._subscriptions.pop(name, None)
         if old is not None:  # the engine it followed was replaced: it ends on its own
             old.stream.stop(wait=False)
         self.index.open(key)
         stream = KVEventStream(self.index, key, endpoint, replay)
         stream.start()
-        self._subscriptions[name] = _Subscription(engine, key, stream)
+        self._subscriptions[name] = _Subscription(engine, key, stream, spec.model, spec.index)
 
 
 def _check_args(spec: EngineSpec) -> None:

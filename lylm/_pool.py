@@ -378,8 +378,8 @@ class EnginePool:
 
     def kv_agreement(self) -> list[KVAgreement]:
         """For a balancer that routes by the engines' KV events (``kv_aware``): per instance,
-        how the cached tokens it was told compared with what the engine reported
-        (:class:`KVAgreement`); empty otherwise."""
+        the blocks the index holds for it and how the cached tokens predicted for it compared
+        with what its engine reported (:class:`KVAgreement`); empty otherwise."""
         return self._router.kv.agreements() if self._router.kv is not None else []
 
     def stats(self) -> dict[str, list[EngineStats]]:

@@ -170,8 +170,10 @@ async def test_the_pool_subscribes_per_engine_fills_cached_tokens_and_counts_agr
         assert all(r.request.cached_tokens == {n: 0 for n in names} for r in records)
         agreement = pool.kv_agreement()
         assert sum(a.exact for a in agreement) == 4 and not any(a.over or a.under for a in agreement)
+        assert [a.blocks for a in agreement] == [0, 0]  # subscribed; fake engines publish nothing
         text = metrics.render().decode()
         assert 'lylm_kv_predictions_total{engine="0",model="m",result="exact"}' in text
+        assert 'lylm_kv_index_blocks{engine="1",model="m"} 0.0' in text
         # An instance removed: its stream ends and its entries go.
         kv = pool._router.kv
         assert kv is not None

@@ -168,6 +168,9 @@ async def test_a_pool_routed_by_kv_events_predicts_what_its_engines_report_and_f
         assert where == first and predicted[first] == 256 == reported
         where, predicted, reported = await run(b)  # nothing of it anywhere: the emptier engine
         assert where != first and predicted == {x.name: 0, y.name: 0} and reported == 0
+        report = {a.instance: a for a in pool.kv_agreement()}
+        assert report[first].blocks == report[where].blocks == 2  # 300 tokens: two full blocks each
+        assert sum(a.exact for a in report.values()) == 3 and not any(a.over or a.under for a in report.values())
 
         # The engine that holds a is killed and restarted: its blocks are forgotten with it.
         holder = x if x.name == first else y

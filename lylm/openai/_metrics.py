@@ -141,13 +141,23 @@ class _KVCollector(Collector):
             "lylm_kv_reported_tokens", "Cached prompt tokens the engine reported, over predicted requests.",
             labels=LABELS,
         )
+        blocks = GaugeMetricFamily(
+            "lylm_kv_index_blocks", "KV-cache blocks the pool's index holds for the engine, from its events.",
+            labels=LABELS,
+        )
+        replays = CounterMetricFamily(
+            "lylm_kv_event_replays", "Gaps in the engine's KV events asked again from its buffer.", labels=LABELS
+        )
         for a in self._pool.kv_agreement():
             labels = [a.model, str(a.index)]
+            if a.blocks is not None:
+                blocks.add_metric(labels, a.blocks)
+                replays.add_metric(labels, a.replays)
             for result, count in (("exact", a.exact), ("over", a.over), ("under", a.under), ("none", a.unpredicted)):
                 predictions.add_metric([*labels, result], count)
             predicted.add_metric(labels, a.predicted_tokens)
             reported.add_metric(labels, a.reported_tokens)
-        yield from (predictions, predicted, reported)
+        yield from (predictions, predicted, reported, blocks, replays)
 
 
 class PoolMetrics:
