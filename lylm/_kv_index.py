@@ -165,12 +165,13 @@ class KVIndex:
             if not held.block_size or prompt_tokens < 1:
                 return 0  # nothing stored yet: an empty cache
             counts = held.counts
-            hits = 0
-            for name in prefix_hashes:
-                if name not in counts:
-                    break
-                hits += 1
-            blocks = min(hits * self.granule // held.block_size, (prompt_tokens - 1) // held.block_size)
+            # A block is stored whole: its last granule's name stands for it (one lookup per
+            # engine block, not per granule).
+            step = held.block_size // self.granule
+            most = min(len(prefix_hashes) // step, (prompt_tokens - 1) // held.block_size)
+            blocks = 0
+            while blocks < most and prefix_hashes[(blocks + 1) * step - 1] in counts:
+                blocks += 1
             return blocks * held.block_size
 
     # -- events ------------------------------------------------------------------

@@ -102,6 +102,11 @@ class KVRouting:
                 continue
             for spec in model.instances:
                 _check_args(spec)
+                if spec.remote is not None:
+                    logger.warning(
+                        "%s: a remote engine core's KV events are not subscribed to (yet): the "
+                        "model's balancer judges it by the prefixes it sent there", spec.name,
+                    )  # fmt: skip
         self.index = KVIndex(granule=granule, max_blocks=max_blocks)
         self._agreements: dict[str, KVAgreement] = {}
         self._subscriptions: dict[str, _Subscription] = {}
