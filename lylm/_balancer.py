@@ -17,9 +17,9 @@ class Balancer(abc.ABC):
     Write a policy by overriding :meth:`choose`. It runs on the event loop for
     every request, so it must be quick and must not do I/O. ``candidates`` are
     the model's healthy instances (never empty); read their books
-    (``in_flight_requests``, ``in_flight_tokens``, ``weight``, ``running``,
-    ``waiting``, ``kv_cache_usage``, ``prefix_cache_queries``, ``prefix_cache_hits``)
-    but do not write them: the pool keeps the books.
+    (``in_flight_requests``, ``in_flight_tokens``, ``in_flight_prefill_tokens``,
+    ``weight``, ``running``, ``waiting``, ``kv_cache_usage``, ``prefix_cache_queries``,
+    ``prefix_cache_hits``) but do not write them: the pool keeps the books.
 
     Example, a policy that prefers the instance with the most free KV cache::
 

@@ -86,7 +86,8 @@ class Instance:
 
     The books are plain attributes so that a balancer scanning 64 instances per
     request stays in microseconds; they are written by the pool alone. A
-    balancer reads ``weight``, ``in_flight_requests``, ``in_flight_tokens`` and
+    balancer reads ``weight``, ``in_flight_requests``, ``in_flight_tokens``,
+    ``in_flight_prefill_tokens`` and
     the engine's live signals (``running``, ``waiting``, ``kv_cache_usage``) and
     must never assign to them (the contract test suite checks the built-ins).
     """

@@ -57,6 +57,7 @@ def test_choice_is_always_one_of_the_candidates(balancer: Balancer, weights: lis
         for inst in instances:  # arbitrary, changing loads
             inst.in_flight_requests = rng.randrange(0, 20)
             inst.in_flight_tokens = rng.randrange(0, 5000)
+            inst.in_flight_prefill_tokens = rng.randrange(0, 3000)
         chosen = balancer.choose(instances, request(rng.randrange(1, 500), rng.randrange(1, 200)))
         assert any(chosen is c for c in instances)
         chosen = balancer.choose(instances, mixed_request(rng))
