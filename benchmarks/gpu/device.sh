@@ -32,6 +32,8 @@
 #           the hub SIGSTOPped for 5 s under load (lylm serve --workers 4, 1.5B)
 #   ttft26 issue 26: lylm --workers 4 vs vllm serve --api-server-count 4, one engine, 64 and 256 streams
 #           of 256 tokens and 256 streams of 8 tokens, 3 rounds (ttft26s: 64 x 256 and 256 x 8 only)
+#   kv29   issue 29: kv_aware vs prefix_aware vs least_outstanding on two engines sharing GPU 0 (1.5B),
+#           KV events from vLLM 0.26 on CUDA (16-token blocks), predicted against reported cached tokens
 #
 # Every scenario script lives in benchmarks/ and runs here with --device gpu (benchmarks/harness.py).
 # Layout it expects (see BENCHMARKS.md, GPU section): the code to run under $RUN (default
@@ -39,7 +41,7 @@
 # wheels the device image lacks), the offline vLLM kit's part folder under .gpukit/part00
 # (installed only if /tmp/vllm-site is not there yet), and $OUT for results.
 set -uo pipefail
-CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|remote|lifecycle|hbalarms|tests26|hub26|ttft26|ttft26s}
+CALL=${1:?usage: device.sh call1|call2|...|call7|multi1|multi2|place|placequick|clients|workers|workers2|workersk|ceiling|harness|eject|remote|lifecycle|hbalarms|tests26|hub26|ttft26|ttft26s|kv29}
 RUN=${RUN:-.gpurun}
 OUT=${OUT:-/tmp/gpu-out}
 MODELS=${MODELS:-/tmp/models}
@@ -201,6 +203,11 @@ case $CALL in
     python3 "$B/workers_vs_vllm.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b --arms lylm:4,vllm:4 \
       --grid 64x256,256x2048@8 --rounds 3 --min-rounds 2 --budget-s "$(($(left) - 30))" \
       --out "$OUT/workers_vs_vllm_1.5b_i26" --log-dir /tmp/logs-ttft26
+    ;;
+  kv29)  # issue 29: precise prefix routing from KV events on one GPU (two engines on GPU 0)
+    timeout "$(($(left) - 20))" python3 "$B/prefix_real.py" --device gpu --model-dir "$MODELS/1.5b" --shape qwen2.5-1.5b \
+      --balancers kv_aware,least_outstanding,prefix_aware --rounds "${ROUNDS:-3}" --requests 240 \
+      --out "$OUT/prefix_real_kv_1.5b"
     ;;
   *) echo "unknown call $CALL"; exit 2 ;;
 esac
