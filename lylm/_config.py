@@ -26,7 +26,7 @@ _COMMON_KEYS = ("balancer", "engine_args", "limits", "workers")
 _MODEL_KEYS = ("instances", "balancer", "limits")
 _LIMIT_KEYS = ("max_in_flight_requests", "max_in_flight_tokens")
 _INSTANCE_KEYS = ("devices", "engine_args", "remote")
-_REMOTE_KEYS = ("address", "port", "timeout", "heartbeat", "ray")
+_REMOTE_KEYS = ("address", "port", "timeout", "heartbeat", "ray", "kv_events_port")
 _RAY_KEYS = ("gpus", "cpus", "address")
 #: Addresses that bind every interface: an engine core's sockets carry no authentication.
 _WILDCARDS = ("0.0.0.0", "::", "[::]", "*", "")
@@ -75,6 +75,10 @@ class RemoteCore:
     heartbeat: float = heartbeat_default
     #: Where Ray places the core, when the pool starts it through Ray (None: started on its host).
     ray: RayPlacement | None = None
+    #: For a balancer that routes by KV events (``kv_aware``): the port at ``address`` where
+    #: the pool listens for the core's KV events (``lylm core --kv-events-port``; a core
+    #: placed through Ray is told). None: the instance is judged by the balancer's table.
+    kv_events_port: int | None = None
 
     def describe(self) -> str:
         """``address:port`` as a URL host part (IPv6 in brackets)."""
@@ -403,7 +407,13 @@ def _remote(value: Any, path: str) -> RemoteCore:
     if seconds["heartbeat"] < 0.1:
         _fail(f"{path}.heartbeat", f"must be at least 0.1 s (got {_show(remote['heartbeat'])})")
     ray = _ray(remote["ray"], f"{path}.ray") if "ray" in remote else None
-    return RemoteCore(address=address.strip(), port=port, ray=ray, **seconds)
+    kv_port = remote.get("kv_events_port")
+    if kv_port is not None:
+        if not _is_int(kv_port) or not 1 <= kv_port <= 65535:
+            _fail(f"{path}.kv_events_port", f"must be a port number, 1 to 65535 (got {_show(kv_port)})")
+        if kv_port == port:
+            _fail(f"{path}.kv_events_port", f"must differ from port ({port}): the core attaches there")
+    return RemoteCore(address=address.strip(), port=port, ray=ray, kv_events_port=kv_port, **seconds)
 
 
 def _ray(value: Any, path: str) -> RayPlacement:

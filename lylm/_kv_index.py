@@ -57,6 +57,9 @@ class _Held:
     counts: dict[int, int] = attrs.field(factory=dict)
     last_seq: int | None = None
     usable: bool = True
+    #: False once events were lost (a resync, the cap): blocks the engine stored before are
+    #: not announced again, so the index cannot tell what it holds until its cache is cleared.
+    complete: bool = True
 
 
 class KVIndex:
@@ -108,11 +111,16 @@ class KVIndex:
 
     def resync(self, instance: str, last_seq: int) -> None:
         """Forget the instance's blocks and go on after batch ``last_seq`` (a gap that could
-        not be replayed). Blocks stored before stay unknown, and their children with them."""
+        not be replayed). Blocks stored before stay unknown, and their children with them:
+        :meth:`cached_tokens` answers None for the instance (a balancer falls back) until
+        its engine clears its cache (``AllBlocksCleared``) or it is dropped."""
         with self._lock:
             held = self._held.get(instance)
             self._held[instance] = _Held(
-                block_size=held.block_size if held else None, last_seq=last_seq, usable=held.usable if held else True
+                block_size=held.block_size if held else None,
+                last_seq=last_seq,
+                usable=held.usable if held else True,
+                complete=False,
             )
             self.resets += 1
 
@@ -140,8 +148,11 @@ class KVIndex:
                 elif kind == "AllBlocksCleared":
                     held.names.clear()
                     held.counts.clear()
+                    held.complete = True  # an empty cache: known again
             if len(held.names) > self.max_blocks:
-                self._held[instance] = _Held(block_size=held.block_size, last_seq=held.last_seq, usable=held.usable)
+                self._held[instance] = _Held(
+                    block_size=held.block_size, last_seq=held.last_seq, usable=held.usable, complete=False
+                )
                 self.resets += 1
             return True
 
@@ -157,10 +168,10 @@ class KVIndex:
         names them, ``granule`` tokens each) that the engine holds, in whole engine blocks,
         at most all but the prompt's last token (vLLM always computes one). None when the
         index cannot tell: the instance is unknown, or its block size is no multiple of
-        the granule."""
+        the granule, or events were lost (:meth:`resync`)."""
         with self._lock:
             held = self._held.get(instance)
-            if held is None or not held.usable:
+            if held is None or not held.usable or not held.complete:
                 return None
             if not held.block_size or prompt_tokens < 1:
                 return 0  # nothing stored yet: an empty cache

@@ -11,12 +11,15 @@ not as the balancer guessed it. :class:`KVRouting` makes that so:
 - a :class:`~lylm.engines._kv_events.KVEventStream` per engine, started with the engine,
   applies its events to one :class:`~lylm._kv_index.KVIndex` under a key of its own (a
   restarted engine starts empty; the old engine's stream ends and its entries go);
+- a remote instance's core publishes over TCP to ``remote.address:remote.kv_events_port``,
+  where the pool listens (as it listens for the core to attach): ``lylm core
+  --kv-events-port`` turns that on, a core placed through Ray gets it in its flags;
 - :meth:`overlaps` answers per candidate, for candidates whose current engine has a
-  stream. Others (a remote core, an engine started before, a stream that failed) are left
-  out of the map, and the balancer falls back to its own table for them.
+  stream. Others (a remote instance without ``kv_events_port``, a stream that failed) are
+  left out of the map, and the balancer falls back to its own table for them.
 
-Not yet: front-end workers (``lylm serve --workers N``) and remote instances route by the
-fallback table; see the README.
+With front-end workers (``lylm serve --workers N``) the main process's pool starts the
+engine cores and its hub chooses: one index for the whole server.
 """
 
 from __future__ import annotations
@@ -102,10 +105,10 @@ class KVRouting:
                 continue
             for spec in model.instances:
                 _check_args(spec)
-                if spec.remote is not None:
+                if spec.remote is not None and spec.remote.kv_events_port is None:
                     logger.warning(
-                        "%s: a remote engine core's KV events are not subscribed to (yet): the "
-                        "model's balancer judges it by the prefixes it sent there", spec.name,
+                        "%s: no remote.kv_events_port: the pool has no KV events from this remote "
+                        "core, and the model's balancer judges it by the prefixes it sent there", spec.name,
                     )  # fmt: skip
         self.index = KVIndex(granule=granule, max_blocks=max_blocks)
         self._agreements: dict[str, KVAgreement] = {}
@@ -118,19 +121,26 @@ class KVRouting:
         subscribing to them."""
 
         def make(spec: EngineSpec) -> Engine:
-            if spec.model not in self.models or spec.remote is not None:
+            remote = spec.remote
+            if spec.model not in self.models or (remote is not None and remote.kv_events_port is None):
                 return factory(spec)
             _check_args(spec)
-            from .engines._kv_events import kv_events_config, kv_events_endpoints
+            from .engines._kv_events import kv_events_config, kv_events_endpoints, remote_endpoint
 
-            if self._folder is None:
-                self._folder = tempfile.mkdtemp(prefix="lylm-kv-")
-            key = f"{spec.name}#{next(self._serial)}"
-            endpoint, replay = kv_events_endpoints(self._folder, key.rsplit("#", 1)[1])
+            serial = next(self._serial)
+            replay: str | None
+            if remote is not None and remote.kv_events_port is not None:
+                # The core, on its host, connects its publisher to the pool's address (as it
+                # attaches there); no replay buffer across the network: a gap resyncs.
+                endpoint, replay = remote_endpoint(remote.address, remote.kv_events_port), None
+            else:
+                if self._folder is None:
+                    self._folder = tempfile.mkdtemp(prefix="lylm-kv-")
+                endpoint, replay = kv_events_endpoints(self._folder, str(serial))
             args = {**spec.engine_args, "enable_prefix_caching": True,
                     "kv_events_config": kv_events_config(endpoint, replay)}  # fmt: skip
             engine = factory(attrs.evolve(spec, engine_args=args))
-            self._subscribe(spec, engine, key, endpoint, replay)
+            self._subscribe(spec, engine, f"{spec.name}#{serial}", endpoint, replay, bind=remote is not None)
             return engine
 
         return make
@@ -208,7 +218,9 @@ class KVRouting:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None
 
-    def _subscribe(self, spec: EngineSpec, engine: Engine, key: str, endpoint: str, replay: str) -> None:
+    def _subscribe(
+        self, spec: EngineSpec, engine: Engine, key: str, endpoint: str, replay: str | None, *, bind: bool
+    ) -> None:
         from .engines._kv_events import KVEventStream
 
         name = spec.name
@@ -216,7 +228,7 @@ class KVRouting:
         if old is not None:  # the engine it followed was replaced: it ends on its own
             old.stream.stop(wait=False)
         self.index.open(key)
-        stream = KVEventStream(self.index, key, endpoint, replay)
+        stream = KVEventStream(self.index, key, endpoint, replay, bind=bind)
         stream.start()
         self._subscriptions[name] = _Subscription(engine, key, stream, spec.model, spec.index)
 

@@ -135,6 +135,11 @@ def add_core_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--restart-delay", type=float, default=2.0, metavar="S", help="seconds between a core's end and its restart (2)"
     )
+    parser.add_argument(
+        "--kv-events-port", type=int, metavar="PORT",
+        help="publish the core's KV-cache events to the pool at this port of its --pool address "
+        "(the instance's remote.kv_events_port, for balancer kv_aware)",
+    )  # fmt: skip
     parser.add_argument("model", help="the model, as vllm serve takes it (the instance's engine_args.model)")
     parser.add_argument("vllm_args", nargs=argparse.REMAINDER, help="vllm serve's flags (the instance's engine args)")
 
@@ -158,9 +163,15 @@ def parse_core_arguments(args: argparse.Namespace, parser: argparse.ArgumentPars
     for name in ("grace", "restart_delay"):
         if not getattr(args, name) > 0:
             parser.error(f"--{name.replace('_', '-')} must be a positive number of seconds")
+    if args.kv_events_port is not None and not (
+        1 <= args.kv_events_port <= 65535 and args.kv_events_port != args.pool_port
+    ):
+        parser.error(f"--kv-events-port: a port 1 to 65535 other than --pool's (got {args.kv_events_port})")
     for flag in args.vllm_args:
         if flag.split("=", 1)[0] in _CORE_OWN_FLAGS:
             parser.error(f"{flag}: set by lylm core (from --pool); leave it out")
+        if args.kv_events_port is not None and flag.split("=", 1)[0] == "--kv-events-config":
+            parser.error(f"{flag}: set by lylm core (from --kv-events-port); leave it out")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:

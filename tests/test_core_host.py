@@ -230,6 +230,9 @@ def test_the_headless_command_and_environment_address_the_pool() -> None:
         (["--pool", "10.0.0.2:13345", "m", "--headless"], "--headless: set by lylm core"),
         (["--pool", "10.0.0.2:13345", "m", "-dpp", "1"], "-dpp: set by lylm core"),
         (["--pool", "10.0.0.2:13345", "m", "-dpn", "0"], "-dpn: set by lylm core"),
+        (["--pool", "10.0.0.2:13345", "--kv-events-port", "13345", "m"], "--kv-events-port: a port 1 to 65535 other"),
+        (["--pool", "10.0.0.2:13345", "--kv-events-port", "13346", "m", "--kv-events-config", "{}"],
+         "--kv-events-config: set by lylm core (from --kv-events-port)"),
     ],
 )
 def test_lylm_core_refuses_wrong_arguments_naming_them(argv: list[str], says: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -250,3 +253,20 @@ def test_lylm_core_hands_its_model_and_vllm_flags_to_the_host(monkeypatch: pytes
     assert (args.model, args.vllm_args, args.pool_address, args.pool_port) == (
         "/models/m", ["--max-model-len", "4096"], "10.0.0.2", 13345,
     )
+
+
+def test_lylm_core_with_a_kv_events_port_has_its_core_publish_to_the_pool(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    import signal
+
+    hosts: list[CoreHost] = []
+    monkeypatch.setattr(CoreHost, "run", lambda self: hosts.append(self))
+    monkeypatch.setattr(signal, "signal", lambda *args: None)  # the test process keeps its handlers
+    main(["core", "--pool", "[fd00::2]:13345", "--kv-events-port", "13346", "/models/m", "--max-model-len", "64"])
+    (host,) = hosts
+    command = host.command
+    events = json.loads(command[command.index("--kv-events-config") + 1])
+    # Connected (no wildcard) to the pool's own address: the pool listens there.
+    assert events == {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://[fd00::2]:13346"}
+    assert "--enable-prefix-caching" in command and command[command.index("/models/m") + 1] == "--headless"

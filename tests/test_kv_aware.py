@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 
+import anyio
 import attrs
 import pytest
 
@@ -206,3 +207,53 @@ async def test_a_users_balancer_that_asks_for_kv_events_reads_cached_tokens_per_
         async for _ in pool.generate("m", prompt(7, 64), None):
             pass
         assert seen == [{i.name: 0 for i in pool.instances("m")}]
+
+
+@pytest.mark.anyio
+async def test_a_remote_instance_with_a_kv_events_port_is_heard_over_tcp() -> None:
+    import time
+
+    import msgspec
+    import zmq
+
+    from _server import free_port
+    from lylm import EnginePool, EngineSpec, RequestRecord
+    from lylm.testing import FakeEngine
+
+    port, kv_port = free_port(), free_port()
+    remote = {"address": "127.0.0.1", "port": port, "kv_events_port": kv_port}
+    config = {"models": {"m": [{"engine_args": {"model": "fake"}},
+                               {"engine_args": {"model": "fake"}, "remote": remote}]}}  # fmt: skip
+    specs: list[EngineSpec] = []
+
+    def factory(spec: EngineSpec) -> FakeEngine:
+        specs.append(spec)
+        return FakeEngine()
+
+    ids = prompt(8, 40)
+    records: list[RequestRecord] = []
+    async with EnginePool.from_config(config, balancer="kv_aware", engine_factory=factory) as pool:
+        pool.add_observer(records.append)
+        local, far = pool.instances("m")
+        # The remote core is told to connect its publisher to the pool's address (no wildcard).
+        assert specs[1].engine_args["kv_events_config"]["endpoint"] == f"tcp://127.0.0.1:{kv_port}"
+        # A stand-in core: vLLM's batch format, one 16-token block of the prompt.
+        stored = {"type": "BlockStored", "block_hashes": [7], "parent_block_hash": None, "token_ids": ids[:16],
+                  "block_size": 16, "lora_id": None, "medium": "GPU", "lora_name": None}  # fmt: skip
+        batch = msgspec.msgpack.encode([time.time(), [stored]])
+        publisher = zmq.Context.instance().socket(zmq.PUB)
+        publisher.setsockopt(zmq.LINGER, 0)
+        publisher.connect(f"tcp://127.0.0.1:{kv_port}")
+        kv = pool._router.kv
+        assert kv is not None
+        key = kv._subscriptions[far.name].key
+        try:
+            with anyio.fail_after(10):  # until the subscription is up: a batch sent before is dropped
+                while kv.index.blocks(key) == 0:
+                    publisher.send_multipart([b"", (0).to_bytes(8, "big"), batch])
+                    await anyio.sleep(0.05)
+        finally:
+            publisher.close(0)
+        async for _ in pool.generate("m", ids, None):
+            pass
+        assert records[-1].request.cached_tokens == {local.name: 0, far.name: 16}

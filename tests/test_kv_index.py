@@ -106,6 +106,11 @@ def test_resync_forgets_the_blocks_and_goes_on_after_the_gap() -> None:
     index.resync("a", 9)
     assert index.blocks("a") == 0 and index.expected("a") == 10 and index.resets == 1
     assert index.apply("a", 10, [stored([11], PROMPT[:4])])
+    assert index.blocks("a") == 1
+    # Blocks stored before the gap are not announced again: the index cannot tell (None),
+    # until the engine's cache is cleared and known to be empty.
+    assert predicted(index) is None
+    assert index.apply("a", 11, [{"type": "AllBlocksCleared"}, stored([12], PROMPT[:4])])
     assert predicted(index) == 4
 
 

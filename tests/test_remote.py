@@ -78,6 +78,8 @@ def _instance(model: str, **remote: Any) -> dict[str, Any]:
         ({"address": "10.0.0.2", "port": 13345, "ray": {"node": "a"}}, "remote.ray.node", "unknown key"),
         ({"address": "10.0.0.2", "port": 13345, "ray": 1}, "remote.ray", "object"),
         ({"address": "10.0.0.2", "port": 13345, "host": "x"}, "remote.host", "unknown key"),
+        ({"address": "10.0.0.2", "port": 13345, "kv_events_port": 0}, "remote.kv_events_port", "1 to 65535"),
+        ({"address": "10.0.0.2", "port": 13345, "kv_events_port": 13345}, "remote.kv_events_port", "differ"),
     ],
 )
 def test_a_wrong_remote_names_its_key(remote: dict[str, Any], where: str, says: str) -> None:
@@ -497,11 +499,14 @@ class CoreHostProcess:
     """``lylm core`` (the core's host's supervisor) in its own session, in the namespace
     when there is one."""
 
-    def __init__(self, model: Path, port: int, log: Path, namespace: Namespace | None) -> None:
+    def __init__(
+        self, model: Path, port: int, log: Path, namespace: Namespace | None, *, kv_events_port: int | None = None
+    ) -> None:
         self.pool_address = namespace.pool_address if namespace else "127.0.0.1"
+        kv = ["--kv-events-port", str(kv_events_port)] if kv_events_port is not None else []
         self.command = [
             sys.executable, "-m", "lylm", "core", "--pool", f"{self.pool_address}:{port}", "--grace", "1",
-            "--restart-delay", "0.5", str(model), *serve_flags(TINY_MODEL_ENGINE_ARGS),
+            "--restart-delay", "0.5", *kv, str(model), *serve_flags(TINY_MODEL_ENGINE_ARGS),
         ]  # fmt: skip
         if namespace is not None:
             self.command = namespace.run(self.command)
@@ -591,6 +596,45 @@ async def test_lylm_core_keeps_a_remote_core_attachable_across_pool_restarts_par
     print(f"\nlylm core at {where}: attached again (s after the event): "
           + ", ".join(f"{what} {seconds:.1f}" for what, seconds in times.items()))
 
+
+
+@pytest.mark.engines
+@pytest.mark.anyio
+async def test_a_remote_core_under_lylm_core_publishes_its_kv_events_to_a_kv_aware_pool(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    import random
+
+    from vllm import SamplingParams
+
+    port, kv_port = free_port(), free_port()
+    host = CoreHostProcess(model_dir, port, tmp_path / "lylm-core.log", None, kv_events_port=kv_port)
+    config = {"models": {MODEL: [_instance(str(model_dir), address="127.0.0.1", port=port, timeout=5,
+                                           heartbeat=HEARTBEAT, kv_events_port=kv_port)]}}  # fmt: skip
+    records: list[RequestRecord] = []
+    host.start()
+    try:
+        async with EnginePool.from_config(config, balancer="kv_aware", health_interval=0.1,
+                                          restart=RestartPolicy(initial_backoff=0.1, jitter=0)) as pool:
+            pool.add_observer(records.append)
+            (remote,) = pool.instances(MODEL)
+            await until(lambda: remote.state == "healthy", timeout=180)
+            kv = pool._router.kv
+            assert kv is not None
+            rng = random.Random(3)
+            prompt = [rng.randrange(10, 500) for _ in range(300)]
+            for expected in (0, 256):  # the second time its two full blocks are cached
+                async for out in pool.generate(MODEL, prompt, SamplingParams(max_tokens=1, ignore_eos=True)):
+                    last = out
+                assert records[-1].request.cached_tokens == {remote.name: expected}
+                assert last.num_cached_tokens == expected
+                # The core's events cross TCP to the pool: two blocks held.
+                await until(lambda: kv.index.blocks(kv._subscriptions[remote.name].key) == 2, timeout=10)
+            (agreement,) = pool.kv_agreement()
+            assert (agreement.exact, agreement.blocks) == (2, 2)
+    finally:
+        host.stop()
+    assert host.proc is not None and host.proc.returncode == 0, host.log.read_text(errors="replace")[-3000:]
 
 
 @pytest.mark.engines

@@ -264,8 +264,16 @@ def _die_with_parent() -> None:
 def run_core_host(args: Any) -> None:
     """``lylm core``: parse-free entry for :mod:`lylm.cli` (``args`` from its parser)."""
     address, port = args.pool_address, args.pool_port
+    vllm_args = list(args.vllm_args)
+    if args.kv_events_port is not None:  # published to the pool, which listens there
+        import json
+
+        from ._kv_events import kv_events_config, remote_endpoint
+
+        events = kv_events_config(remote_endpoint(address, args.kv_events_port), None)
+        vllm_args += ["--enable-prefix-caching", "--kv-events-config", json.dumps(events)]
     host = CoreHost(
-        headless_command(args.model, address, port, args.vllm_args),
+        headless_command(args.model, address, port, vllm_args),
         headless_environment(address),
         address,
         port,

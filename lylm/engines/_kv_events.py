@@ -42,24 +42,35 @@ def kv_events_endpoints(folder: str | None = None, name: str = "") -> tuple[str,
     return f"ipc://{prefix}events", f"ipc://{prefix}replay"
 
 
-def kv_events_config(endpoint: str, replay_endpoint: str) -> dict[str, Any]:
-    """The ``kv_events_config`` engine argument that makes a core publish on these endpoints."""
-    return {
-        "enable_kv_cache_events": True,
-        "publisher": "zmq",
-        "endpoint": endpoint,
-        "replay_endpoint": replay_endpoint,
-    }
+def kv_events_config(endpoint: str, replay_endpoint: str | None) -> dict[str, Any]:
+    """The ``kv_events_config`` engine argument that makes a core publish on these endpoints
+    (vLLM binds an IPC endpoint and connects to a TCP one without a wildcard; no replay
+    endpoint: no replay buffer)."""
+    config: dict[str, Any] = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": endpoint}
+    if replay_endpoint is not None:
+        config["replay_endpoint"] = replay_endpoint
+    return config
+
+
+def remote_endpoint(address: str, port: int) -> str:
+    """``tcp://address:port``, an IPv6 address in brackets: where a remote core publishes."""
+    host = f"[{address}]" if ":" in address else address
+    return f"tcp://{host}:{port}"
 
 
 class KVEventStream:
     """Subscribes to one engine core's KV events and applies them to ``index`` as ``instance``."""
 
-    def __init__(self, index: KVIndex, instance: str, endpoint: str, replay_endpoint: str | None) -> None:
+    def __init__(
+        self, index: KVIndex, instance: str, endpoint: str, replay_endpoint: str | None, *, bind: bool = False
+    ) -> None:
         self.index = index
         self.instance = instance
         self.endpoint = endpoint
         self.replay_endpoint = replay_endpoint
+        #: Listen at ``endpoint`` (a remote core connects its publisher there) rather than
+        #: connect to it (a local core's IPC socket).
+        self.bind = bind
         self.replays = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -91,7 +102,18 @@ class KVEventStream:
         sub = context.socket(zmq.SUB)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.setsockopt(zmq.LINGER, 0)
-        sub.connect(self.endpoint)
+        try:
+            if self.bind:
+                ready.set()  # the core connects when it starts: nothing to wait for here
+                self._bind(zmq, sub)
+            else:
+                sub.connect(self.endpoint)
+        except Exception:
+            logger.exception("%s: cannot listen for KV events at %s", self.instance, self.endpoint)
+            self.index.drop(self.instance)
+            sub.close(0)
+            ready.set()
+            return
         ready.set()
         try:
             while not self._stop.is_set():
@@ -115,6 +137,19 @@ class KVEventStream:
             if self._stop.is_set():  # a batch applied after stop()'s drop goes too
                 self.index.drop(self.instance)
 
+    def _bind(self, zmq: Any, sub: Any) -> None:
+        """Listen at the endpoint; the stream of the engine this one replaced may still hold
+        it for a moment (it ends on its own within 0.1 s): try again for a few seconds."""
+        if self.endpoint.startswith("tcp://["):
+            sub.setsockopt(zmq.IPV6, 1)
+        for attempt in range(50):
+            try:
+                sub.bind(self.endpoint)
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or attempt == 49 or self._stop.wait(0.1):
+                    raise
+
     def _recover(self, zmq: Any, context: Any, decode: Any, seq: int, events: list[Any]) -> None:
         """Replay what is missing before ``seq`` from the core's buffer, then apply ``seq``;
         resync at ``seq`` where the buffer cannot fill the gap."""
@@ -137,7 +172,8 @@ class KVEventStream:
                 dealer.close(0)
         if not self.index.apply(self.instance, seq, events):
             logger.warning(
-                "%s: KV events %d to %d were lost; the index forgets the instance's blocks",
+                "%s: KV events %d to %d were lost: its blocks are no longer known, and the balancer "
+                "judges it by its own table until its cache is cleared or it restarts",
                 self.instance, start, seq - 1,
             )  # fmt: skip
             self.index.resync(self.instance, seq - 1)
