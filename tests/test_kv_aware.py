@@ -257,3 +257,54 @@ async def test_a_remote_instance_with_a_kv_events_port_is_heard_over_tcp() -> No
         async for _ in pool.generate("m", ids, None):
             pass
         assert records[-1].request.cached_tokens == {local.name: 0, far.name: 16}
+
+
+def test_the_prefill_queue_leaves_out_predicted_hits_and_closes_with_every_end() -> None:
+    from lylm._books import Books, Tally
+    from lylm._request import RequestEnd
+
+    (a,) = make_instances([1])
+    books = Books(clock=lambda: 0.0, engine_died=lambda instance, why: None)
+    balancer = KVAware()
+    r = request(prompt(1, 100), {a.name: 64})
+
+    served = Tally(a, r)  # one process: steps
+    books.begin(served)
+    assert a.in_flight_prefill_tokens == 36  # 100 prompt tokens, 64 of them cached
+    served.step(1)
+    assert a.in_flight_prefill_tokens == 0
+    books.end(served, RequestEnd("completed", served.remaining, 1), balancer)
+
+    aborted = Tally(a, r)  # gone before its first output
+    books.begin(aborted)
+    books.end(aborted, RequestEnd("aborted", aborted.remaining), balancer)
+    assert a.in_flight_prefill_tokens == 0
+
+    elsewhere = Tally(a, r)  # a front-end worker's request, as the hub books it
+    books.begin(elsewhere)
+    elsewhere.sync(elsewhere.remaining - 101, 1)
+    assert a.in_flight_prefill_tokens == 0
+    books.end(elsewhere, RequestEnd("completed", elsewhere.remaining, 1), balancer)
+    assert (a.in_flight_requests, a.in_flight_tokens, a.in_flight_prefill_tokens) == (0, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_a_kv_aware_pool_cancelled_before_prefill_leaves_no_books_behind() -> None:
+    from lylm import EnginePool
+    from lylm.testing import FakeEngine
+
+    async with EnginePool.from_config(_config(), balancer="kv_aware",
+                                      engine_factory=lambda s: FakeEngine(prefill_delay=5)) as pool:  # fmt: skip
+        async def one() -> None:
+            async for _ in pool.generate("m", prompt(9, 100), None):
+                pass
+
+        async with anyio.create_task_group() as group:
+            for _ in range(4):
+                group.start_soon(one)
+            with anyio.fail_after(5):  # all four booked, none prefilled (nothing cached anywhere)
+                while sum(i.in_flight_prefill_tokens for i in pool.instances("m")) < 400:
+                    await anyio.sleep(0.01)
+            group.cancel_scope.cancel()
+        for instance in pool.instances("m"):
+            assert (instance.in_flight_requests, instance.in_flight_tokens, instance.in_flight_prefill_tokens) == (0, 0, 0)
