@@ -17,7 +17,13 @@ Two workloads, closed loop at ``--concurrency``, 16 output tokens (ignore_eos):
 - ``shared``: each request is one of 16 group prefixes (640 tokens) plus a unique
   96-token question, the group drawn at random (seeded, the same for every balancer
   of a round);
-- ``distinct``: every prompt is 736 unique tokens (the low-sharing control).
+- ``distinct``: every prompt is 736 unique tokens (the low-sharing control);
+- ``chat`` (``--workloads``): conversations of 4 turns, each turn's prompt the whole
+  conversation so far (a 256-token opening, then per turn the engine's 16-token answer and
+  a 64-token message); a worker runs one conversation's turns in order.
+
+``--groups`` sets the shared workload's prefix groups (16; 40 are 200 blocks against the
+two engines' 96: eviction-heavy).
 
 Per run: both engines' prefix caches are reset, a fresh balancer is swapped in
 (through a delegating Balancer, so engines start once), and every balancer runs once
@@ -59,18 +65,33 @@ GROUPS, PREFIX, QUESTION, OUTPUT = 16, 640, 96, 16
 VOCAB = 500
 
 
-def prompts(kind: str, seed: int, n: int) -> list[list[int]]:
+def prompts(kind: str, seed: int, n: int, groups: int = GROUPS) -> list[list[int]]:
     """The prompts of one round (the same for every balancer in it)."""
     rng = np.random.default_rng(seed)
     if kind == "distinct":
         return [rng.integers(3, VOCAB, size=PREFIX + QUESTION).tolist() for _ in range(n)]
     # The group prefixes are fixed across rounds; which group comes when is the round's.
-    prefixes = [np.random.default_rng(10_000 + g).integers(3, VOCAB, size=PREFIX).tolist() for g in range(GROUPS)]
-    return [prefixes[int(rng.integers(GROUPS))] + rng.integers(3, VOCAB, size=QUESTION).tolist() for _ in range(n)]
+    prefixes = [np.random.default_rng(10_000 + g).integers(3, VOCAB, size=PREFIX).tolist() for g in range(groups)]
+    return [prefixes[int(rng.integers(groups))] + rng.integers(3, VOCAB, size=QUESTION).tolist() for _ in range(n)]
 
 
-async def run(pool: EnginePool, batch: list[list[int]], concurrency: int) -> dict[str, Any]:
-    """Serve ``batch`` closed-loop at ``concurrency``; return the run's measurements."""
+#: The chat workload: each conversation opens with its own 256-token message, then every turn
+#: adds the engine's answer (16 tokens) and a 64-token user message: turn k's prompt is the
+#: whole conversation so far (what the engine cached of it, answers included, is reusable).
+CHAT_OPEN, CHAT_USER, CHAT_TURNS = 256, 64, 4
+
+
+def conversations(seed: int, n: int) -> list[tuple[list[int], list[list[int]]]]:
+    """``n`` requests' worth of conversations: (opening, the user messages of later turns)."""
+    rng = np.random.default_rng(50_000 + seed)
+    return [(rng.integers(3, VOCAB, size=CHAT_OPEN).tolist(),
+             [rng.integers(3, VOCAB, size=CHAT_USER).tolist() for _ in range(CHAT_TURNS - 1)])
+            for _ in range(n // CHAT_TURNS)]  # fmt: skip
+
+
+async def run(pool: EnginePool, batch: list[Any], concurrency: int, chat: bool = False) -> dict[str, Any]:
+    """Serve ``batch`` closed-loop at ``concurrency`` (prompts; with ``chat``, conversations,
+    each one's turns in order); return the run's measurements."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -83,23 +104,36 @@ async def run(pool: EnginePool, batch: list[list[int]], concurrency: int) -> dic
     ttft: list[float] = []
     cached = prompt_tokens = tokens = 0
 
-    async def worker() -> None:
+    async def one(ids: list[int]) -> list[int]:
         nonlocal cached, prompt_tokens, tokens
+        t0 = time.perf_counter()
+        first = None
+        last = None
+        answer: list[int] = []
+        async for out in pool.generate("tiny", ids, params):
+            n = len(out.outputs[0].token_ids)
+            answer += out.outputs[0].token_ids
+            if n and first is None:
+                first = time.perf_counter() - t0
+            tokens += n
+            last = out
+        assert last is not None and first is not None
+        ttft.append(first)
+        cached += last.num_cached_tokens or 0
+        prompt_tokens += len(ids)
+        return answer
+
+    async def worker() -> None:
         while queue:
-            ids = queue.pop()
-            t0 = time.perf_counter()
-            first = None
-            last = None
-            async for out in pool.generate("tiny", ids, params):
-                n = len(out.outputs[0].token_ids)
-                if n and first is None:
-                    first = time.perf_counter() - t0
-                tokens += n
-                last = out
-            assert last is not None and first is not None
-            ttft.append(first)
-            cached += last.num_cached_tokens or 0
-            prompt_tokens += len(ids)
+            item = queue.pop()
+            if not chat:
+                await one(item)
+                continue
+            opening, later = item
+            history = list(opening)
+            for user in [[], *later]:
+                history += user
+                history += await one(history)
 
     start = time.perf_counter()
     async with anyio.create_task_group() as tg:
@@ -115,6 +149,7 @@ async def run(pool: EnginePool, batch: list[list[int]], concurrency: int) -> dic
         "throughput": tokens / wall,
         "ttft_p50": float(np.percentile(ttft, 50)),
         "ttft_p90": float(np.percentile(ttft, 90)),
+        "ttft_p99": float(np.percentile(ttft, 99)),
         "hit_rate": cached / prompt_tokens,
         "signal_hit_rate": hits / queries if queries else 0.0,
         "served": served,
@@ -148,7 +183,7 @@ async def main_async(args: argparse.Namespace, engine_args: dict[str, Any]) -> d
     results: dict[str, Any] = {"runs": {}}
     # One core per engine on the CPU build (else vLLM binds both to the same one).
     factory = {"engine_factory": _pinned_factory} if harness.DEVICE == "cpu" else {}
-    progress = harness.Progress(args.rounds * 2 * len(names), "prefix_real")
+    progress = harness.Progress(args.rounds * len(args.workloads) * len(names), "prefix_real")
     t0 = time.time()
     async with EnginePool.from_config(config, balancer=switch, **factory) as pool:
         cache = pool.instances("tiny")[0].engine.llm.vllm_config.cache_config  # type: ignore[attr-defined]
@@ -160,11 +195,12 @@ async def main_async(args: argparse.Namespace, engine_args: dict[str, Any]) -> d
         await run(pool, prompts("distinct", 999, 16), args.concurrency)  # warm-up, not counted
         for r in range(args.rounds):
             order = names[r % len(names):] + names[: r % len(names)]
-            for kind in ("shared", "distinct"):
-                batch = prompts(kind, r, args.requests)
+            for kind in args.workloads:
+                batch: list[Any] = (conversations(r, args.requests) if kind == "chat"
+                                    else prompts(kind, r, args.requests, args.groups))  # fmt: skip
                 for name in order:
                     switch.inner = resolve_balancer(name, rng=random.Random(r))
-                    res = await run(pool, batch, args.concurrency)
+                    res = await run(pool, batch, args.concurrency, chat=kind == "chat")
                     results["runs"].setdefault(kind, {}).setdefault(name, []).append(res)
                     print(f"round {r} {kind:8} {name:18} {res['throughput']:6.0f} tok/s  "
                           f"TTFT p90 {res['ttft_p90'] * 1e3:6.0f} ms  hits {res['hit_rate']:.1%} "
@@ -176,22 +212,22 @@ async def main_async(args: argparse.Namespace, engine_args: dict[str, Any]) -> d
 
 def markdown(results: dict[str, Any]) -> str:
     """Medians over rounds per workload and balancer, with ratios to the baselines."""
-    keys = ("throughput", "ttft_p50", "ttft_p90", "hit_rate", "signal_hit_rate", "request_spread")
+    keys = ("throughput", "ttft_p50", "ttft_p90", "ttft_p99", "hit_rate", "signal_hit_rate", "request_spread")
     lines = []
     for kind, runs in results["runs"].items():
         med = {b: {k: statistics.median(r[k] for r in rs) for k in keys} for b, rs in runs.items()}
-        base = "weighted_random" if kind == "shared" else "least_outstanding"
+        base = "least_outstanding" if kind == "distinct" else "weighted_random"
         if base not in med:
             base = "least_outstanding" if "least_outstanding" in med else next(iter(med))
         lines += [f"### {kind} ({len(next(iter(runs.values())))} rounds; ratios vs {base})", "",
-                  "| balancer | tok/s | x tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p90 / it | "
+                  "| balancer | tok/s | x tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | TTFT p90 / it | "
                   "hit rate (num_cached_tokens) | hit rate (signals) | req spread | tok/s per round |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for b, m in med.items():
             per_round = ", ".join(f"{r['throughput']:.0f}" for r in runs[b])
             lines.append(
                 f"| {b} | {m['throughput']:.0f} | {m['throughput'] / med[base]['throughput']:.3f} | "
-                f"{m['ttft_p50'] * 1e3:.0f} | {m['ttft_p90'] * 1e3:.0f} | "
+                f"{m['ttft_p50'] * 1e3:.0f} | {m['ttft_p90'] * 1e3:.0f} | {m['ttft_p99'] * 1e3:.0f} | "
                 f"{m['ttft_p90'] / med[base]['ttft_p90']:.3f} | {m['hit_rate']:.1%} | "
                 f"{m['signal_hit_rate']:.1%} | {m['request_spread']:.2f} | {per_round} |")
         lines.append("")
@@ -216,10 +252,16 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=240)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--kv-tokens", type=int, default=6144, help="KV cache per engine, in tokens")
+    parser.add_argument("--groups", type=int, default=GROUPS, help=f"shared: prefix groups ({GROUPS})")
+    parser.add_argument("--workloads", default="shared,distinct",
+                        help="comma-separated: shared, distinct, chat (default: shared,distinct)")
     parser.add_argument("--balancers", default=",".join(sorted(BALANCERS)),
                         help="comma-separated built-in balancers to compare (default: all)")
     args = parser.parse_args()
     args.balancers = sorted(args.balancers.split(","))
+    args.workloads = args.workloads.split(",")
+    if set(args.workloads) - {"shared", "distinct", "chat"}:
+        parser.error(f"--workloads: shared, distinct or chat (got {args.workloads})")
     unknown = set(args.balancers) - set(BALANCERS)
     if unknown:
         parser.error(f"--balancers: unknown {sorted(unknown)} (known: {', '.join(sorted(BALANCERS))})")
@@ -240,8 +282,10 @@ def main() -> None:
     print(table)
     sampling = {"max_tokens": OUTPUT, "ignore_eos": True, "output_kind": "DELTA",
                 "other": "vLLM's SamplingParams defaults",
-                "prompts": f"token ids 3..{VOCAB}: shared = one of {GROUPS} {PREFIX}-token prefixes + a unique "
-                           f"{QUESTION}-token question; distinct = {PREFIX + QUESTION} unique tokens"}
+                "prompts": f"token ids 3..{VOCAB}: shared = one of {args.groups} {PREFIX}-token prefixes + a unique "
+                           f"{QUESTION}-token question; distinct = {PREFIX + QUESTION} unique tokens; chat = "
+                           f"conversations of {CHAT_TURNS} turns: a {CHAT_OPEN}-token opening, then the answer and "
+                           f"a {CHAT_USER}-token message per turn, each turn's prompt the whole conversation"}
     client = {"kind": "in-process pool.generate, closed loop", "concurrency": args.concurrency,
               "requests_per_run": args.requests, "rounds": args.rounds, "balancers": args.balancers,
               "between_runs": "both engines' prefix caches reset, a fresh balancer"}

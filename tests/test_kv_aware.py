@@ -97,7 +97,7 @@ def test_the_guard_skips_only_the_overloaded_candidate_and_others_keep_their_aff
     assert balancer.choose([a], request(p, {a.name: 896})) is a
 
 
-def test_prompts_that_share_nothing_spread_by_prefill_in_flight() -> None:
+def test_prompts_that_share_nothing_spread_as_least_outstanding_spreads_them() -> None:
     instances = make_instances([1, 1, 1, 1])
     balancer = KVAware(rng=random.Random(0))
     seen = set()
