@@ -308,3 +308,17 @@ async def test_a_kv_aware_pool_cancelled_before_prefill_leaves_no_books_behind()
             group.cancel_scope.cancel()
         for instance in pool.instances("m"):
             assert (instance.in_flight_requests, instance.in_flight_tokens, instance.in_flight_prefill_tokens) == (0, 0, 0)
+
+
+def test_a_prefix_nobody_holds_goes_back_to_its_home_within_the_guard() -> None:
+    a, b = make_instances([1, 1])
+    balancer = KVAware(rng=random.Random(0))
+    ids = prompt(11)
+    nobody = {a.name: 0, b.name: 0}
+    home = balancer.choose([a, b], request(ids, nobody))
+    other = b if home is a else a
+    home.in_flight_requests = 2  # busier than the other, within the guard: still its home
+    assert balancer.choose([a, b], request(ids, nobody)) is home
+    assert balancer.by_home == 1
+    home.in_flight_requests = 20  # over the guard's line: elsewhere
+    assert balancer.choose([a, b], request(ids, nobody)) is other

@@ -36,10 +36,10 @@ class KVAware(PrefixAware):
     little (vLLM batches them together), a deep queue of them does. The cheapest
     candidate wins; ties go to the fewest requests in flight, then at random. When no
     candidate within the guard holds any of the prompt, there is nothing to weigh: the
-    request goes where ``least_outstanding`` would send it (the fewest requests in flight
-    per weight; the prefill queue, then the table, break ties), which keeps the engines'
-    decode batches even (on 2 CPU engines with nothing shared, choosing by the prefill queue
-    alone served 0.82x least_outstanding's tokens/s).
+    request goes to its home (below), else where ``least_outstanding`` would send it (the
+    fewest requests in flight per weight; the prefill queue, then the table, break ties),
+    which keeps the engines' decode batches even (on 2 CPU engines with nothing shared,
+    choosing by the prefill queue alone served 0.82x least_outstanding's tokens/s).
 
     **Load guard, per candidate.** A candidate whose ``(in_flight_requests + 1) / weight``
     exceeds ``load_factor`` x the mean over the candidates plus ``load_slack`` is skipped,
@@ -50,10 +50,16 @@ class KVAware(PrefixAware):
     subscribed or failed; a remote core; front-end workers do have them, through the hub)
     is judged by the table ``prefix_aware`` keeps of where it sent each prefix.
 
+    **Homes.** When no candidate holds any of the prompt, the request goes back to the
+    engine the table remembers sending its prefix to (it evicted it since), within the
+    guard: each prefix keeps a home, and the caches together hold more prefixes than if
+    every miss went to the least loaded engine (on 2 CPU engines with 40 prefixes for
+    room for 19, hit rate 25.0% without homes, prefix_aware 35.7%; BENCHMARKS.md 21).
+
     Counters: choices where the chosen engine held part of the prompt, known ``by_events`` or
-    ``by_table``; where it held none of it because an engine that did was over the guard's
-    line (``overloaded``) or cost more with its load (``by_load``); ``unmatched``: nobody held
-    any of it.
+    ``by_table``; sent ``by_home`` (nobody held it; its home did once); where it held none of
+    it because an engine that did was over the guard's line (``overloaded``) or cost more
+    with its load (``by_load``); ``unmatched``: nobody held any of it, nor had.
     """
 
     kv_events = True
@@ -84,6 +90,7 @@ class KVAware(PrefixAware):
         self.by_events = 0
         self.by_table = 0
         self.by_load = 0
+        self.by_home = 0
 
     def choose(self, candidates: Sequence[Instance], request: RequestInfo) -> Instance:
         """Pick the cheapest candidate that is not overloaded (see the class's notes)."""
@@ -115,9 +122,16 @@ class KVAware(PrefixAware):
             best = min(costs[i] for i in eligible)
             ties = [i for i in eligible if costs[i] == best]
             chosen = ties[0] if len(ties) == 1 else self._least(candidates, loads, ties)
-        else:  # nothing to reuse: balance requests as least_outstanding does, the prefill queue breaking ties
-            low = min(loads)
-            ties = [i for i in range(n) if loads[i] == low]
+        else:
+            # Nothing to reuse. Where the table remembers sending this prefix (an engine that
+            # has since evicted it), send it there again, within the guard: each prefix keeps
+            # one home, and the engines' caches together hold more of them than if every
+            # miss went wherever the load was lowest. Else balance requests as
+            # least_outstanding does, the prefill queue breaking ties.
+            home = max(depth[i] for i in eligible)
+            among = [i for i in eligible if depth[i] == home] if home else list(range(n))
+            low = min(loads[i] for i in among)
+            ties = [i for i in among if loads[i] == low]
             if len(ties) > 1:
                 shortest = min(costs[i] for i in ties)
                 ties = [i for i in ties if costs[i] == shortest]
@@ -128,6 +142,8 @@ class KVAware(PrefixAware):
                 self.by_events += 1
             else:
                 self.by_table += 1
+        elif depth[chosen]:
+            self.by_home += 1
         elif len(eligible) < n and any(cached[i] for i in set(range(n)).difference(eligible)):
             self.overloaded += 1
         elif any(cached):
