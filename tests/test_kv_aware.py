@@ -67,9 +67,19 @@ def test_without_events_for_an_instance_its_table_stands_in() -> None:
     assert balancer.choose([a, b], request(ids, {other.name: 0})) is first
 
 
-def test_a_cache_hit_is_weighed_against_the_work_in_flight() -> None:
+def test_by_default_the_holder_wins_within_the_guard_whatever_its_prefill_queue() -> None:
     a, b = make_instances([1, 1])
     balancer = KVAware(rng=random.Random(0))
+    a.in_flight_prefill_tokens, a.in_flight_requests = 5000, 2
+    assert balancer.choose([a, b], request(prompt(4), {a.name: 512, b.name: 0})) is a
+    # Equal holdings: the fewest requests, then the shortest prefill queue.
+    b.in_flight_requests = 2
+    assert balancer.choose([a, b], request(prompt(4), {a.name: 512, b.name: 512})) is b
+
+
+def test_a_cache_hit_is_weighed_against_the_work_in_flight() -> None:
+    a, b = make_instances([1, 1])
+    balancer = KVAware(rng=random.Random(0), load_weight=1.0)
     ids = prompt(4)
     cached = {a.name: 512, b.name: 0}
     assert balancer.choose([a, b], request(ids, cached)) is a  # 488 to prefill against 1,000

@@ -15,8 +15,8 @@ from .prefix_aware import PrefixAware
 
 
 class KVAware(PrefixAware):
-    """Sends each request where it costs least: the prompt tokens an engine would still have to
-    prefill, plus the prefill work queued there; and never to an overloaded engine.
+    """Sends each request to the engine that holds the most of its prompt, by the engines' own
+    KV-cache events; never to an overloaded engine.
 
     The pool subscribes to every engine's KV-cache events (vLLM's ``kv_events_config``, on
     private IPC sockets it sets up) and keeps an index of the blocks each engine holds, by
@@ -25,21 +25,27 @@ class KVAware(PrefixAware):
     would find cached, evictions and restarts included. Turning this balancer on turns
     ``enable_prefix_caching`` on for the model's engines.
 
-    **Cost.** For candidate ``c``::
+    **Choice.** Within the load guard (below), the candidate whose engine holds the most of
+    the prompt wins; among equals, the fewest requests in flight per weight, then the
+    shortest prefill queue per weight (``in_flight_prefill_tokens``: lylm's own book of the
+    prompt tokens the requests it sent there have yet to prefill, their predicted cached
+    tokens left out; it cannot leak, each request's account closing as it ends), then the
+    engine believed to hold the least, then at random. ``load_weight`` > 0 trades hits for
+    a shorter prefill queue: candidates are then compared by::
 
         cost = (prompt_tokens - cached_tokens[c]) + load_weight * c.in_flight_prefill_tokens / c.weight
 
-    ``in_flight_prefill_tokens`` is lylm's own book of the prompt tokens the requests it sent
-    there have yet to prefill (their predicted cached tokens left out): the queue the new
-    prefill waits behind. It cannot leak: each request's account is closed as it ends.
-    Decode load is left to the guard below: a running decode slows a new request's prefill
-    little (vLLM batches them together), a deep queue of them does. The cheapest
-    candidate wins; ties go to the fewest requests in flight, then at random. When no
-    candidate within the guard holds any of the prompt, there is nothing to weigh: the
-    request goes to its home (below), else where ``least_outstanding`` would send it (the
-    fewest requests in flight per weight; the prefill queue, then the table, break ties),
-    which keeps the engines' decode batches even (on 2 CPU engines with nothing shared,
-    choosing by the prefill queue alone served 0.82x least_outstanding's tokens/s).
+    (1.0 measured on 2 CPU engines: hot prefixes copied to a second engine whenever the first
+    had one cold prefill more queued, and under eviction the caches held fewer prefixes:
+    hit rate 27.2% against 34.8% with 40 prefixes for room for 19; BENCHMARKS.md 21).
+
+    When no candidate within the guard holds any of the prompt, the request goes to its
+    **home**, the engine the table remembers sending its prefix to (it has evicted it since):
+    each prefix keeps one home, and the caches together hold more prefixes than if every
+    miss went wherever the load was lowest. A prompt with no home goes where
+    ``least_outstanding`` sends it (the prefill queue breaking ties), keeping the engines'
+    decode batches even (choosing by the prefill queue alone served 0.82x
+    least_outstanding's tokens/s with nothing shared).
 
     **Load guard, per candidate.** A candidate whose ``(in_flight_requests + 1) / weight``
     exceeds ``load_factor`` x the mean over the candidates plus ``load_slack`` is skipped,
@@ -49,12 +55,6 @@ class KVAware(PrefixAware):
     **Fallback.** A candidate the pool has no events for (its engine's stream not yet
     subscribed or failed; a remote core; front-end workers do have them, through the hub)
     is judged by the table ``prefix_aware`` keeps of where it sent each prefix.
-
-    **Homes.** When no candidate holds any of the prompt, the request goes back to the
-    engine the table remembers sending its prefix to (it evicted it since), within the
-    guard: each prefix keeps a home, and the caches together hold more prefixes than if
-    every miss went to the least loaded engine (on 2 CPU engines with 40 prefixes for
-    room for 19, hit rate 25.0% without homes, prefix_aware 35.7%; BENCHMARKS.md 21).
 
     Counters: choices where the chosen engine held part of the prompt, known ``by_events`` or
     ``by_table``; sent ``by_home`` (nobody held it; its home did once); where it held none of
@@ -68,7 +68,7 @@ class KVAware(PrefixAware):
     def __init__(
         self,
         *,
-        load_weight: float = 1.0,
+        load_weight: float = 0.0,
         max_prefix_tokens: int = 32768,
         max_blocks: int = 65536,
         load_factor: float = 1.25,
@@ -118,10 +118,10 @@ class KVAware(PrefixAware):
             for i, c in enumerate(candidates)
         ]
         eligible = [i for i in range(n) if loads[i] <= limit] or list(range(n))
+        prefill = [c.in_flight_prefill_tokens / c.weight for c in candidates]
         if any(cached[i] for i in eligible):
             best = min(costs[i] for i in eligible)
-            ties = [i for i in eligible if costs[i] == best]
-            chosen = ties[0] if len(ties) == 1 else self._least(candidates, loads, ties)
+            chosen = self._pick(candidates, loads, prefill, [i for i in eligible if costs[i] == best])
         else:
             # Nothing to reuse. Where the table remembers sending this prefix (an engine that
             # has since evicted it), send it there again, within the guard: each prefix keeps
@@ -130,12 +130,7 @@ class KVAware(PrefixAware):
             # least_outstanding does, the prefill queue breaking ties.
             home = max(depth[i] for i in eligible)
             among = [i for i in eligible if depth[i] == home] if home else list(range(n))
-            low = min(loads[i] for i in among)
-            ties = [i for i in among if loads[i] == low]
-            if len(ties) > 1:
-                shortest = min(costs[i] for i in ties)
-                ties = [i for i in ties if costs[i] == shortest]
-            chosen = ties[0] if len(ties) == 1 else self._least(candidates, loads, ties)
+            chosen = self._pick(candidates, loads, prefill, among)
 
         if cached[chosen]:
             if candidates[chosen].name in exact:
@@ -153,3 +148,15 @@ class KVAware(PrefixAware):
         if hashes:
             self.table.record(hashes, cbits[chosen], depth[chosen])
         return candidates[chosen]
+
+    def _pick(self, candidates: Sequence[Instance], loads: list[float], prefill: list[float], among: list[int]) -> int:
+        """Of the candidates ``among`` (indices), the fewest requests in flight per weight,
+        then the shortest prefill queue, then :meth:`_least`'s ties (the least believed held,
+        at random)."""
+        if len(among) > 1:
+            low = min(loads[i] for i in among)
+            among = [i for i in among if loads[i] == low]
+        if len(among) > 1:
+            short = min(prefill[i] for i in among)
+            among = [i for i in among if prefill[i] == short]
+        return among[0] if len(among) == 1 else self._least(candidates, loads, among)
