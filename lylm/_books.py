@@ -61,15 +61,19 @@ class Tally:
         done = new_tokens
         self.generated += new_tokens
         if not self.prefilled:
-            self.prefilled = True
+            self._prefilled()
             done += self.request.prompt_tokens
-            instance.prompt_tokens += self.request.prompt_tokens
-            if self.booked:
-                instance.in_flight_prefill_tokens -= self.prefill
         instance.generated_tokens += new_tokens
         done = min(done, self.remaining)
         self.remaining -= done
         instance.in_flight_tokens -= done
+
+    def _prefilled(self) -> None:
+        """The engine has prefilled the prompt: counted as served, out of the prefill queue."""
+        self.prefilled = True
+        self.instance.prompt_tokens += self.request.prompt_tokens
+        if self.booked:
+            self.instance.in_flight_prefill_tokens -= self.prefill
 
     def sync(self, remaining: int, generated: int) -> None:
         """Bring the account to the state another process reports for the same request:
@@ -83,10 +87,7 @@ class Tally:
         instance = self.instance
         remaining = max(0, min(remaining, self.remaining))
         if not self.prefilled and remaining < self.request.token_budget:
-            self.prefilled = True
-            instance.prompt_tokens += self.request.prompt_tokens
-            if self.booked:
-                instance.in_flight_prefill_tokens -= self.prefill
+            self._prefilled()
         if generated > self.generated:
             instance.generated_tokens += generated - self.generated
             self.generated = generated

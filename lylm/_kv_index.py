@@ -44,6 +44,8 @@ import attrs
 DEFAULT_MAX_BLOCKS = 1 << 18
 #: Tokens per name (see the module's notes): vLLM's default block size on GPUs.
 DEFAULT_GRANULE = 16
+#: Leading prompt tokens named for a lookup (a longer prompt's hit is counted up to there).
+DEFAULT_MAX_PREFIX_TOKENS = 32768
 
 
 @attrs.define

@@ -35,7 +35,7 @@ import attrs
 
 from ._config import EngineSpec, PoolConfig
 from ._exceptions import ConfigError
-from ._kv_index import DEFAULT_GRANULE, DEFAULT_MAX_BLOCKS, KVIndex
+from ._kv_index import DEFAULT_GRANULE, DEFAULT_MAX_BLOCKS, DEFAULT_MAX_PREFIX_TOKENS, KVIndex
 from .balancers._prefix_table import block_hashes
 
 if TYPE_CHECKING:
@@ -45,9 +45,6 @@ if TYPE_CHECKING:
     from .engines._kv_events import KVEventStream
 
 logger = logging.getLogger("lylm")
-
-#: Prompt tokens named from a request's token ids when no preparer named them (as ``kv_aware``'s default).
-_MAX_HASHED = 32768
 
 
 @attrs.define
@@ -131,7 +128,8 @@ class KVRouting:
             replay: str | None
             if remote is not None and remote.kv_events_port is not None:
                 # The core, on its host, connects its publisher to the pool's address (as it
-                # attaches there); no replay buffer across the network: a gap resyncs.
+                # attaches there); no replay buffer across the network: after a gap the
+                # index cannot tell, and the balancer falls back.
                 endpoint, replay = remote_endpoint(remote.address, remote.kv_events_port), None
             else:
                 if self._folder is None:
@@ -151,7 +149,8 @@ class KVRouting:
         found: dict[str, int] = {}
         hashes: Sequence[int] = request.prefix_hashes
         if not hashes and request.prompt_token_ids:  # a balancer without a preparer
-            hashes = block_hashes(request.prompt_token_ids, self.index.granule, _MAX_HASHED // self.index.granule)
+            granule = self.index.granule
+            hashes = block_hashes(request.prompt_token_ids, granule, DEFAULT_MAX_PREFIX_TOKENS // granule)
         if not hashes:
             return found
         for candidate in candidates:

@@ -8,9 +8,8 @@ from functools import reduce
 from operator import or_
 
 from .._instance import Instance
-from .._kv_index import DEFAULT_GRANULE
+from .._kv_index import DEFAULT_GRANULE, DEFAULT_MAX_PREFIX_TOKENS
 from .._request import RequestInfo
-from ._prefix_table import block_hashes
 from .prefix_aware import PrefixAware
 
 
@@ -69,7 +68,7 @@ class KVAware(PrefixAware):
         self,
         *,
         load_weight: float = 0.0,
-        max_prefix_tokens: int = 32768,
+        max_prefix_tokens: int = DEFAULT_MAX_PREFIX_TOKENS,
         max_blocks: int = 65536,
         load_factor: float = 1.25,
         load_slack: float = 4.0,
@@ -97,9 +96,7 @@ class KVAware(PrefixAware):
         n = len(candidates)
         loads = [(c.in_flight_requests + 1) / c.weight for c in candidates]
         limit = self.load_factor * sum(loads) / n + self.load_slack
-        hashes: Sequence[int] = request.prefix_hashes
-        if not hashes and request.prompt_token_ids:  # not prepared (a request built by hand)
-            hashes = block_hashes(request.prompt_token_ids, self.block_size, self.max_prefix_blocks)
+        hashes = self._prompt_hashes(request)
         exact = request.cached_tokens or {}
         cbits = self._bits(candidates)
         # What the table believes, for every candidate: the fallback, and what to refresh.
@@ -113,12 +110,9 @@ class KVAware(PrefixAware):
         cached = [
             exact[c.name] if c.name in exact else min(depth[i] * self.block_size, most) for i, c in enumerate(candidates)
         ]
-        costs = [
-            request.prompt_tokens - cached[i] + self.load_weight * c.in_flight_prefill_tokens / c.weight
-            for i, c in enumerate(candidates)
-        ]
-        eligible = [i for i in range(n) if loads[i] <= limit] or list(range(n))
         prefill = [c.in_flight_prefill_tokens / c.weight for c in candidates]
+        costs = [request.prompt_tokens - cached[i] + self.load_weight * prefill[i] for i in range(n)]
+        eligible = [i for i in range(n) if loads[i] <= limit] or list(range(n))
         if any(cached[i] for i in eligible):
             best = min(costs[i] for i in eligible)
             chosen = self._pick(candidates, loads, prefill, [i for i in eligible if costs[i] == best])
@@ -139,7 +133,7 @@ class KVAware(PrefixAware):
                 self.by_table += 1
         elif depth[chosen]:
             self.by_home += 1
-        elif len(eligible) < n and any(cached[i] for i in set(range(n)).difference(eligible)):
+        elif any(cached[i] for i in set(range(n)).difference(eligible)):
             self.overloaded += 1
         elif any(cached):
             self.by_load += 1

@@ -110,10 +110,7 @@ class PrefixAware(Balancer):
         loads = [(c.in_flight_requests + 1) / c.weight for c in candidates]
         limit = self.load_factor * sum(loads) / len(loads) + self.load_slack
         key = request.session_key if self.session_affinity else None
-        hashes: Sequence[int] = request.prefix_hashes
-        if not hashes:  # not prepared (a request built by hand): hashed here
-            ids = request.prompt_token_ids
-            hashes = block_hashes(ids, self.block_size, self.max_prefix_blocks) if ids else []
+        hashes = self._prompt_hashes(request)
         if not hashes and key is None:  # nothing to be affine to: least loaded, no books to keep
             self.unmatched += 1
             return candidates[self._least(candidates, loads, None)]
@@ -162,6 +159,13 @@ class PrefixAware(Balancer):
         if key is not None:
             self._remember_session(key, bit)
         return candidates[chosen]
+
+    def _prompt_hashes(self, request: RequestInfo) -> Sequence[int]:
+        """The request's block hashes: its preparer's, or (a request built by hand) hashed here."""
+        if request.prefix_hashes:
+            return request.prefix_hashes
+        ids = request.prompt_token_ids
+        return block_hashes(ids, self.block_size, self.max_prefix_blocks) if ids else []
 
     @property
     def sessions(self) -> int:
